@@ -1,0 +1,108 @@
+"""COCO helpers on pycocotools: masks <-> compressed RLE (``counts`` as str), area, bbox.
+
+Conventions:
+- a mask is a 2-D array of shape (H, W), any dtype, non-zero = inside;
+- an RLE is ``{"size": [H, W], "counts": str}`` (COCO compressed);
+- boxes named ``xywh`` are [x, y, w, h] in pixels, ``xyxy`` are [x0, y0, x1, y1].
+"""
+from __future__ import annotations
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+
+def mask_to_rle(mask: np.ndarray) -> dict:
+    """(H, W) mask -> COCO compressed RLE with ``counts`` as str."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def masks_to_rles(masks: np.ndarray) -> list[dict]:
+    """(N, H, W) masks -> N compressed RLEs in one pycocotools call."""
+    if len(masks) == 0:
+        return []
+    stack = np.asfortranarray(np.moveaxis(masks.astype(np.uint8), 0, -1))
+    return [
+        {"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")}
+        for r in mask_utils.encode(stack)
+    ]
+
+
+def label_map_to_rles(label_map: np.ndarray, labels: np.ndarray | None = None) -> tuple[list[dict], np.ndarray]:
+    """Encode every region of an int label map (0 = unassigned) as RLE.
+
+    Args:
+        label_map: (H, W) integer array; region k is ``label_map == k``.
+        labels: which labels to encode (default: every non-zero label, ascending).
+
+    Returns:
+        (rles, labels): one RLE per label, in the order of ``labels``.
+
+    The masks are built in chunks with one broadcast comparison each, then encoded in one
+    pycocotools call per chunk, so thousands of tokens encode without a Python loop per pixel.
+    """
+    if labels is None:
+        labels = np.unique(label_map)
+        labels = labels[labels != 0]
+    labels = np.asarray(labels)
+    h, w = label_map.shape
+    rles: list[dict] = []
+    chunk = max(1, int(2**27 // max(1, h * w)))  # ~128 MB of uint8 masks at most
+    flat = np.asfortranarray(label_map)
+    for start in range(0, len(labels), chunk):
+        part = labels[start:start + chunk]
+        stack = (flat[:, :, None] == part[None, None, :]).astype(np.uint8)
+        for r in mask_utils.encode(np.asfortranarray(stack)):
+            rles.append({"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")})
+    return rles, labels
+
+
+def rle_to_mask(rle: dict) -> np.ndarray:
+    """COCO RLE (counts str or bytes) -> (H, W) uint8 mask of 0/1."""
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    return mask_utils.decode({"size": [int(s) for s in rle["size"]], "counts": counts})
+
+
+def _as_coco(rles: list[dict]) -> list[dict]:
+    return [
+        {"size": [int(s) for s in r["size"]],
+         "counts": r["counts"].encode("ascii") if isinstance(r["counts"], str) else r["counts"]}
+        for r in rles
+    ]
+
+
+def rle_area(rles: list[dict]) -> np.ndarray:
+    """Areas in pixels, float64, shape (N,)."""
+    if not rles:
+        return np.zeros(0, np.float64)
+    return np.asarray(mask_utils.area(_as_coco(rles)), dtype=np.float64)
+
+
+def rle_bbox_xywh(rles: list[dict]) -> np.ndarray:
+    """Boxes [x, y, w, h], float32, shape (N, 4)."""
+    if not rles:
+        return np.zeros((0, 4), np.float32)
+    return np.asarray(mask_utils.toBbox(_as_coco(rles)), dtype=np.float32).reshape(-1, 4)
+
+
+def box_xyxy_to_xywh(box: np.ndarray) -> np.ndarray:
+    box = np.asarray(box, dtype=np.float32)
+    out = box.copy()
+    out[..., 2:] = box[..., 2:] - box[..., :2]
+    return out
+
+
+def box_xywh_to_xyxy(box: np.ndarray) -> np.ndarray:
+    box = np.asarray(box, dtype=np.float32)
+    out = box.copy()
+    out[..., 2:] = box[..., :2] + box[..., 2:]
+    return out
+
+
+def mask_iou(rles_a: list[dict], rles_b: list[dict]) -> np.ndarray:
+    """(len(a), len(b)) IoU matrix of two RLE lists."""
+    if not rles_a or not rles_b:
+        return np.zeros((len(rles_a), len(rles_b)))
+    return np.asarray(mask_utils.iou(_as_coco(rles_a), _as_coco(rles_b), [0] * len(rles_b)))

@@ -1,0 +1,202 @@
+"""The job spec: YAML validated by pydantic before Ray starts.
+
+Every model forbids unknown fields, so a typo is rejected with the dotted path of the field.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message names the offending field(s)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Strict):
+    uri: str = Field(description="folder, tar shards, Parquet files or COCO image root: local path, file:// or s3://")
+    format: Literal["auto", "folder", "webdataset", "parquet", "coco"] = "auto"
+    coco_json: str | None = Field(None, description="COCO instances JSON, for format=coco")
+    image_column: str | None = Field(None, description="Parquet column holding the image (default: first binary or {bytes,path} column)")
+    id_column: str | None = Field(None, description="Parquet column holding a stable image id (optional)")
+    prompts_column: str | None = Field(None, description="Parquet column with per-row prompts/seeds as JSON (optional)")
+    extensions: list[str] = Field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"])
+    max_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb cap: images with more pixels become error rows")
+    limit: int | None = Field(None, gt=0, description="label only the first N listed images")
+
+    @model_validator(mode="after")
+    def _coco_needs_json(self):
+        if self.format == "coco" and not self.coco_json:
+            raise ValueError("input.coco_json is required when input.format is 'coco'")
+        return self
+
+
+class StorageSpec(_Strict):
+    endpoint_url: str | None = None
+    key: str | None = Field(None, repr=False)
+    secret: str | None = Field(None, repr=False)
+    region: str | None = None
+    anon: bool = False
+
+
+class OutputSpec(_Strict):
+    uri: str
+
+
+class OntologyEntry(_Strict):
+    category: str
+    prompts: list[str] = Field(default_factory=list, description="text prompts; default: the category name")
+    semantic: bool = Field(False, description="stuff/part class (multitask checkpoints take a '[semantic] ' prefix)")
+    id: int | None = Field(None, ge=1, description="category id; default: position in the ontology, from 1")
+
+    @model_validator(mode="after")
+    def _default_prompt(self):
+        if not self.prompts:
+            self.prompts = [self.category]
+        return self
+
+
+class LabelerSpec(_Strict):
+    name: str
+    weights: str | None = Field(None, description="hub id, local directory or s3:// prefix")
+    revision: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    ontology: list[OntologyEntry] = Field(default_factory=list)
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+    @model_validator(mode="after")
+    def _ontology_ids(self):
+        used = {e.id for e in self.ontology if e.id is not None}
+        names = [e.category for e in self.ontology]
+        if len(set(names)) != len(names):
+            raise ValueError("ontology categories must be unique")
+        next_id = 1
+        for entry in self.ontology:
+            if entry.id is None:
+                while next_id in used:
+                    next_id += 1
+                entry.id = next_id
+                used.add(next_id)
+        ids = [e.id for e in self.ontology]
+        if len(set(ids)) != len(ids):
+            raise ValueError("ontology ids must be unique")
+        return self
+
+
+class ResourcesSpec(_Strict):
+    actors: int = Field(1, ge=1, description="labeler actors (max of the pool)")
+    min_actors: int | None = Field(None, ge=1)
+    gpus_per_actor: float = Field(0, ge=0)
+    cpus_per_actor: float = Field(1, gt=0)
+    batch_size: int = Field(8, ge=1)
+    decode_batch_size: int = Field(16, ge=1)
+    rows_per_file: int | None = Field(None, ge=1, description="at most this many rows per output Parquet file")
+
+
+class JobSpec(_Strict):
+    name: str = "pseudolabel-job"
+    input: InputSpec
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    output: OutputSpec
+    labelers: list[LabelerSpec] = Field(min_length=1)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    seed: int = 0
+
+    @field_validator("labelers")
+    @classmethod
+    def _known_labelers(cls, labelers):
+        from pseudolabel.models.registry import labeler_names
+
+        known = labeler_names()
+        for i, spec in enumerate(labelers):
+            if spec.name not in known:
+                raise ValueError(f"labelers[{i}].name: unknown labeler {spec.name!r}; known: {', '.join(sorted(known))}")
+        return labelers
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{loc or '<spec>'}: {msg}")
+    return "invalid job spec:\n  " + "\n  ".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: YAML scalars/lists/maps (``4``, ``true``, ``[a, b]``), else the string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c = value`` in a nested dict/list structure, creating maps as needed."""
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            try:
+                idx = int(part)
+                node[idx]
+            except (ValueError, IndexError):
+                raise SpecError(f"{'.'.join(parts[:i + 1])}: no such list item") from None
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise SpecError(f"{'.'.join(parts[:i])}: is a value, cannot set {part!r} inside it")
+
+
+def load_spec(spec: "str | Path | dict | JobSpec", overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Load and validate a job spec from a YAML path, a dict or a JobSpec, with dotted overrides.
+
+    Labeler ``params`` are validated against the labeler's own parameter model here too, so a bad
+    parameter fails before any work starts.
+    """
+    if isinstance(spec, JobSpec):
+        data = spec.model_dump()
+    elif isinstance(spec, dict):
+        data = copy.deepcopy(spec)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise SpecError(f"job spec not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise SpecError(f"{path}: a job spec is a YAML mapping")
+    for key, value in (overrides or {}).items():
+        apply_override(data, key, value)
+    try:
+        job = JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format_errors(err)) from None
+    from pseudolabel.models.registry import labeler_class
+
+    for i, lab in enumerate(job.labelers):
+        params_model = labeler_class(lab.name).Params
+        try:
+            lab.params = params_model.model_validate(lab.params).model_dump()
+        except ValidationError as err:
+            lines = [f"labelers.{i}.params.{'.'.join(str(p) for p in e['loc'])}: "
+                     f"{'unknown parameter' if e['type'] == 'extra_forbidden' else e['msg']}" for e in err.errors()]
+            raise SpecError("invalid job spec:\n  " + "\n  ".join(lines)) from None
+    return job
