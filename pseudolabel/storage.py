@@ -1,0 +1,96 @@
+"""Every path goes through here: local folders, file:// and s3:// behave the same.
+
+Credentials come from the job's ``storage`` section or the standard AWS environment
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION); they are never logged.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Any
+
+import fsspec
+import pyarrow.fs as pafs
+
+from pseudolabel.schemas.spec import StorageSpec
+
+
+def protocol_of(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def strip_protocol(uri: str) -> str:
+    if "://" in uri:
+        return uri.split("://", 1)[1]
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def storage_options(uri: str, storage: StorageSpec | None = None) -> dict[str, Any]:
+    """fsspec keyword arguments for ``uri`` (only S3 takes any)."""
+    storage = storage or StorageSpec()
+    if protocol_of(uri) not in ("s3", "s3a"):
+        return {}
+    opts: dict[str, Any] = {}
+    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    if storage.key:
+        opts["key"] = storage.key
+    if storage.secret:
+        opts["secret"] = storage.secret
+    if storage.region:
+        opts["client_kwargs"] = {"region_name": storage.region}
+    if storage.anon:
+        opts["anon"] = True
+    return opts
+
+
+def filesystem(uri: str, storage: StorageSpec | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(fsspec filesystem, path inside it) for a URI or local path."""
+    proto = protocol_of(uri)
+    fs = fsspec.filesystem("file" if proto == "file" else proto, **storage_options(uri, storage))
+    return fs, strip_protocol(uri).rstrip("/") or "/"
+
+
+def arrow_filesystem(uri: str, storage: StorageSpec | None = None) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path) for pyarrow and Ray Data readers/writers."""
+    fs, path = filesystem(uri, storage)
+    if protocol_of(uri) == "file":
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI, keeping its protocol."""
+    if "://" in uri:
+        proto, rest = uri.split("://", 1)
+        return f"{proto}://" + posixpath.join(rest.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Inverse of ``filesystem``: a path inside ``fs`` back to a full URI."""
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if proto in ("file", "local"):
+        return path
+    return f"{proto}://{path}"
+
+
+def read_bytes(uri: str, storage: StorageSpec | None = None) -> bytes:
+    fs, path = filesystem(uri, storage)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes, storage: StorageSpec | None = None) -> None:
+    fs, path = filesystem(uri, storage)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def exists(uri: str, storage: StorageSpec | None = None) -> bool:
+    fs, path = filesystem(uri, storage)
+    return fs.exists(path)
