@@ -9,6 +9,12 @@ import importlib
 LABELERS: dict[str, str] = {
     "classical_tokens": "pseudolabel.models.classical:EdgeTokens",
     "classical_grabcut": "pseudolabel.models.classical:GrabCutForeground",
+    "classical_inpaint": "pseudolabel.models.classical:ClassicalInpaint",
+    "incontext": "pseudolabel.models.incontext.labeler:InContextSeparator",
+    "directsam": "pseudolabel.models.directsam:DirectSAM",
+    "foba": "pseudolabel.models.foba:FoBa",
+    "iseg": "pseudolabel.models.iseg:ISeg",
+    "evf_sam": "pseudolabel.models.evf_sam.labeler:EvfSamLabeler",
 }
 
 
@@ -16,11 +22,18 @@ def labeler_names() -> list[str]:
     return sorted(LABELERS)
 
 
+def is_known(name: str) -> bool:
+    """A registered name, or a ``"package.module:Class"`` path to a user's own Labeler subclass."""
+    return name in LABELERS or (":" in name and not name.startswith(":"))
+
+
 def labeler_class(name: str):
-    """The labeler class registered as ``name``."""
-    try:
+    """The labeler class registered as ``name`` (or imported from a ``"module:Class"`` path)."""
+    if name in LABELERS:
         target = LABELERS[name]
-    except KeyError:
-        raise KeyError(f"unknown labeler {name!r}; known: {', '.join(labeler_names())}") from None
+    elif ":" in name:
+        target = name
+    else:
+        raise KeyError(f"unknown labeler {name!r}; known: {', '.join(labeler_names())}")
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)

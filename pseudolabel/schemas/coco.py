@@ -33,28 +33,54 @@ def label_map_to_rles(label_map: np.ndarray, labels: np.ndarray | None = None) -
 
     Args:
         label_map: (H, W) integer array; region k is ``label_map == k``.
-        labels: which labels to encode (default: every non-zero label, ascending).
+        labels: which labels to encode (default: every non-zero label, ascending). A label absent
+            from the map gets an empty mask.
 
     Returns:
         (rles, labels): one RLE per label, in the order of ``labels``.
 
-    The masks are built in chunks with one broadcast comparison each, then encoded in one
-    pycocotools call per chunk, so thousands of tokens encode without a Python loop per pixel.
+    The runs of the whole map are found once in column-major order (COCO's order); each label's
+    uncompressed counts are the gaps between its runs, and pycocotools compresses them in one call.
+    The cost is one pass over the image plus the number of runs, not one full mask per label, and the
+    strings are identical to ``mask_to_rle(label_map == k)``.
     """
+    label_map = np.asarray(label_map)
+    h, w = label_map.shape
+    flat = label_map.ravel(order="F")
+    n = flat.size
     if labels is None:
-        labels = np.unique(label_map)
+        labels = np.unique(flat)
         labels = labels[labels != 0]
     labels = np.asarray(labels)
-    h, w = label_map.shape
-    rles: list[dict] = []
-    chunk = max(1, int(2**27 // max(1, h * w)))  # ~128 MB of uint8 masks at most
-    flat = np.asfortranarray(label_map)
-    for start in range(0, len(labels), chunk):
-        part = labels[start:start + chunk]
-        stack = (flat[:, :, None] == part[None, None, :]).astype(np.uint8)
-        for r in mask_utils.encode(np.asfortranarray(stack)):
-            rles.append({"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")})
-    return rles, labels
+    if len(labels) == 0:
+        return [], labels
+    # 1. runs of equal values in column-major order, [start, end)
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    starts = np.concatenate(([0], change))
+    ends = np.concatenate((change, [n]))
+    values = flat[starts]
+    # 2. the requested label each run belongs to (runs of other values count as background)
+    sorter = np.argsort(labels, kind="stable")
+    pos = np.minimum(np.searchsorted(labels[sorter], values), len(labels) - 1)
+    hit = labels[sorter][pos] == values
+    owner = sorter[pos[hit]]
+    starts, ends = starts[hit], ends[hit]
+    order = np.argsort(owner, kind="stable")
+    owner, starts, ends = owner[order], starts[order], ends[order]
+    bounds = np.empty(2 * len(starts), dtype=np.int64)
+    bounds[0::2] = starts
+    bounds[1::2] = ends
+    split = np.searchsorted(owner, np.arange(len(labels) + 1))
+    # 3. per label: alternating zero/one run lengths, starting with zeros, no trailing empty run
+    uncompressed = []
+    for i in range(len(labels)):
+        counts = np.diff(np.concatenate(([0], bounds[2 * split[i]:2 * split[i + 1]], [n])))
+        if len(counts) > 1 and counts[-1] == 0:
+            counts = counts[:-1]
+        uncompressed.append({"size": [h, w], "counts": counts.astype(np.uint32)})
+    # 4. compress (C code in pycocotools)
+    rles = mask_utils.frPyObjects(uncompressed, h, w)
+    return [{"size": [int(h), int(w)], "counts": r["counts"].decode("ascii")} for r in rles], labels
 
 
 def rle_to_mask(rle: dict) -> np.ndarray:
@@ -77,7 +103,10 @@ def rle_area(rles: list[dict]) -> np.ndarray:
     """Areas in pixels, float64, shape (N,)."""
     if not rles:
         return np.zeros(0, np.float64)
-    return np.asarray(mask_utils.area(_as_coco(rles)), dtype=np.float64)
+    coco = _as_coco(rles)
+    # pycocotools' area() overflows a uint8 for 256+ RLEs in one call (numpy 2): chunk by 255
+    return np.concatenate([np.asarray(mask_utils.area(coco[i:i + 255]), dtype=np.float64)
+                           for i in range(0, len(coco), 255)])
 
 
 def rle_bbox_xywh(rles: list[dict]) -> np.ndarray:

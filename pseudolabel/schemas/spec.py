@@ -113,12 +113,12 @@ class JobSpec(_Strict):
     @field_validator("labelers")
     @classmethod
     def _known_labelers(cls, labelers):
-        from pseudolabel.models.registry import labeler_names
+        from pseudolabel.models.registry import is_known, labeler_names
 
-        known = labeler_names()
         for i, spec in enumerate(labelers):
-            if spec.name not in known:
-                raise ValueError(f"labelers[{i}].name: unknown labeler {spec.name!r}; known: {', '.join(sorted(known))}")
+            if not is_known(spec.name):
+                raise ValueError(f"labelers.{i}.name: unknown labeler {spec.name!r}; known: "
+                                 f"{', '.join(labeler_names())} (or 'package.module:Class' for your own)")
         return labelers
 
 
@@ -192,7 +192,10 @@ def load_spec(spec: "str | Path | dict | JobSpec", overrides: dict[str, Any] | N
     from pseudolabel.models.registry import labeler_class
 
     for i, lab in enumerate(job.labelers):
-        params_model = labeler_class(lab.name).Params
+        try:
+            params_model = labeler_class(lab.name).Params
+        except (ImportError, AttributeError) as err:
+            raise SpecError(f"invalid job spec:\n  labelers.{i}.name: cannot import {lab.name!r}: {err}") from None
         try:
             lab.params = params_model.model_validate(lab.params).model_dump()
         except ValidationError as err:

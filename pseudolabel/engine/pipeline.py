@@ -1,0 +1,199 @@
+"""The streaming pipeline: manifest -> fetch+decode -> labeler stage(s) -> Parquet, resumable.
+
+Output layout under ``output.uri``::
+
+    manifest.parquet     the input, listed once (re-runs reuse it, never re-list)
+    job.json             the validated job spec (credentials removed)
+    labels/*.parquet     the `labels` table, one row per image, each image exactly once
+    _checkpoints/        Ray Data checkpoint of finished image ids (what makes re-runs resume)
+    summary.json         counts, timing and categories of the last run
+
+Exactly-once comes from Ray Data's CheckpointConfig(id_column="image_id"): data files and checkpoint
+entries are committed in two phases, a re-run drops files whose checkpoint never committed and skips
+every image already committed.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pseudolabel import __version__
+from pseudolabel.engine.cluster import connect
+from pseudolabel.engine.decode import fetch_decode
+from pseudolabel.engine.sources import list_input
+from pseudolabel.engine.stage import LabelerStage
+from pseudolabel.schemas.spec import JobSpec
+from pseudolabel.schemas.tables import MANIFEST_SCHEMA
+from pseudolabel.storage import arrow_filesystem, exists, join, read_bytes, write_bytes
+
+log = logging.getLogger("pseudolabel")
+
+MANIFEST = "manifest.parquet"
+LABELS = "labels"
+CHECKPOINTS = "_checkpoints"
+
+
+class ResourceError(RuntimeError):
+    """The job's resources cannot be met by the cluster."""
+
+
+class OutputConflictError(RuntimeError):
+    """``output.uri`` holds the results of a different job."""
+
+
+def labelers_fingerprint(job: JobSpec) -> str:
+    """Hash of what decides the labels (labelers, weights, params, ontology): equal means resumable."""
+    data = [lab.model_dump(exclude={"device"}) for lab in job.labelers]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _public_spec(job: JobSpec) -> dict:
+    data = job.model_dump(mode="json")
+    data["storage"] = {k: ("***" if k in ("key", "secret") and v else v) for k, v in data["storage"].items()}
+    return data
+
+
+def categories_of(job: JobSpec) -> list[dict]:
+    cats, seen = [], set()
+    for lab in job.labelers:
+        for entry in lab.ontology:
+            if entry.id not in seen:
+                seen.add(entry.id)
+                cats.append({"id": entry.id, "name": entry.category, "labeler": lab.name,
+                             "semantic": entry.semantic})
+    return cats
+
+
+def prepare_output(job: JobSpec) -> tuple[pa.Table, bool]:
+    """Write or reuse the manifest and job.json; returns (manifest, resumed)."""
+    out, st = job.output.uri, job.storage
+    fingerprint = labelers_fingerprint(job)
+    job_uri = join(out, "job.json")
+    manifest_uri = join(out, MANIFEST)
+    resumed = exists(manifest_uri, st)
+    if exists(job_uri, st):
+        previous = json.loads(read_bytes(job_uri, st))
+        if previous.get("fingerprint") != fingerprint or previous.get("spec", {}).get("input", {}).get("uri") != job.input.uri:
+            raise OutputConflictError(
+                f"output.uri {out} already holds labels of a different job (labelers, params, ontology or "
+                f"input differ); use a new output.uri to start over")
+    if resumed:
+        manifest = pq.read_table(io.BytesIO(read_bytes(manifest_uri, st)))
+    else:
+        manifest = list_input(job.input, st)
+        buf = io.BytesIO()
+        pq.write_table(manifest, buf, row_group_size=256)
+        write_bytes(manifest_uri, buf.getvalue(), st)
+    write_bytes(job_uri, json.dumps({"fingerprint": fingerprint, "spec": _public_spec(job)}, indent=2).encode(), st)
+    return manifest, resumed
+
+
+def _count_labels(job: JobSpec) -> dict:
+    fs, path = arrow_filesystem(join(job.output.uri, LABELS), job.storage)
+    try:
+        import pyarrow.dataset as pads
+
+        ds = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True)
+        table = ds.to_table(columns=["image_id", "status"])
+    except (FileNotFoundError, pa.ArrowInvalid):
+        return {"rows": 0, "ok": 0, "error": 0, "distinct": 0}
+    status = table.column("status").to_pylist()
+    return {"rows": table.num_rows, "ok": status.count("ok"), "error": status.count("error"),
+            "distinct": len(set(table.column("image_id").to_pylist()))}
+
+
+def check_capacity(job: JobSpec) -> None:
+    """Refuse a pool that would take every CPU: fetch/decode tasks would never get one and the job hangs."""
+    import ray
+
+    res = job.resources
+    cpus = ray.cluster_resources().get("CPU", 0)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    need = res.actors * res.cpus_per_actor * len(job.labelers)
+    if need + 1 > cpus:
+        raise ResourceError(
+            f"resources: {len(job.labelers)} labeler(s) x actors {res.actors} x cpus_per_actor {res.cpus_per_actor} "
+            f"= {need:g} CPUs leaves none of the cluster's {cpus:g} for fetch/decode; lower resources.actors or "
+            f"resources.cpus_per_actor")
+    if res.gpus_per_actor and res.gpus_per_actor * (res.min_actors or 1) > gpus:
+        raise ResourceError(f"resources.gpus_per_actor: {res.gpus_per_actor:g} GPUs per actor asked for, "
+                            f"the cluster has {gpus:g}")
+
+
+def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> dict:
+    """Run a validated job to completion (or resume it); returns the summary dict."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data.checkpoint import CheckpointConfig
+
+    started = time.time()
+    run_id = uuid.uuid4().hex[:12]
+    out, st, res = job.output.uri, job.storage, job.resources
+
+    # 1. List the input once (or reuse the manifest of an earlier run of this job).
+    manifest, resumed = prepare_output(job)
+    before = _count_labels(job)
+    total = manifest.num_rows
+    log.info("%s %d images; %d already labelled", "resuming:" if resumed else "listed", total, before["rows"])
+
+    # 2. Ray, checkpointing and progress reporting.
+    connect(address)
+    check_capacity(job)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.print_on_execution_start = False
+    ckpt_fs, ckpt_path = arrow_filesystem(join(out, CHECKPOINTS), st)
+    ctx.checkpoint_config = CheckpointConfig(id_column="image_id", checkpoint_path=ckpt_path,
+                                             override_filesystem=ckpt_fs, delete_checkpoint_on_success=False)
+    try:
+        # 3. Build the streaming plan.
+        man_fs, man_path = arrow_filesystem(join(out, MANIFEST), st)
+        blocks = max(1, min(1000, -(-total // res.decode_batch_size)))
+        ds = ray.data.read_parquet(man_path, filesystem=man_fs, override_num_blocks=blocks,
+                                   columns=MANIFEST_SCHEMA.names)
+        ds = ds.map_batches(fetch_decode, batch_format="pyarrow", batch_size=res.decode_batch_size,
+                            fn_kwargs=dict(storage=st, max_pixels=job.input.max_pixels,
+                                           image_column=job.input.image_column), num_cpus=1)
+        provenance = {
+            "labelers": [lab.name for lab in job.labelers],
+            "weights": [lab.weights or "" for lab in job.labelers],
+            "revisions": [lab.revision or "" for lab in job.labelers],
+            "params_hash": labelers_fingerprint(job), "engine_version": __version__, "run_id": run_id,
+        }
+        for i, lab in enumerate(job.labelers):
+            final = i == len(job.labelers) - 1
+            ds = ds.map_batches(
+                LabelerStage, batch_format="pyarrow", batch_size=res.batch_size,
+                compute=ActorPoolStrategy(min_size=res.min_actors or 1, max_size=res.actors),
+                num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor,
+                fn_constructor_kwargs=dict(spec=lab.model_dump(mode="json"), storage=st.model_dump(),
+                                           gpus_per_actor=res.gpus_per_actor, final=final,
+                                           provenance=provenance if final else None),
+            )
+        # 4. Write; the checkpoint makes this exactly-once across re-runs.
+        lab_fs, lab_path = arrow_filesystem(join(out, LABELS), st)
+        ds.write_parquet(lab_path, filesystem=lab_fs, max_rows_per_file=res.rows_per_file)
+    finally:
+        ctx.checkpoint_config = None
+
+    # 5. Summary.
+    after = _count_labels(job)
+    seconds = time.time() - started
+    new_rows = after["rows"] - before["rows"]
+    summary = {
+        "run_id": run_id, "name": job.name, "output_uri": out, "images": total,
+        "labelled": after["rows"], "ok": after["ok"], "error": after["error"],
+        "distinct": after["distinct"], "this_run": new_rows, "resumed": resumed,
+        "seconds": round(seconds, 2), "images_per_s": round(new_rows / seconds, 3) if seconds > 0 else None,
+        "labelers": [lab.name for lab in job.labelers], "categories": categories_of(job),
+        "engine_version": __version__,
+    }
+    write_bytes(join(out, "summary.json"), json.dumps(summary, indent=2).encode(), st)
+    return summary

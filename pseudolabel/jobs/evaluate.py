@@ -1,0 +1,283 @@
+"""Evaluate a finished run against a COCO ground truth.
+
+Tasks (``evaluate(..., task=...)``):
+
+- ``instances``: the run's annotations as COCO results (in memory), matched to the GT images by
+  ``file_name`` (exact, else a unique basename) and to GT categories by name, scored with pycocotools'
+  COCOeval ``segm`` over the matched images, ``maxDets`` = [1, 10, ``max_dets``] (raise it for dense
+  outputs). ``class_agnostic`` maps every GT and predicted category to one. Returns AP, AP50, AP75,
+  AP_small/medium/large, AR@1/10/max and counts.
+- ``tokens``: per matched image, the GT instances rasterised to a label map (background 0 is a
+  segment of its own; smaller instances painted over larger ones) against the predicted subobject
+  tokens (first token wins where tokens overlap): boundary precision/recall/F1 with the reference
+  tolerances (pseudolabel.jobs.metrics), ASA and token count. Boundary scores are micro-averaged over
+  pixels of all images (``boundary_*``) and also averaged per image (``mean_image_boundary_*``).
+- ``semantic``: mIoU of the annotations painted as a class map (higher score on top, 0 = background)
+  against PNG label maps under ``gt_semantic_root`` (``<root>/<GT file_name with .png extension>``, values
+  = GT category ids, 0 = background, 255 = ignore) or, without it, the GT instances rasterised by
+  category id (crowd regions ignored).
+
+Every result is a JSON-serialisable dict (NaN becomes None).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+import posixpath
+from collections import defaultdict
+
+import cv2
+import numpy as np
+
+from pseudolabel import storage as st
+from pseudolabel.jobs import metrics as M
+from pseudolabel.jobs.export import _INSTANCE_COLUMNS, coco_results, gt_file_index, load_json, match_gt_image
+from pseudolabel.jobs.labels_io import read_labels, rles_to_label_map
+from pseudolabel.schemas.spec import StorageSpec
+from pseudolabel.schemas.tables import STATUS_OK
+
+TASKS = ("instances", "tokens", "semantic")
+_COCO_STATS = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10", "AR",
+               "AR_small", "AR_medium", "AR_large"]
+
+
+def _clean(v):
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, (np.floating, float)):
+        return None if not math.isfinite(float(v)) else float(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def _coco(dataset: dict):
+    """pycocotools COCO over an in-memory dataset dict, without its prints."""
+    from pycocotools.coco import COCO
+
+    c = COCO()
+    c.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        c.createIndex()
+    return c
+
+
+def _agnostic_gt(gt: dict) -> dict:
+    gt = copy.deepcopy(gt)
+    for a in gt["annotations"]:
+        a["category_id"] = 1
+    gt["categories"] = [{"id": 1, "name": "object", "supercategory": "object"}]
+    return gt
+
+
+def _gt_instance_masks(coco_gt, img_id: int) -> tuple[list[np.ndarray], list[dict]]:
+    """GT masks of one image (polygons or RLE), largest first, and their annotations."""
+    anns = sorted(coco_gt.imgToAnns.get(img_id, []), key=lambda a: -float(a.get("area", 0)))
+    masks = []
+    for a in anns:
+        seg = a["segmentation"]
+        if isinstance(seg, dict) and isinstance(seg.get("counts"), str):
+            a = {**a, "segmentation": {"size": seg["size"], "counts": seg["counts"].encode("ascii")}}
+        masks.append(coco_gt.annToMask(a).astype(bool))
+    return masks, anns
+
+
+# ----------------------------------------------------------------------------- instances
+
+def evaluate_instances(output_uri: str, gt: dict, storage: StorageSpec | None = None,
+                       class_agnostic: bool = False, max_dets: int = 100) -> dict:
+    """COCOeval ``segm`` of the run's annotations against a GT dataset dict (see the module docstring)."""
+    from pycocotools.cocoeval import COCOeval
+
+    results, counts = coco_results(output_uri, storage, gt=gt)
+    matched = counts.pop("matched_gt_ids")
+    if class_agnostic:
+        gt = _agnostic_gt(gt)
+        for r in results:
+            r["category_id"] = 1
+    out = {"task": "instances", "class_agnostic": class_agnostic, "max_dets": max_dets,
+           "gt_images": len(gt["images"]), **counts, "predictions": len(results)}
+    del out["results"]
+    if not results or not matched:
+        return _clean({**out, **{k: 0.0 for k in _COCO_STATS}})
+    coco_gt = _coco(gt)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, coco_dt, "segm")
+        ev.params.imgIds = matched
+        ev.params.maxDets = [1, 10, int(max_dets)]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = {k: float(v) for k, v in zip(_COCO_STATS, ev.stats)}
+    return _clean({**out, **stats, "coco_summary": log.getvalue().splitlines()[-12:]})
+
+
+# ----------------------------------------------------------------------------- tokens
+
+def _matched_rows(output_uri: str, storage, gt: dict, columns: list[str]) -> tuple[list[tuple[dict, int]], int, int]:
+    """([(labels row, GT image id)], unmatched ok rows, error rows)."""
+    table = read_labels(output_uri, storage, columns=columns)
+    exact, base = gt_file_index(gt)
+    pairs, unmatched, errors = [], 0, 0
+    for r in table.to_pylist():
+        if r["status"] != STATUS_OK:
+            errors += 1
+            continue
+        gid = match_gt_image(r, exact, base)
+        if gid is None:
+            unmatched += 1
+        else:
+            pairs.append((r, gid))
+    return pairs, unmatched, errors
+
+
+def evaluate_tokens(output_uri: str, gt: dict, storage: StorageSpec | None = None,
+                    precision_tol: float = M.PRECISION_TOL, recall_tol: float = M.RECALL_TOL,
+                    border: int = M.BORDER) -> dict:
+    """Boundary P/R/F1, ASA and token count of the run's subobject tokens (see the module docstring)."""
+    cols = ["image_id", "uri", "member", "file_name", "width", "height", "status", "subobjects"]
+    pairs, unmatched, errors = _matched_rows(output_uri, storage, gt, cols)
+    coco_gt = _coco(gt)
+    totals = defaultdict(int)
+    per_image = defaultdict(list)
+    skipped = 0
+    for r, gid in pairs:
+        img = coco_gt.imgs[gid]
+        h, w = int(img["height"]), int(img["width"])
+        if (int(r["height"]), int(r["width"])) != (h, w):
+            skipped += 1
+            continue
+        # 1. GT label map: background 0, instance k (largest first, smaller painted on top)
+        gt_map = np.zeros((h, w), np.int32)
+        for k, m in enumerate(_gt_instance_masks(coco_gt, gid)[0], start=1):
+            gt_map[m] = k
+        # 2. predicted token label map (0 = unassigned)
+        toks = r["subobjects"] or []
+        pred = rles_to_label_map([t["segmentation"] for t in toks], (h, w))
+        # 3. metrics
+        b = M.boundary_prf(pred, gt_map, precision_tol=precision_tol, recall_tol=recall_tol, border=border)
+        correct, total = M.asa_counts(M.fill_unassigned(pred), gt_map)
+        for k in ("pred_pixels", "pred_matched", "gt_pixels", "gt_matched"):
+            totals[k] += b[k]
+        totals["asa_correct"] += correct
+        totals["asa_total"] += total
+        for k in ("precision", "recall", "f1"):
+            per_image[k].append(b[k])
+        per_image["asa"].append(correct / total if total else 1.0)
+        per_image["tokens"].append(M.token_count(pred))
+    micro = M.prf_from_counts(totals["pred_pixels"], totals["pred_matched"], totals["gt_pixels"], totals["gt_matched"])
+    n = len(per_image["tokens"])
+    out = {
+        "task": "tokens", "images_evaluated": n, "unmatched_images": unmatched, "size_mismatch": skipped,
+        "errors": errors, "precision_tol": precision_tol, "recall_tol": recall_tol, "border": border,
+        "boundary_precision": micro["precision"] if n else float("nan"),
+        "boundary_recall": micro["recall"] if n else float("nan"),
+        "boundary_f1": micro["f1"] if n else float("nan"),
+        "mean_image_boundary_precision": float(np.mean(per_image["precision"])) if n else float("nan"),
+        "mean_image_boundary_recall": float(np.mean(per_image["recall"])) if n else float("nan"),
+        "mean_image_boundary_f1": float(np.mean(per_image["f1"])) if n else float("nan"),
+        "asa": totals["asa_correct"] / totals["asa_total"] if totals["asa_total"] else float("nan"),
+        "mean_image_asa": float(np.mean(per_image["asa"])) if n else float("nan"),
+        "mean_tokens": float(np.mean(per_image["tokens"])) if n else float("nan"),
+        "total_tokens": int(np.sum(per_image["tokens"])) if n else 0,
+    }
+    return _clean(out)
+
+
+# ----------------------------------------------------------------------------- semantic
+
+def _semantic_png(root: str, file_name: str, storage) -> np.ndarray | None:
+    stem, _ = posixpath.splitext(file_name)
+    for cand in (stem + ".png", file_name):
+        uri = st.join(root, cand)
+        if st.exists(uri, storage):
+            raw = np.frombuffer(st.read_bytes(uri, storage), np.uint8)
+            m = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+            return m if m.ndim == 2 else m[..., 0]
+    return None
+
+
+def evaluate_semantic(output_uri: str, gt: dict, storage: StorageSpec | None = None,
+                      gt_semantic_root: str | None = None, ignore_index: int = 255) -> dict:
+    """mIoU of the run's annotations painted as a class map (see the module docstring)."""
+    table = read_labels(output_uri, storage, columns=_INSTANCE_COLUMNS)
+    results, counts = coco_results(output_uri, storage, gt=gt, table=table)
+    matched = counts.pop("matched_gt_ids")
+    coco_gt = _coco(gt)
+    by_image = defaultdict(list)
+    for r in results:
+        by_image[r["image_id"]].append(r)
+    cat_ids = [c["id"] for c in gt.get("categories", [])] + [r["category_id"] for r in results]
+    num_classes = max(cat_ids, default=0) + 1
+    if num_classes > ignore_index:
+        raise ValueError(f"category id {num_classes - 1} collides with ignore_index {ignore_index}")
+    conf = np.zeros((num_classes, num_classes + 1), np.int64)
+    missing = 0
+    for gid in matched:
+        img = coco_gt.imgs[gid]
+        h, w = int(img["height"]), int(img["width"])
+        # 1. GT class map
+        if gt_semantic_root:
+            gt_map = _semantic_png(gt_semantic_root, img["file_name"], storage)
+            if gt_map is None or gt_map.shape != (h, w):
+                missing += 1
+                continue
+        else:
+            gt_map = np.zeros((h, w), np.int32)
+            masks, anns = _gt_instance_masks(coco_gt, gid)
+            for m, a in zip(masks, anns):
+                gt_map[m] = ignore_index if a.get("iscrowd") else int(a["category_id"])
+        # 2. predicted class map: lowest score first, so the highest score ends on top
+        pred = np.zeros((h, w), np.int32)
+        for r in sorted(by_image.get(gid, []), key=lambda r: r["score"]):
+            m = rles_to_label_map([r["segmentation"]], (h, w)) > 0
+            pred[m] = r["category_id"]
+        conf += M.confusion_matrix(pred, gt_map, num_classes, ignore_index)
+    ious = M.iou_per_class(conf)
+    names = {0: "background", **{c["id"]: c["name"] for c in gt.get("categories", [])}}
+    per_class = {names.get(k, str(k)): float(ious[k]) for k in range(num_classes) if np.isfinite(ious[k])}
+    out = {"task": "semantic", "miou": float(np.nanmean(ious)) if np.isfinite(ious).any() else float("nan"),
+           "iou": per_class, "num_classes": num_classes, "images_evaluated": len(matched) - missing,
+           "missing_gt_maps": missing, "source": "png" if gt_semantic_root else "instances",
+           "unmatched_images": counts["unmatched_images"], "errors": counts["errors"]}
+    return _clean(out)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def evaluate(output_uri: str, gt_json: str, storage: StorageSpec | None = None, class_agnostic: bool = False,
+             task: str = "instances", max_dets: int = 100, gt_semantic_root: str | None = None,
+             precision_tol: float = M.PRECISION_TOL, recall_tol: float = M.RECALL_TOL,
+             border: int = M.BORDER) -> dict:
+    """Evaluate a run against a COCO ground truth.
+
+    Args:
+        output_uri: the run's output folder (local path, file:// or s3://).
+        gt_json: COCO instances JSON of the ground truth (local path or s3://); images are matched to
+            the run's rows by ``file_name``.
+        storage: endpoint/credentials for s3:// (run, GT JSON and semantic PNGs).
+        class_agnostic: instances only: every category counts as one.
+        task: ``instances`` | ``tokens`` | ``semantic``.
+        max_dets: instances only: the largest COCOeval maxDets (raise for dense outputs).
+        gt_semantic_root: semantic only: folder of GT class-map PNGs (else GT instances are rasterised).
+        precision_tol, recall_tol, border: tokens only: boundary tolerances in pixels (2, 5, 5).
+
+    Returns:
+        a JSON-serialisable dict of metrics and counts (see the module docstring).
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    output_uri = str(output_uri)
+    gt = load_json(gt_json, storage)
+    if task == "instances":
+        return evaluate_instances(output_uri, gt, storage, class_agnostic, max_dets)
+    if task == "tokens":
+        return evaluate_tokens(output_uri, gt, storage, precision_tol, recall_tol, border)
+    return evaluate_semantic(output_uri, gt, storage, gt_semantic_root)

@@ -1,0 +1,201 @@
+"""Read a finished run back: the ``labels`` Parquet table, ``summary.json`` and source images.
+
+A run's output folder (local path, ``file://`` or ``s3://``) holds::
+
+    {output}/labels/*.parquet   the labels table (pseudolabel.schemas.tables.LABELS_SCHEMA)
+    {output}/summary.json       {"run_id", "images", "ok", "error", "seconds", "images_per_s",
+                                 "output_uri", "categories": [{"id", "name", "labeler"}...], "labelers"}
+    {output}/job.json           the validated job spec
+
+Everything here goes through ``pseudolabel.storage`` so local folders and S3 behave the same.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pseudolabel import storage as st
+from pseudolabel.schemas.spec import StorageSpec
+from pseudolabel.schemas.tables import LABELS_SCHEMA
+
+#: ``member`` prefix of rows that came from a Parquet input (``row:<index>`` within the file).
+PARQUET_ROW_PREFIX = "row:"
+
+
+def _labels_files(output_uri: str, storage: StorageSpec | None) -> tuple[list[str], object]:
+    """(Parquet file paths under {output}/labels, pyarrow filesystem); hidden/underscore files skipped."""
+    afs, root = st.arrow_filesystem(st.join(output_uri, "labels"), storage)
+    import pyarrow.fs as pafs
+
+    info = afs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        return [], afs
+    infos = afs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = []
+    for i in infos:
+        if i.type != pafs.FileType.File or not i.path.endswith(".parquet"):
+            continue
+        rel = posixpath.relpath(i.path, root)
+        if any(part.startswith((".", "_")) for part in rel.split("/")):
+            continue
+        files.append(i.path)
+    return sorted(files), afs
+
+
+def read_labels(output_uri: str, storage: StorageSpec | None = None, columns: list[str] | None = None,
+                filter: ds.Expression | None = None) -> pa.Table:
+    """All rows of ``{output_uri}/labels/*.parquet`` as one table.
+
+    Args:
+        output_uri: the run's output folder (local path, file:// or s3://).
+        storage: endpoint/credentials for s3:// (default: the standard AWS environment).
+        columns: columns to read (default: all of LABELS_SCHEMA's columns present in the files).
+        filter: optional pyarrow.dataset expression, e.g. ``pc.field("image_id").isin(ids)``.
+
+    Returns:
+        a pyarrow Table; an empty table with LABELS_SCHEMA (or the asked columns) when the run wrote
+        no Parquet files. Non-Parquet files and hidden (``.``) or ``_``-prefixed files are ignored.
+    """
+    files, afs = _labels_files(str(output_uri), storage)
+    if not files:
+        schema = LABELS_SCHEMA if columns is None else pa.schema([LABELS_SCHEMA.field(c) for c in columns])
+        return schema.empty_table()
+    dataset = ds.dataset(files, format="parquet", filesystem=afs)
+    if columns is not None:
+        missing = [c for c in columns if c not in dataset.schema.names]
+        if missing:
+            raise KeyError(f"labels table has no column(s) {missing}; it has {dataset.schema.names}")
+    return dataset.to_table(columns=columns, filter=filter)
+
+
+def read_summary(output_uri: str, storage: StorageSpec | None = None) -> dict:
+    """``{output_uri}/summary.json`` as a dict; {} when the run wrote none (e.g. it was interrupted)."""
+    uri = st.join(str(output_uri), "summary.json")
+    if not st.exists(uri, storage):
+        return {}
+    return json.loads(st.read_bytes(uri, storage))
+
+
+def read_job(output_uri: str, storage: StorageSpec | None = None) -> dict:
+    """``{output_uri}/job.json`` (the validated job spec) as a dict; {} when absent."""
+    uri = st.join(str(output_uri), "job.json")
+    if not st.exists(uri, storage):
+        return {}
+    return json.loads(st.read_bytes(uri, storage))
+
+
+def categories(output_uri: str, storage: StorageSpec | None = None, labels: pa.Table | None = None) -> list[dict]:
+    """The run's categories, ``[{"id": int, "name": str, "labeler": str | None}, ...]`` sorted by id.
+
+    From summary.json's ``categories`` when present; otherwise the distinct (category_id, category)
+    pairs seen in the annotations (``labels`` may be passed to avoid reading the table again).
+    Entries without an id are dropped; the first name seen for an id wins.
+    """
+    summary = read_summary(output_uri, storage)
+    out: dict[int, dict] = {}
+    for c in summary.get("categories") or []:
+        if c.get("id") is None:
+            continue
+        out.setdefault(int(c["id"]), {"id": int(c["id"]), "name": str(c.get("name") or c["id"]),
+                                      "labeler": c.get("labeler")})
+    if out:
+        return [out[k] for k in sorted(out)]
+    if labels is None:
+        labels = read_labels(output_uri, storage, columns=["annotations"])
+    for anns in labels.column("annotations").to_pylist():
+        for a in anns or []:
+            cid = a.get("category_id")
+            if cid is None:
+                continue
+            out.setdefault(int(cid), {"id": int(cid), "name": a.get("category") or str(cid),
+                                      "labeler": a.get("labeler")})
+    return [out[k] for k in sorted(out)]
+
+
+def _image_column(schema: pa.Schema) -> str:
+    """First binary column, or first ``{bytes, path}`` struct column (Hugging Face Image)."""
+    for f in schema:
+        if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type):
+            return f.name
+    for f in schema:
+        if pa.types.is_struct(f.type) and f.type.get_field_index("bytes") >= 0:
+            return f.name
+    raise ValueError(f"no image column (binary or {{bytes, path}} struct) in {schema.names}")
+
+
+def load_image_bytes(uri: str, member: str | None = None, storage: StorageSpec | None = None,
+                     image_column: str | None = None) -> bytes:
+    """Encoded bytes of one source image, as the labels row's ``uri``/``member`` name it.
+
+    ``member`` is None for a plain file, the member name inside a ``.tar`` shard, or ``row:<index>``
+    for a Parquet input (the image column is ``image_column`` or the first binary / {bytes, path} column).
+    """
+    uri = str(uri)
+    if member is None:
+        return st.read_bytes(uri, storage)
+    fs, path = st.filesystem(uri, storage)
+    if member.startswith(PARQUET_ROW_PREFIX):
+        row = int(member[len(PARQUET_ROW_PREFIX):])
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            col = image_column or _image_column(pf.schema_arrow)
+            offset = 0
+            for g in range(pf.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                if offset <= row < offset + n:
+                    v = pf.read_row_group(g, columns=[col]).column(0)[row - offset].as_py()
+                    return (v.get("bytes") if isinstance(v, dict) else v) or b""
+                offset += n
+        raise IndexError(f"row {row} not in {uri} ({offset} rows)")
+    norm = posixpath.normpath(member)
+    if norm.startswith("/") or norm == ".." or norm.startswith("../"):
+        raise ValueError(f"unsafe tar member name {member!r}")
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for info in tar:
+            if info.name == member and info.isfile():
+                return tar.extractfile(info).read()
+    raise KeyError(f"member {member!r} not found in {uri}")
+
+
+def load_image(uri: str, member: str | None = None, storage: StorageSpec | None = None,
+               image_column: str | None = None, max_pixels: int = 89_478_485) -> np.ndarray:
+    """Source image of a labels row -> (H, W, 3) uint8 RGB, decoded as the engine decodes it
+    (EXIF orientation, alpha over white)."""
+    from pseudolabel.engine.decode import decode_image
+
+    return decode_image(load_image_bytes(uri, member, storage, image_column), max_pixels)
+
+
+def rles_to_label_map(rles: list[dict], shape: tuple[int, int], chunk_pixels: int = 2**26) -> np.ndarray:
+    """Paint RLE masks into an (H, W) int32 label map: mask k gets k + 1, 0 where no mask.
+
+    Where masks overlap the earlier mask wins (a later one never overwrites). Masks are decoded by
+    pycocotools in chunks of about ``chunk_pixels`` mask pixels, so thousands of tokens stay cheap.
+
+    Args:
+        rles: COCO RLEs (``counts`` str or bytes) of size [H, W].
+        shape: (H, W), used when ``rles`` is empty.
+    """
+    from pycocotools import mask as mask_utils
+
+    label = np.zeros(tuple(int(s) for s in shape), dtype=np.int32)
+    if not rles:
+        return label
+    coco = [{"size": [int(s) for s in r["size"]],
+             "counts": r["counts"].encode("ascii") if isinstance(r["counts"], str) else r["counts"]} for r in rles]
+    if tuple(coco[0]["size"]) != label.shape:
+        raise ValueError(f"RLE size {coco[0]['size']} does not match image shape {label.shape}")
+    step = max(1, chunk_pixels // max(1, label.size))
+    for start in range(0, len(coco), step):
+        stack = mask_utils.decode(coco[start:start + step])  # (H, W, n) uint8, Fortran order
+        hit = stack.any(axis=-1)
+        first = stack.argmax(axis=-1)
+        free = hit & (label == 0)
+        label[free] = first[free] + start + 1
+    return label

@@ -1,0 +1,186 @@
+"""``directsam``: subobject tokens from DirectSAM boundary maps (ChenDelong1999/subobjects).
+
+A SegformerForSemanticSegmentation with one output channel predicts, for every pixel, the probability
+that it lies on a subobject boundary. The pyramid (``directsam_pyramid``) turns a batch of images into
+boundary maps; the shared post-processing (``tokens.boundary_to_tokens``) turns each map into tokens.
+Optionally each token gets an embedding: the features of a transformers backbone (e.g. DINOv2
+``AutoBackbone``) averaged over the token's mask.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from pseudolabel.models.base import Labeler, LabelerParams, LabelOutput
+from pseudolabel.models.directsam_pyramid import IMAGENET_MEAN, IMAGENET_STD, preprocess, pyramid_probs
+from pseudolabel.models.tokens import boundary_to_tokens
+from pseudolabel.models.weights import resolve_weights
+
+DEFAULT_RESOLUTION = 1024
+
+
+class DirectSAMParams(LabelerParams):
+    resolution: int | None = Field(
+        None, ge=32, description="square input side in px every view is resized to; None = the checkpoint's "
+                                 f"preprocessor size (1800 for DirectSAM-1800px-0424), else {DEFAULT_RESOLUTION}")
+    pyramid_layers: int = Field(0, ge=0, le=4, description="crop pyramid layers (layer L adds 2^L x 2^L crops)")
+    overlap: int = Field(90, ge=0, description="overlap in px between pyramid crops (border bands: 2/3 and 1/3 of it)")
+    threshold: float = Field(0.25, ge=0.0, le=1.0, description="boundary threshold (README: 0.25 quick; 0.03 with "
+                                                               "resolution 3600 and 1-2 pyramid layers)")
+    mode: Literal["simple", "partition"] = Field(
+        "partition", description="simple: 8-connected regions below the threshold, boundaries unassigned "
+                                 "(the README's probs_to_masks); partition: watershed so tokens tile the image")
+    max_tokens: int | None = Field(256, ge=1, description="keep at most this many tokens, largest first")
+    min_area: int = Field(0, ge=0, description="drop seed regions smaller than this many px")
+    batch_size: int = Field(8, ge=1, description="views (whole images and crops) per forward pass")
+    save_boundary: bool = Field(False, description="also output the boundary map as a uint8 layer 'boundary'")
+    embedding_weights: str | None = Field(
+        None, description="transformers backbone (hub id, local dir or s3://, e.g. a DINOv2 AutoBackbone) for "
+                          "mask-pooled token embeddings; None = no embeddings")
+    embedding_resolution: int = Field(448, ge=14, description="square input side of the embedding backbone")
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``"auto"`` = bfloat16 on CUDA, float32 elsewhere; otherwise the named dtype."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def read_preprocessor(local_dir: str) -> dict[str, Any]:
+    """The checkpoint's ``preprocessor_config.json`` as a dict ({} when absent or not a local dir)."""
+    path = os.path.join(local_dir, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_segformer(weights: str, device: str, dtype: torch.dtype, revision: str | None = None):
+    """SegformerForSemanticSegmentation (num_labels=1) from a local dir or hub id, in eval mode."""
+    from transformers import SegformerForSemanticSegmentation
+
+    model = SegformerForSemanticSegmentation.from_pretrained(weights, revision=revision)
+    if model.config.num_labels != 1:
+        raise ValueError(f"{weights}: DirectSAM needs a num_labels=1 Segformer, got {model.config.num_labels}")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_backbone(weights: str, revision: str | None = None):
+    """A transformers backbone (the ``AutoBackbone`` class of the checkpoint's config) from a local dir
+    or hub id. The class is looked up from the config directly: ``AutoBackbone.from_pretrained`` asks the
+    hub whether the name is a repo before loading, which fails offline and for local directories."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
+
+    config = AutoConfig.from_pretrained(weights, revision=revision)
+    try:
+        cls = MODEL_FOR_BACKBONE_MAPPING[type(config)]
+    except KeyError:
+        raise ValueError(f"{weights}: {type(config).__name__} has no transformers backbone class") from None
+    return cls.from_pretrained(weights, revision=revision)
+
+
+def mask_pool(features: torch.Tensor, label_map: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Average a feature map over each token's mask.
+
+    Args:
+        features: (C, h, w) float feature map of the whole image.
+        label_map: (H, W) int64, 0 = unassigned, 1..K tokens.
+        n_tokens: K.
+
+    Returns:
+        (K, C) float32: for each token, the mean of the feature cells weighted by how many of the
+        token's pixels fall in each cell (pixel (y, x) falls in cell (y * h // H, x * w // W)). Every
+        non-empty token covers at least one cell; an empty token gets zeros.
+    """
+    c, h, w = features.shape
+    height, width = label_map.shape
+    # 1. the feature cell under every pixel
+    rows = torch.arange(height, device=label_map.device) * h // height
+    cols = torch.arange(width, device=label_map.device) * w // width
+    cell = (rows[:, None] * w + cols[None, :]).reshape(-1)
+    # 2. pixel counts per (token, cell) in one bincount
+    flat = label_map.reshape(-1)
+    counts = torch.bincount(flat * (h * w) + cell, minlength=(n_tokens + 1) * h * w)
+    cover = counts.reshape(n_tokens + 1, h * w)[1:].float()  # (K, h*w)
+    # 3. weighted means
+    feats = features.float().reshape(c, h * w)
+    return (cover @ feats.T) / cover.sum(1, keepdim=True).clamp_min(1.0)
+
+
+class DirectSAM(Labeler):
+    name = "directsam"
+    Params = DirectSAMParams
+    summary = "Subobject tokens from DirectSAM boundary maps (Segformer, crop pyramid, watershed partition)"
+    default_weights = "chendelong/DirectSAM-1800px-0424"
+
+    def __init__(self, spec, *, device: str = "cpu", storage=None):
+        super().__init__(spec, device=device, storage=storage)
+        p = self.params
+        # 1. weights: hub id / local dir / s3:// prefix copied once per node
+        local = resolve_weights(self.weights_id, self.storage, spec.revision)
+        self.dtype = resolve_dtype(spec.dtype, device)
+        self.model = load_segformer(local, device, self.dtype, spec.revision)
+        # 2. preprocessing constants from the checkpoint's processor config, ImageNet otherwise
+        pre = read_preprocessor(local)
+        size = pre.get("size") or {}
+        self.resolution = int(p.resolution or size.get("height") or DEFAULT_RESOLUTION)
+        self.mean = tuple(pre.get("image_mean") or IMAGENET_MEAN)
+        self.std = tuple(pre.get("image_std") or IMAGENET_STD)
+        # 3. optional embedding backbone
+        self.backbone = None
+        if p.embedding_weights:
+            emb_local = resolve_weights(p.embedding_weights, self.storage)
+            self.backbone = load_backbone(emb_local).to(device=device, dtype=self.dtype).eval()
+            emb_pre = read_preprocessor(emb_local)
+            self.emb_mean = tuple(emb_pre.get("image_mean") or IMAGENET_MEAN)
+            self.emb_std = tuple(emb_pre.get("image_std") or IMAGENET_STD)
+
+    def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values.to(self.dtype)).logits
+
+    def boundary_maps(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        """N (H, W, 3) uint8 RGB images -> N (H, W) float32 boundary probabilities in [0, 1] (on device)."""
+        p = self.params
+        with torch.inference_mode():
+            return pyramid_probs(images, self._forward, self.resolution, p.pyramid_layers, p.overlap,
+                                 p.batch_size, self.device, self.mean, self.std)
+
+    def embed(self, images: list[np.ndarray], label_maps: list[np.ndarray]) -> list[np.ndarray]:
+        """Mask-pooled backbone features per token: N label maps (H, W) -> N arrays (K, C) float32."""
+        res = self.params.embedding_resolution
+        out = []
+        with torch.inference_mode():
+            pixels = preprocess(images, res, self.device, self.emb_mean, self.emb_std)
+            fmaps = self.backbone(pixel_values=pixels.to(self.dtype)).feature_maps[-1]  # (N, C, h, w)
+            for fmap, lm in zip(fmaps, label_maps):
+                k = int(lm.max()) if lm.size else 0
+                if k == 0:
+                    out.append(np.zeros((0, fmap.shape[0]), np.float32))
+                    continue
+                labels = torch.from_numpy(lm.astype(np.int64)).to(fmap.device)
+                out.append(mask_pool(fmap, labels, k).cpu().numpy().astype(np.float32))
+        return out
+
+    def label(self, images: list[np.ndarray], prompts: list[Any]) -> list[LabelOutput]:
+        p = self.params
+        # 1. boundary maps for the whole batch
+        probs = [m.cpu().numpy() for m in self.boundary_maps(images)]
+        # 2. tokens per image (shared post-processing)
+        tokens = [boundary_to_tokens(prob, p.threshold, p.mode, p.max_tokens, p.min_area) for prob in probs]
+        # 3. optional embeddings
+        if self.backbone is not None:
+            for tok, emb in zip(tokens, self.embed(images, [t.label_map for t in tokens])):
+                tok.embeddings = emb
+        outputs = []
+        for prob, tok in zip(probs, tokens):
+            layers = {"boundary": np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8)} if p.save_boundary else {}
+            outputs.append(LabelOutput(tokens=tok, layers=layers))
+        return outputs

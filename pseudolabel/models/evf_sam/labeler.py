@@ -1,0 +1,131 @@
+"""The ``evf_sam`` labeler: text prompts from the job's ontology -> COCO instance masks.
+
+Per batch: the SAM image encoder runs once per image; every ontology prompt is fused with the image in
+BEiT-3 and decoded against that shared image embedding. Each instance carries the ontology entry's
+``category_id``/``category`` and the prompt that produced it.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput
+from pseudolabel.models.evf_sam.model import load_evf_sam, load_tokenizer
+from pseudolabel.models.evf_sam.postprocess import select_instances
+from pseudolabel.models.evf_sam.preprocess import beit3_pixels, masks_to_original, prompt_text, sam_pixels
+from pseudolabel.models.weights import resolve_weights
+
+
+class EvfSamParams(LabelerParams):
+    score_threshold: float = Field(0.0, ge=0.0, le=1.0, description="keep masks whose IoU-head score is at least this")
+    min_area: int = Field(1, ge=0, description="drop masks with fewer pixels than this (empty masks are always dropped)")
+    dedup_iou: float | None = Field(None, gt=0.0, le=1.0, description="if set, drop a mask whose IoU with a "
+                                    "higher-scoring mask from another prompt exceeds this")
+    multitask: bool | None = Field(None, description="prefix '[semantic] ' to prompts of ontology entries marked "
+                                   "semantic; None = auto (config.json 'multitask', else 'multitask' in the weights id)")
+    prompt_chunk: int = Field(64, ge=1, description="image-prompt pairs per BEiT-3 fusion pass")
+    max_text_tokens: int = Field(512, ge=4, description="truncate tokenised prompts to this many tokens")
+
+
+def _torch_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` = float16 on CUDA (as the reference runs), float32 elsewhere."""
+    if dtype == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def _local_checkpoint(weights: str, storage, revision: str | None) -> str:
+    """A local directory for a local path, an s3:// prefix or a hub id."""
+    local = resolve_weights(weights, storage, revision)
+    if os.path.isdir(local):
+        return local
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id=weights, revision=revision)
+
+
+class EvfSamLabeler(Labeler):
+    name = "evf_sam"
+    Params = EvfSamParams
+    summary = "EVF-SAM: text-prompted instance masks (BEiT-3 early fusion + SAM / SAM-2), one per ontology prompt"
+    default_weights = "YxZhang/evf-sam2"
+
+    def __init__(self, spec, *, device: str = "cpu", storage=None):
+        super().__init__(spec, device=device, storage=storage)
+        if not self.ontology:
+            raise ValueError("evf_sam needs an ontology (prompt -> category) in the labeler spec")
+        # 1. model and tokenizer from the checkpoint directory
+        path = _local_checkpoint(self.weights_id, self.storage, spec.revision)
+        self.dtype = _torch_dtype(spec.dtype, device)
+        self.model = load_evf_sam(path, device=device, dtype=self.dtype)
+        cfg = self.model.config
+        self.variant = cfg.variant
+        self.sam_size = cfg.sam_image_size
+        self.beit_size = cfg.beit3.img_size
+        multitask = self.params.multitask
+        if multitask is None:
+            multitask = cfg.multitask if cfg.multitask is not None else bool(re.search("multitask", self.weights_id))
+        self.multitask = bool(multitask)
+        # 2. every (entry, prompt) pair, tokenised once for the whole run
+        self.pairs = [(entry, p) for entry in self.ontology for p in entry.prompts]
+        texts = [prompt_text(p, entry.semantic, self.multitask) for entry, p in self.pairs]
+        tok = load_tokenizer(path)
+        max_len = min(self.params.max_text_tokens, cfg.beit3.max_source_positions - 2)
+        enc = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        self.input_ids = enc["input_ids"].to(device)
+        self.attention_mask = enc["attention_mask"].to(device)
+
+    # ------------------------------------------------------------------ pieces
+
+    def encode_images(self, images: list[np.ndarray]):
+        """SAM image embeddings for the batch (one encoder pass) and each image's resized (h', w')."""
+        packed = [sam_pixels(im, self.sam_size, self.variant) for im in images]
+        pixels = torch.stack([p for p, _ in packed]).to(self.device, self.dtype)
+        return self.model.encode_images(pixels), [hw for _, hw in packed]
+
+    def prompt_embeddings(self, images: list[np.ndarray]) -> torch.Tensor:
+        """(B, P, out_dim): every image fused with every prompt, in chunks of ``prompt_chunk`` pairs."""
+        beit = torch.stack([beit3_pixels(im, self.beit_size) for im in images]).to(self.device, self.dtype)
+        n_img, n_p = len(images), len(self.pairs)
+        img_idx = torch.arange(n_img, device=self.device).repeat_interleave(n_p)
+        txt_idx = torch.arange(n_p, device=self.device).repeat(n_img)
+        out = []
+        for s in range(0, n_img * n_p, self.params.prompt_chunk):
+            ii, tt = img_idx[s:s + self.params.prompt_chunk], txt_idx[s:s + self.params.prompt_chunk]
+            out.append(self.model.fuse(beit[ii], self.input_ids[tt], self.attention_mask[tt]))
+        return torch.cat(out).view(n_img, n_p, -1)
+
+    # ------------------------------------------------------------------ labeling
+
+    @torch.inference_mode()
+    def label(self, images: list[np.ndarray], prompts: list[Any]) -> list[LabelOutput]:
+        if not images:
+            return []
+        # 1. image embeddings: the SAM encoder runs once per image
+        embeddings, resized = self.encode_images(images)
+        # 2. all prompts fused with each image
+        fused = self.prompt_embeddings(images)
+        outputs = []
+        for i, image in enumerate(images):
+            # 3. decode this image's prompts against its shared embedding
+            emb_i = ([e[i:i + 1] for e in embeddings] if isinstance(embeddings, (list, tuple))
+                     else embeddings[i:i + 1])
+            low_res, iou = self.model.decode(emb_i, fused[i:i + 1])
+            logits = masks_to_original(low_res[0], self.variant, self.sam_size, resized[i], image.shape[:2])
+            masks = (logits > 0).cpu().numpy()
+            scores = iou[0].clamp(0.0, 1.0).cpu().numpy()
+            # 4. filter, de-duplicate, attach the ontology's category
+            keep = select_instances(masks, scores, score_threshold=self.params.score_threshold,
+                                    min_area=self.params.min_area, dedup_iou=self.params.dedup_iou)
+            instances = []
+            for k in keep:
+                entry, prompt = self.pairs[k]
+                instances.append(Instance(mask=masks[k], category_id=int(entry.id), category=entry.category,
+                                          score=float(scores[k]), prompt=prompt))
+            outputs.append(LabelOutput(instances=instances))
+        return outputs

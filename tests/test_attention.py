@@ -1,0 +1,177 @@
+"""Attention capture on a tiny random Stable Diffusion loaded through the real loading path."""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from sd_tiny import build_tiny_sd  # noqa: E402
+
+from pseudolabel.models.attention import (  # noqa: E402
+    AttentionStore,
+    attention_modules,
+    capture_attention,
+    decode_latents,
+    encode_image,
+    encode_text,
+    grid_for_length,
+    load_sd_components,
+    noisy_unet_pass,
+)
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    return build_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")))
+
+
+@pytest.fixture(scope="module")
+def sd(sd_dir):
+    return load_sd_components(sd_dir, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def inputs(sd):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(2, 64, 128, 3), dtype=np.uint8)  # non-square on purpose
+    with torch.inference_mode():
+        latents = encode_image(sd.vae, images)
+        emb, ids = encode_text(sd.tokenizer, sd.text_encoder, ["a photo of a cat", "a photo of a dog"])
+    return latents, emb, ids
+
+
+def _pass(sd, latents, emb, seed=0, t=100):
+    with torch.inference_mode():
+        return noisy_unet_pass(sd.unet, sd.scheduler, latents, t, emb, generator=torch.Generator().manual_seed(seed))
+
+
+def test_components_and_encoders(sd, inputs):
+    latents, emb, ids = inputs
+    assert latents.shape == (2, 4, 8, 16) and latents.dtype == torch.float32
+    assert emb.shape == (2, sd.tokenizer.model_max_length, sd.text_encoder.config.hidden_size)
+    assert ids.shape == (2, sd.tokenizer.model_max_length)
+    with torch.inference_mode():
+        raw = sd.vae.encode(-torch.ones(1, 3, 64, 64)).latent_dist.mean
+        scaled = encode_image(sd.vae, np.zeros((1, 64, 64, 3), dtype=np.uint8))
+        images = decode_latents(sd.vae, latents)
+    # uint8 0 is -1 in the VAE's input range; latents carry the scaling factor
+    assert torch.allclose(scaled, raw * sd.vae.config.scaling_factor, atol=1e-4)
+    assert images.shape == (2, 64, 128, 3) and images.dtype == np.uint8
+
+
+def test_grid_derivation():
+    assert grid_for_length(8 * 16, (8, 16)) == ((8, 16), 1)
+    assert grid_for_length(4 * 8, (8, 16)) == ((4, 8), 2)
+    assert grid_for_length(1 * 2, (8, 16)) == ((1, 2), 8)
+    assert grid_for_length(4 * 4, (7, 7)) == ((4, 4), 2)  # odd sizes round up like stride-2 convs
+    assert grid_for_length(64 * 64, None) == ((64, 64), 1)
+    with pytest.raises(ValueError):
+        grid_for_length(7, (8, 16))
+
+
+def test_capture_rows_shapes_and_unchanged_output(sd, inputs):
+    latents, emb, _ = inputs
+    reference = _pass(sd, latents, emb)
+    with capture_attention(sd.unet) as store:
+        captured_out = _pass(sd, latents, emb)
+    assert torch.allclose(reference, captured_out, atol=1e-5)
+
+    modules = list(attention_modules(sd.unet))
+    assert set(store.maps) == {name for name, _, _ in modules}
+    expected_grid = {1: (8, 16), 2: (4, 8), 4: (2, 4), 8: (1, 2)}
+    for name, _, kind in modules:
+        rec = store.maps[name]
+        assert rec.kind == kind
+        assert rec.hw == expected_grid[rec.factor]
+        lq = rec.hw[0] * rec.hw[1]
+        lk = lq if kind == "self" else emb.shape[1]
+        assert rec.probs.shape == (2, lq, lk)
+        assert rec.probs.dtype == torch.float32
+        assert torch.allclose(rec.probs.sum(-1), torch.ones(2, lq), atol=1e-5)
+        assert (rec.probs >= 0).all()
+    # the level each block sits at, as in SD
+    assert store.maps["down_blocks.0.attentions.0.transformer_blocks.0.attn1"].factor == 1
+    assert store.maps["up_blocks.1.attentions.0.transformer_blocks.0.attn2"].factor == 4
+    assert store.maps["mid_block.attentions.0.transformer_blocks.0.attn1"].factor == 8
+    groups = store.by_resolution("cross")
+    assert set(groups) == {(8, 16), (4, 8), (2, 4), (1, 2)}
+    means = store.mean_by_resolution("self")
+    assert means[(4, 8)].shape == (2, 32, 32)
+
+
+def test_filters_per_head_and_memory_bound(sd, inputs):
+    latents, emb, _ = inputs
+    with capture_attention(sd.unet, kind="cross", factors=[2, 4], per_head=True) as store:
+        _pass(sd, latents, emb)
+    assert store.maps, "nothing captured"
+    for rec in store.maps.values():
+        assert rec.kind == "cross" and rec.factor in (2, 4)
+        heads = dict((n, m) for n, m, _ in attention_modules(sd.unet))[rec.name].heads
+        assert rec.probs.shape == (2, heads, rec.hw[0] * rec.hw[1], emb.shape[1])
+        assert torch.allclose(rec.probs.sum(-1), torch.ones_like(rec.probs[..., 0]), atol=1e-5)
+    n_expected = sum(1 for n, _, k in attention_modules(sd.unet)
+                     if k == "cross" and not n.startswith(("down_blocks.0", "up_blocks.3", "mid_block")))
+    assert len(store.maps) == n_expected
+
+    with capture_attention(sd.unet, layers=["up_blocks.3"], kind="self", resolutions=[(8, 16)]) as store:
+        _pass(sd, latents, emb)
+    assert set(store.maps) == {n for n, _, k in attention_modules(sd.unet) if n.startswith("up_blocks.3.") and k == "self"}
+
+
+def test_processors_restored(sd, inputs):
+    latents, emb, _ = inputs
+    before = {name: m.processor for name, m, _ in attention_modules(sd.unet)}
+    with capture_attention(sd.unet):
+        assert all(type(m.processor).__name__ == "AttentionCaptureProcessor" for _, m, _ in attention_modules(sd.unet))
+    assert {name: m.processor for name, m, _ in attention_modules(sd.unet)} == before
+    with pytest.raises(RuntimeError):
+        with capture_attention(sd.unet):
+            raise RuntimeError("boom")
+    assert {name: m.processor for name, m, _ in attention_modules(sd.unet)} == before
+    assert not sd.unet._forward_pre_hooks
+
+
+def test_running_mean_over_steps(sd, inputs):
+    latents, emb, _ = inputs
+    singles = []
+    for t in (100, 500, 900):
+        with capture_attention(sd.unet, kind="cross", factors=[2]) as store:
+            _pass(sd, latents, emb, seed=t, t=t)
+        singles.append({k: v.probs for k, v in store.maps.items()})
+    with capture_attention(sd.unet, kind="cross", factors=[2], average=True) as avg:
+        for t in (100, 500, 900):
+            _pass(sd, latents, emb, seed=t, t=t)
+    for name, rec in avg.maps.items():
+        assert rec.count == 3
+        expected = torch.stack([s[name] for s in singles]).mean(0)
+        assert torch.allclose(rec.probs, expected, atol=1e-5)
+    assert not torch.allclose(singles[0][name], singles[2][name])
+
+
+def test_noisy_pass_seeded(sd, inputs):
+    latents, emb, _ = inputs
+    a, b, c = _pass(sd, latents, emb, seed=1), _pass(sd, latents, emb, seed=1), _pass(sd, latents, emb, seed=2)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([100, 100])
+    with torch.inference_mode():
+        manual = sd.unet(sd.scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=emb).sample
+    assert torch.allclose(a, manual, atol=1e-5)
+
+
+def test_load_from_s3(sd_dir, s3_bucket, sd, tmp_path, monkeypatch):
+    from pseudolabel.storage import filesystem
+
+    monkeypatch.setenv("PSEUDOLABEL_CACHE", str(tmp_path / "cache"))
+    bucket, storage = s3_bucket
+    fs, root = filesystem(f"{bucket}/sd", storage)
+    fs.put(sd_dir, root, recursive=True)
+    remote = load_sd_components(f"{bucket}/sd", storage=storage, dtype="float32")
+    for a, b in zip(remote.unet.state_dict().values(), sd.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    assert type(remote.scheduler).__name__ == "DDIMScheduler"
+    assert remote.tokenizer("a cat").input_ids == sd.tokenizer("a cat").input_ids

@@ -1,0 +1,285 @@
+"""directsam: pyramid arithmetic, preprocessing, loading (local and s3://), tokens, embeddings."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from directsam_tiny import blocks_image, noise_image, save_tiny_segformer, tiny_segformer
+from pseudolabel.models.directsam_pyramid import (
+    border_weights,
+    crop_boxes,
+    preprocess,
+    pyramid_probs,
+    reference_pyramid_probs,
+    resize_uint8,
+    normalize,
+)
+from pseudolabel.schemas.spec import LabelerSpec
+
+P = 1 / (1 + math.exp(-0.7))  # sigmoid of the stub's constant logit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread than on two contended ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def constant_forward(calls):
+    """Stub network: logits 0.7 everywhere at 1/4 resolution; records the batch shapes it sees."""
+
+    def forward(pixel_values):
+        calls.append(tuple(pixel_values.shape))
+        n, _, r, _ = pixel_values.shape
+        return torch.full((n, 1, r // 4, r // 4), 0.7)
+
+    return forward
+
+
+# --- pyramid geometry ------------------------------------------------------------------------------
+
+def test_crop_boxes_layer1_non_square():
+    # W=300, H=200, 2 crops per side: crop_w = ceil((90 + 300) / 2) = 195, crop_h = ceil((90 + 200) / 2) = 145,
+    # starts x: 0, 105; y: 0, 55; x-major order
+    assert crop_boxes(300, 200, 1) == [(0, 0, 195, 145), (0, 55, 195, 200), (105, 0, 300, 145), (105, 55, 300, 200)]
+
+
+def test_crop_boxes_layer2_non_square():
+    # 4 per side: crop_w = ceil((270 + 300) / 4) = 143, starts 0, 53, 106, 159 (last clipped at 300);
+    # crop_h = ceil((270 + 200) / 4) = 118, starts 0, 28, 56, 84 (last clipped at 200)
+    boxes = crop_boxes(300, 200, 2)
+    xs = [(0, 143), (53, 196), (106, 249), (159, 300)]
+    ys = [(0, 118), (28, 146), (56, 174), (84, 200)]
+    assert boxes == [(x0, y0, x1, y1) for x0, x1 in xs for y0, y1 in ys]
+
+
+def test_border_weights_bands():
+    w = border_weights(145, 195).numpy()
+    assert w[0, 100] == 0 and w[29, 100] == 0 and w[100, 165] == 0      # 30 px zero band
+    assert w[30, 100] == 0.5 and w[59, 100] == 0.5 and w[60, 100] == 1  # 60 px half band
+    assert w[40, 40] == 0.25 and w[72, 97] == 1 and w[100, 150] == 0.25
+    assert w[144, 194] == 0
+
+
+def test_pyramid_layer1_constant_logits_hand_computed():
+    calls = []
+    img = np.zeros((200, 300, 3), np.uint8)
+    prob = pyramid_probs([img], constant_forward(calls), resolution=32, layers=1, batch_size=3)[0].numpy()
+    assert prob.shape == (200, 300)
+    # 1 whole view + 4 crops, 3 per forward pass
+    assert calls == [(3, 3, 32, 32), (2, 3, 32, 32)]
+    # (whole + sum of weighted crops) / 2, crop boxes as in test_crop_boxes_layer1_non_square
+    assert prob[10, 10] == pytest.approx(P / 2)                 # crop 0 only, local (10, 10): zero band
+    assert prob[40, 40] == pytest.approx((P + 0.25 * P) / 2)    # crop 0, halved on both axes
+    assert prob[100, 70] == pytest.approx(P)                    # crops 0 and 1, each halved once
+    assert prob[40, 150] == pytest.approx((P + 0.5 * P) / 2)    # crops 0 and 2, each 0.25
+    assert prob[20, 150] == pytest.approx(P / 2)                # rows < 30 of crops 0 and 2: zero
+    assert prob[199, 299] == pytest.approx(P / 2)               # crop 3's corner: zero
+
+
+def test_pyramid_layer2_constant_logits_hand_computed():
+    calls = []
+    imgs = [np.zeros((200, 300, 3), np.uint8), np.zeros((64, 96, 3), np.uint8)]
+    probs = pyramid_probs(imgs, constant_forward(calls), resolution=32, layers=2, batch_size=64)
+    # both images' 1 + 4 + 16 views in one forward pass
+    assert calls == [(42, 3, 32, 32)]
+    prob = probs[0].numpy()
+    # (x=40, y=40): layer 1 crop 0 gives 0.25 P; layer 2: x in crop 0 (local 40: 0.5),
+    # y in crop 0 (local 40: 0.5) and crop 1 (local 12: zero) -> 0.25 P; sum / 3
+    assert prob[40, 40] == pytest.approx((P + 0.25 * P + 0.25 * P) / 3)
+    # (x=299, y=100): the last column is in the zero band of every crop
+    assert prob[100, 299] == pytest.approx(P / 3)
+    # (x=150, y=100): layer 1 -> P; layer 2: x crops 1, 2 (0.5 each), y crops 1, 2 (0.5 each) -> P
+    assert prob[100, 150] == pytest.approx(P)
+    assert probs[1].shape == (64, 96)
+
+
+def test_pyramid_matches_one_crop_at_a_time_reference():
+    from transformers import SegformerImageProcessorPil
+
+    model = tiny_segformer()
+    proc = SegformerImageProcessorPil()
+    images = [blocks_image(150, 230, seed=1), blocks_image(96, 80, seed=2)]
+    with torch.inference_mode():
+        ours = pyramid_probs(images, lambda x: model(pixel_values=x).logits, 64, layers=2, batch_size=7)
+    for img, got in zip(images, ours):
+        ref = reference_pyramid_probs(img, proc, model, 64, layers=2)
+        assert got.shape == ref.shape
+        assert float(ref.std()) > 1e-3  # the map is not flat, so the comparison means something
+        np.testing.assert_allclose(got.numpy(), ref, atol=2e-3)
+
+
+# --- preprocessing ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(77, 130), (200, 150), (40, 50)])
+@pytest.mark.parametrize("uint8_kernel", [True, False])
+def test_preprocess_matches_segformer_image_processor(shape, uint8_kernel):
+    from transformers import SegformerImageProcessorPil
+
+    img = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    ref = SegformerImageProcessorPil(size={"height": 96, "width": 96})(img, return_tensors="pt").pixel_values
+    t = torch.from_numpy(img).permute(2, 0, 1)[None]
+    ours = normalize(resize_uint8(t, 96, uint8_kernel=uint8_kernel))
+    assert ours.shape == ref.shape == (1, 3, 96, 96)
+    one_level = 1 / 255 / 0.224 + 1e-4  # at most one grey level apart
+    diff = (ours - ref).abs()
+    assert float(diff.max()) <= one_level
+    assert float((diff > 1e-4).float().mean()) < (0.02 if uint8_kernel else 0.3)
+    if uint8_kernel:
+        np.testing.assert_allclose(preprocess([img], 96).numpy(), ours.numpy())
+
+
+# --- the labeler -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_segformer(str(tmp_path_factory.mktemp("directsam") / "tiny"), resolution=128)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PSEUDOLABEL_CACHE", str(tmp_path / "cache"))
+
+
+def make(weights, storage=None, **params):
+    from pseudolabel.models.registry import labeler_class
+
+    cls = labeler_class("directsam")
+    spec = LabelerSpec(name="directsam", weights=weights, params=params)
+    return cls(spec, device="cpu", storage=storage)
+
+
+def median_threshold(weights, images, **params):
+    """The random network has no calibrated boundaries: threshold its maps at their median so the
+    tokenisation is non-trivial (many regions) whatever the random weights."""
+    probs = make(weights, **params).boundary_maps(images)
+    return float(np.median(np.concatenate([p.numpy().ravel() for p in probs])))
+
+
+def test_registry_and_params():
+    from pseudolabel.models.directsam import DirectSAM
+    from pseudolabel.models.registry import labeler_class
+
+    assert labeler_class("directsam") is DirectSAM
+    p = DirectSAM.Params()
+    assert (p.threshold, p.pyramid_layers, p.overlap, p.embedding_weights) == (0.25, 0, 90, None)
+    with pytest.raises(Exception):
+        DirectSAM.Params(mode="bogus")
+
+
+def test_labeler_local_and_s3_give_identical_tokens(model_dir, s3_bucket):
+    from pseudolabel.storage import filesystem
+
+    bucket, storage = s3_bucket
+    uri = f"{bucket}/models/tiny"
+    fs, root = filesystem(uri, storage)
+    for name in os.listdir(model_dir):
+        fs.put_file(os.path.join(model_dir, name), f"{root}/{name}")
+
+    images = [noise_image(80, 112, seed=0), noise_image(72, 64, seed=3)]
+    thr = median_threshold(model_dir, images, pyramid_layers=1)
+    local = make(model_dir, pyramid_layers=1, threshold=thr)(images)
+    remote = make(uri, storage=storage, pyramid_layers=1, threshold=thr)(images)
+    assert len(local) == len(remote) == 2
+    for a, b, img in zip(local, remote, images):
+        assert a.tokens.label_map.shape == img.shape[:2]
+        assert a.tokens.label_map.max() >= 2  # a real tokenisation, not one region
+        np.testing.assert_array_equal(a.tokens.label_map, b.tokens.label_map)
+        np.testing.assert_array_equal(a.tokens.boundary_score, b.tokens.boundary_score)
+
+
+def test_labeler_resolution_defaults_to_checkpoint_processor(model_dir):
+    assert make(model_dir).resolution == 128
+    assert make(model_dir, resolution=96).resolution == 96
+
+
+def test_labeler_partition_covers_every_pixel_once(model_dir):
+    images = [noise_image(80, 112), noise_image(64, 64, seed=5)]
+    out = make(model_dir, mode="partition", max_tokens=None, threshold=median_threshold(model_dir, images))(images)
+    for o, img in zip(out, images):
+        lm = o.tokens.label_map
+        k = int(lm.max())
+        assert k >= 2 and lm.min() >= 1
+        areas = np.bincount(lm.ravel(), minlength=k + 1)[1:]
+        assert areas.sum() == img.shape[0] * img.shape[1] and (areas > 0).all()
+        assert (np.diff(areas) <= 0).all()  # sorted by area, largest first
+
+
+def test_labeler_simple_leaves_boundary_unassigned(model_dir):
+    images = [noise_image(80, 112)]
+    thr = median_threshold(model_dir, images)
+    lab = make(model_dir, mode="simple", max_tokens=None, save_boundary=True, threshold=thr)
+    out = lab(images)[0]
+    prob = lab.boundary_maps(images)[0].numpy()
+    lm = out.tokens.label_map
+    assert lm.max() >= 2
+    np.testing.assert_array_equal(lm == 0, prob >= thr)
+    assert 0.3 < (lm == 0).mean() < 0.7
+    assert out.layers["boundary"].dtype == np.uint8 and out.layers["boundary"].shape == lm.shape
+    assert ((out.tokens.boundary_score >= 0) & (out.tokens.boundary_score <= 1)).all()
+
+
+def test_labeler_max_tokens(model_dir):
+    images = [noise_image(80, 112)]
+    thr = median_threshold(model_dir, images)
+    full = make(model_dir, mode="simple", max_tokens=None, threshold=thr)(images)[0].tokens.label_map
+    out = make(model_dir, mode="simple", max_tokens=2, threshold=thr)(images)[0].tokens.label_map
+    assert full.max() > 2 and out.max() == 2
+    np.testing.assert_array_equal(out == 1, full == 1)
+    np.testing.assert_array_equal(out == 2, full == 2)
+
+
+def test_labeler_bfloat16_on_cpu(model_dir):
+    images = [noise_image(80, 112)]
+    lab32 = make(model_dir)
+    lab16 = LabelerSpec(name="directsam", weights=model_dir, dtype="bfloat16")
+    from pseudolabel.models.directsam import DirectSAM
+
+    lab16 = DirectSAM(lab16, device="cpu")
+    assert lab32.model.dtype == torch.float32 and lab16.model.dtype == torch.bfloat16
+    a, b = lab32.boundary_maps(images)[0], lab16.boundary_maps(images)[0]
+    assert a.dtype == b.dtype == torch.float32
+    assert float((a - b).abs().max()) < 0.05
+
+
+# --- token embeddings ------------------------------------------------------------------------------
+
+def test_mask_pool_matches_direct_average():
+    from pseudolabel.models.directsam import mask_pool
+
+    rng = np.random.default_rng(0)
+    feats = torch.from_numpy(rng.normal(size=(5, 4, 6)).astype(np.float32))
+    lm = rng.integers(0, 4, size=(8, 12))
+    got = mask_pool(feats, torch.from_numpy(lm), 3).numpy()
+    # pixel (y, x) sits in cell (y * 4 // 8, x * 6 // 12) = (y // 2, x // 2)
+    for k in range(1, 4):
+        ys, xs = np.nonzero(lm == k)
+        expected = feats.numpy()[:, ys // 2, xs // 2].mean(axis=1)
+        np.testing.assert_allclose(got[k - 1], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_labeler_token_embeddings_from_dinov2_backbone(model_dir, tmp_path):
+    from transformers import Dinov2Backbone, Dinov2Config
+
+    torch.manual_seed(0)
+    cfg = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                       patch_size=14, image_size=56, out_features=["stage2"])
+    Dinov2Backbone(cfg).save_pretrained(tmp_path / "dino")
+    images = [noise_image(80, 112), noise_image(64, 64, seed=5)]
+    thr = median_threshold(model_dir, images)
+    plain = make(model_dir, threshold=thr)(images)
+    assert all(o.tokens.embeddings is None for o in plain)
+    out = make(model_dir, threshold=thr, embedding_weights=str(tmp_path / "dino"), embedding_resolution=56)(images)
+    for o, p in zip(out, plain):
+        np.testing.assert_array_equal(o.tokens.label_map, p.tokens.label_map)
+        k = int(o.tokens.label_map.max())
+        emb = o.tokens.embeddings
+        assert emb.shape == (k, 16) and emb.dtype == np.float32 and np.isfinite(emb).all()
+        assert np.abs(emb[0] - emb[-1]).max() > 0  # tokens at different places pool different features

@@ -1,0 +1,189 @@
+"""Metrics on hand-made maps with known answers, and ``evaluate`` against a COCO ground truth."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pseudolabel.jobs import metrics as M
+from labels_fixtures import GT_SHAPES, gt_coco, shape_masks, write_run
+
+
+# ---------------------------------------------------------------- metrics on hand-made maps
+
+def _halves(h=64, w=64, split=32):
+    lm = np.zeros((h, w), np.int32)
+    lm[:, split:] = 1
+    return lm
+
+
+def test_perfect_prediction_scores_one():
+    gt = _halves()
+    gt[10:30, 10:20] = 2
+    s = M.boundary_prf(gt + 1, gt)  # relabelled but identical segments
+    assert s["precision"] == 1.0 and s["recall"] == 1.0 and s["f1"] == 1.0
+    assert s["gt_pixels"] > 0 and s["pred_pixels"] == s["gt_pixels"]
+    assert M.asa(gt + 1, gt) == 1.0
+    assert M.token_count(gt + 1) == 3
+
+
+def test_shifted_boundary_fails_precision_passes_recall():
+    gt = _halves(split=32)
+    pred = _halves(split=35) + 1  # 3 px to the right
+    s = M.boundary_prf(pred, gt)
+    assert s["precision"] == 0.0  # 3 px > t=2
+    assert s["recall"] == 1.0  # 3 px <= t=5
+    # within both tolerances when shifted by 2 px
+    s2 = M.boundary_prf(_halves(split=34) + 1, gt)
+    assert s2["precision"] == 1.0 and s2["recall"] == 1.0
+    # beyond both when shifted by 6 px
+    s6 = M.boundary_prf(_halves(split=38) + 1, gt)
+    assert s6["precision"] == 0.0 and s6["recall"] == 0.0 and s6["f1"] == 0.0
+
+
+def test_border_band_ignored():
+    gt = np.zeros((64, 64), np.int32)
+    pred = np.ones((64, 64), np.int32)
+    pred[:, 2:] = 2  # a boundary inside the 5 px border band only
+    s = M.boundary_prf(pred, gt)
+    assert s["pred_pixels"] == 0 and s["gt_pixels"] == 0
+    s0 = M.boundary_prf(pred, gt, border=0)
+    assert s0["pred_pixels"] == 64 and s0["precision"] == 0.0
+
+
+def test_extra_boundary_lowers_precision_only():
+    gt = _halves()
+    pred = _halves() + 1
+    pred[:, 10] = 7  # a spurious one-column token far from the GT boundary
+    s = M.boundary_prf(pred, gt)
+    assert s["recall"] == 1.0
+    assert 0.2 < s["precision"] < 0.5  # 54 true of 54 + 2 * 54 predicted pixels
+    assert s["pred_matched"] == s["gt_pixels"]
+
+
+def test_thick_boundary_map_is_thinned():
+    gt = _halves()
+    boundary = np.zeros((64, 64), bool)
+    boundary[:, 30:35] = True  # 5 px wide band centred on x=32
+    s = M.boundary_prf(boundary, gt, pred_is_boundary=True)
+    assert s["precision"] == 1.0 and s["recall"] == 1.0
+    assert s["pred_pixels"] <= 64  # one line, not five
+
+
+def test_simple_mode_gaps_filled():
+    gt = _halves()
+    pred = _halves() + 1
+    pred[:, 31:33] = 0  # unassigned boundary strip, as in simple mode
+    s = M.boundary_prf(pred, gt)
+    assert s["precision"] == 1.0 and s["recall"] == 1.0
+    assert M.asa(M.fill_unassigned(pred), gt) >= 62 / 64
+    assert M.token_count(pred) == 2
+
+
+def test_asa_known_value():
+    gt = _halves()
+    pred = np.zeros((64, 64), np.int32)
+    pred[:, 40:] = 1  # token 0 covers x<40: 32 columns of gt 0 + 8 of gt 1
+    assert M.asa(pred, gt) == pytest.approx((32 + 24) / 64)
+    # over-segmentation of the GT loses nothing
+    fine = np.arange(64 * 64).reshape(64, 64)
+    assert M.asa(fine, gt) == 1.0
+    assert M.token_count(fine, unassigned=None) == 64 * 64
+
+
+def test_miou_known_values():
+    gt = np.zeros((4, 4), np.int64)
+    gt[:, 2:] = 1
+    gt[0, 0] = 255
+    assert M.miou(gt, gt, 2) == 1.0
+    pred = np.zeros((4, 4), np.int64)
+    pred[:, 3:] = 1  # class 1: tp 4, union 8; class 0: tp 7, union 11
+    assert M.miou(pred, gt, 2) == pytest.approx((4 / 8 + 7 / 11) / 2)
+    # out-of-range predictions are wrong but nobody's false positive
+    bad = gt.copy()
+    bad[1, 0] = 255
+    conf = M.confusion_matrix(bad, gt, 2)
+    assert conf.shape == (2, 3) and conf[0, 2] == 1
+    assert M.iou_per_class(conf)[0] == pytest.approx(6 / 7)
+    # a class absent from both is left out of the mean
+    assert M.miou(gt, gt, 5) == 1.0
+
+
+def test_masks_to_label_map_first_wins():
+    a = np.zeros((8, 8), bool)
+    a[:4] = True
+    b = np.zeros((8, 8), bool)
+    b[2:6] = True
+    lm = M.masks_to_label_map(np.stack([a, b]))
+    assert (lm[:4] == 1).all() and (lm[4:6] == 2).all() and (lm[6:] == 0).all()
+    assert M.masks_to_label_map(np.zeros((0, 8, 8), bool)).shape == (8, 8)
+
+
+# ---------------------------------------------------------------- evaluate against COCO GT
+
+@pytest.fixture()
+def gt_path(tmp_path):
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt_coco()))
+    return str(path)
+
+
+def test_evaluate_perfect_instances_and_tokens(tmp_path, gt_path):
+    from pseudolabel.jobs.evaluate import evaluate
+
+    out = write_run(tmp_path / "run", mode="perfect")
+    r = evaluate(out, gt_path)
+    assert r["AP"] == pytest.approx(1.0, abs=1e-6) and r["AP50"] == pytest.approx(1.0, abs=1e-6)
+    assert r["matched_images"] == len(GT_SHAPES) and r["predictions"] == sum(len(s) for s in GT_SHAPES)
+    json.dumps(r)  # JSON-serialisable
+
+    t = evaluate(out, gt_path, task="tokens")
+    assert t["asa"] == pytest.approx(1.0) and t["boundary_recall"] == pytest.approx(1.0)
+    assert t["boundary_precision"] == pytest.approx(1.0)
+    assert t["mean_tokens"] == pytest.approx(np.mean([len(s) + 1 for s in GT_SHAPES]))
+    json.dumps(t)
+
+
+def test_evaluate_random_masks_low_ap(tmp_path, gt_path):
+    from pseudolabel.jobs.evaluate import evaluate
+
+    out = write_run(tmp_path / "run", mode="random")
+    r = evaluate(out, gt_path)
+    assert r["AP"] < 0.1
+    t = evaluate(out, gt_path, task="tokens")
+    assert t["asa"] < 0.95 and t["boundary_precision"] < 0.5
+
+
+def test_evaluate_class_agnostic(tmp_path, gt_path):
+    from pseudolabel.jobs.evaluate import evaluate
+
+    out = write_run(tmp_path / "run", mode="perfect", wrong_categories=True)
+    assert evaluate(out, gt_path)["AP"] < 0.2
+    agn = evaluate(out, gt_path, class_agnostic=True)
+    assert agn["AP"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_evaluate_semantic(tmp_path, gt_path):
+    import cv2
+
+    from pseudolabel.jobs.evaluate import evaluate
+
+    out = write_run(tmp_path / "run", mode="perfect")
+    r = evaluate(out, gt_path, task="semantic")
+    assert r["miou"] == pytest.approx(1.0)
+    # from PNG label maps, with an ignore region and one wrong class region
+    root = tmp_path / "sem"
+    gt = gt_coco()
+    for img in gt["images"]:
+        masks = shape_masks(img["id"])
+        sem = np.zeros((img["height"], img["width"]), np.uint8)
+        for (cat, _), m in zip(GT_SHAPES[img["id"] - 1], masks):
+            sem[m] = cat
+        sem[:4] = 255
+        (root / img["file_name"]).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / img["file_name"]), sem)
+    r2 = evaluate(out, gt_path, task="semantic", gt_semantic_root=str(root))
+    assert r2["miou"] == pytest.approx(1.0)
+    rnd = evaluate(write_run(tmp_path / "rnd", mode="random"), gt_path, task="semantic")
+    assert rnd["miou"] < 0.6

@@ -1,0 +1,387 @@
+"""EVF-SAM: checkpoint names and loading, multiway routing, preprocessing, the labeler (tiny random configs)."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from pseudolabel.models.evf_sam.model import EvfSam, WeightsMismatchError, load_evf_sam, load_tokenizer, save_evf_sam
+from pseudolabel.models.evf_sam.postprocess import select_instances
+from pseudolabel.models.evf_sam.preprocess import (SEMANTIC_PREFIX, beit3_pixels, masks_to_original, prompt_text,
+                                                   sam_pixels)
+from pseudolabel.models.evf_sam.random_checkpoint import random_config, write_random_checkpoint
+from pseudolabel.models.registry import labeler_class
+from pseudolabel.schemas.spec import LabelerSpec
+
+ONTOLOGY = [
+    {"category": "square", "prompts": ["square", "a box"]},
+    {"category": "circle"},
+    {"category": "sky", "semantic": True, "id": 7},
+]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """Random-weight checkpoints (published layout) for both SAM variants: variant -> directory."""
+    out = {}
+    for variant in ("sam", "sam2"):
+        d = tmp_path_factory.mktemp(f"evf-{variant}")
+        write_random_checkpoint(d, variant, seed=1)
+        out[variant] = str(d)
+    return out
+
+
+def _image(h=90, w=120, seed=0):
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), 40, np.uint8)
+    img[h // 4: 3 * h // 4, w // 4: w // 2] = (220, 60, 60)
+    return np.clip(img.astype(int) + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
+
+
+def _fused(model, n=1, ids=None, mask=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(n, 3, 224, 224, generator=g) * 2 - 1
+    if ids is None:
+        ids = torch.randint(3, 100, (n, 6), generator=g)
+    if mask is None:
+        mask = torch.ones_like(ids)
+    return model.fuse(pixels, ids, mask)
+
+
+# ---------------------------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("variant", ["sam", "sam2"])
+def test_original_names_load_strict_and_roundtrip(variant):
+    torch.manual_seed(0)
+    src = EvfSam(random_config(variant)).eval()
+    state = src.original_state_dict()
+    prefixes = {k.split(".")[0] for k in state}
+    assert prefixes == {"mm_extractor", "text_hidden_fcs", "visual_model"}
+    assert not any(k.startswith("visual_model.vision_encoder") for k in state)  # original names, not ours
+    torch.manual_seed(1)
+    dst = EvfSam(random_config(variant)).eval()
+    dst.load_original_state_dict(state)
+    for key, value in src.state_dict().items():
+        assert torch.equal(value, dst.state_dict()[key]), key
+    x = torch.randn(1, 3, 64, 64)
+    f1, f2 = _fused(src), _fused(dst)
+    m1, _ = src.decode(src.encode_images(x), f1[None])
+    m2, _ = dst.decode(dst.encode_images(x), f2[None])
+    assert torch.allclose(m1, m2)
+
+
+def _expand(patterns, **counts):
+    out = set()
+    for p in patterns:
+        if "{i}" in p:
+            out |= {p.replace("{i}", str(i)) for i in range(counts["blocks"])}
+        elif "{l}" in p:
+            out |= {p.replace("{l}", str(i)) for i in range(counts["layers"])}
+        elif "{m}" in p:
+            out |= {p.replace("{m}", str(i)) for i in range(counts["mask_tokens"])}
+        elif "{p}" in p:
+            out |= {p.replace("{p}", str(i)) for i in range(4)}
+        else:
+            out.add(p)
+    return out
+
+
+# The reference's SAM-H (segment_anything) parameter names, written out by hand.
+SAM_H_REFERENCE = [
+    "visual_model.image_encoder.pos_embed",
+    "visual_model.image_encoder.patch_embed.proj.weight", "visual_model.image_encoder.patch_embed.proj.bias",
+    *[f"visual_model.image_encoder.blocks.{{i}}.{n}" for n in (
+        "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+        "attn.rel_pos_h", "attn.rel_pos_w", "norm2.weight", "norm2.bias", "mlp.lin1.weight", "mlp.lin1.bias",
+        "mlp.lin2.weight", "mlp.lin2.bias")],
+    "visual_model.image_encoder.neck.0.weight", "visual_model.image_encoder.neck.1.weight",
+    "visual_model.image_encoder.neck.1.bias", "visual_model.image_encoder.neck.2.weight",
+    "visual_model.image_encoder.neck.3.weight", "visual_model.image_encoder.neck.3.bias",
+    "visual_model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+    "visual_model.prompt_encoder.point_embeddings.{p}.weight", "visual_model.prompt_encoder.not_a_point_embed.weight",
+    *[f"visual_model.prompt_encoder.mask_downscaling.{j}.{n}" for j in (0, 1, 3, 4, 6) for n in ("weight", "bias")],
+    "visual_model.prompt_encoder.no_mask_embed.weight",
+    "visual_model.mask_decoder.iou_token.weight", "visual_model.mask_decoder.mask_tokens.weight",
+    *[f"visual_model.mask_decoder.transformer.layers.{{l}}.{a}.{x}_proj.{n}"
+      for a in ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")
+      for x in ("q", "k", "v", "out") for n in ("weight", "bias")],
+    *[f"visual_model.mask_decoder.transformer.layers.{{l}}.{n}.{w}" for n in ("norm1", "norm2", "norm3", "norm4")
+      for w in ("weight", "bias")],
+    *[f"visual_model.mask_decoder.transformer.layers.{{l}}.mlp.{n}.{w}" for n in ("lin1", "lin2")
+      for w in ("weight", "bias")],
+    *[f"visual_model.mask_decoder.transformer.final_attn_token_to_image.{x}_proj.{n}"
+      for x in ("q", "k", "v", "out") for n in ("weight", "bias")],
+    "visual_model.mask_decoder.transformer.norm_final_attn.weight",
+    "visual_model.mask_decoder.transformer.norm_final_attn.bias",
+    *[f"visual_model.mask_decoder.output_upscaling.{j}.{n}" for j in (0, 1, 3) for n in ("weight", "bias")],
+    *[f"visual_model.mask_decoder.output_hypernetworks_mlps.{{m}}.layers.{j}.{n}" for j in (0, 1, 2)
+      for n in ("weight", "bias")],
+    *[f"visual_model.mask_decoder.iou_prediction_head.layers.{j}.{n}" for j in (0, 1, 2) for n in ("weight", "bias")],
+]
+
+# torchscale BEiT-3 names (mm_extractor.beit3.*) and the projection, written out by hand.
+_MW = ("A", "B")
+BEIT3_REFERENCE = [
+    "mm_extractor.beit3.text_embed.weight", "mm_extractor.beit3.vision_embed.proj.weight",
+    "mm_extractor.beit3.vision_embed.proj.bias", "mm_extractor.beit3.vision_embed.mask_token",
+    "mm_extractor.beit3.vision_embed.cls_token",
+    "mm_extractor.beit3.encoder.embed_positions.A.weight", "mm_extractor.beit3.encoder.embed_positions.B.weight",
+    *[f"mm_extractor.beit3.encoder.layers.{{l}}.self_attn.{x}_proj.{w}.{n}" for x in ("k", "v", "q", "out")
+      for w in _MW for n in ("weight", "bias")],
+    *[f"mm_extractor.beit3.encoder.layers.{{l}}.{m}.{w}.{n}"
+      for m in ("self_attn.inner_attn_ln", "self_attn_layer_norm", "final_layer_norm", "ffn.{}.fc1", "ffn.{}.fc2",
+                "ffn.{}.ffn_layernorm") for w in _MW for n in ("weight", "bias") if "{}" not in m],
+    *[f"mm_extractor.beit3.encoder.layers.{{l}}.ffn.{w}.{m}.{n}" for w in _MW for m in ("fc1", "fc2", "ffn_layernorm")
+      for n in ("weight", "bias")],
+    *[f"mm_extractor.beit3.encoder.layer_norm.{w}.{n}" for w in _MW for n in ("weight", "bias")],
+    *[f"text_hidden_fcs.0.{j}.{n}" for j in (0, 2) for n in ("weight", "bias")],
+]
+
+
+def test_reference_sam_h_and_beit3_key_patterns_load_strict():
+    torch.manual_seed(0)
+    cfg = random_config("sam")
+    model = EvfSam(cfg).eval()
+    ours = model.original_state_dict()
+    sam_keys = _expand(SAM_H_REFERENCE, blocks=cfg.sam.vision_config.num_hidden_layers,
+                       layers=cfg.sam.mask_decoder_config.num_hidden_layers, mask_tokens=4)
+    beit_keys = _expand(BEIT3_REFERENCE, layers=cfg.beit3.layers)
+    assert {k for k in ours if k.startswith("visual_model.")} == sam_keys
+    assert {k for k in ours if not k.startswith("visual_model.")} == beit_keys
+    # a state dict written purely from the reference's names (fresh tensors) loads strictly
+    g = torch.Generator().manual_seed(5)
+    reference = {k: torch.randn(ours[k].shape, generator=g) for k in sorted(sam_keys | beit_keys)}
+    fresh = EvfSam(cfg).eval()
+    fresh.load_original_state_dict(reference)
+    loaded = fresh.original_state_dict()
+    for k, v in reference.items():
+        assert torch.equal(loaded[k], v), k
+    # the positional matrix feeds both transformers copies
+    pe = reference["visual_model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"]
+    assert torch.equal(fresh.sam.shared_image_embedding.positional_embedding, pe)
+    assert torch.equal(fresh.sam.prompt_encoder.shared_embedding.positional_embedding, pe)
+
+
+@pytest.mark.parametrize("variant", ["sam", "sam2"])
+def test_missing_and_extra_keys_fail_with_their_names(variant):
+    model = EvfSam(random_config(variant)).eval()
+    state = model.original_state_dict()
+    missing = dict(state)
+    gone = [k for k in state if k.startswith("visual_model.") and "no_mask_embed" in k][0]
+    del missing[gone]
+    del missing["mm_extractor.beit3.encoder.layers.0.ffn.B.fc1.weight"]
+    with pytest.raises(WeightsMismatchError) as err:
+        EvfSam(random_config(variant)).load_original_state_dict(missing)
+    assert gone in str(err.value) and "mm_extractor.beit3.encoder.layers.0.ffn.B.fc1.weight" in str(err.value)
+    extra = dict(state)
+    extra["visual_model.image_encoder.extra_block.weight"] = torch.zeros(1)
+    extra["lm_head.weight"] = torch.zeros(1)
+    with pytest.raises(WeightsMismatchError) as err:
+        EvfSam(random_config(variant)).load_original_state_dict(extra)
+    assert "visual_model.image_encoder.extra_block.weight" in str(err.value) and "lm_head.weight" in str(err.value)
+
+
+def test_sam2_video_only_tensors_are_ignored():
+    model = EvfSam(random_config("sam2")).eval()
+    state = model.original_state_dict()
+    assert "visual_model.no_mem_embed" in state
+    assert "visual_model.sam_prompt_encoder.point_embeddings.3.weight" in state
+    state["visual_model.memory_attention.layers.0.self_attn.q_proj.weight"] = torch.zeros(2, 2)
+    state["visual_model.maskmem_tpos_enc"] = torch.zeros(7, 1, 1, 64)
+    EvfSam(random_config("sam2")).load_original_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------- BEiT-3
+
+
+def _perturb(model, needle):
+    with torch.no_grad():
+        for name, p in model.mm_extractor.named_parameters():
+            if needle in name:
+                p.add_(torch.randn_like(p))
+
+
+def test_multiway_text_weights_unused_when_text_fully_masked():
+    torch.manual_seed(0)
+    model = EvfSam(random_config("sam")).eval()
+    ids = torch.randint(3, 100, (2, 5))
+    masked = torch.zeros_like(ids)
+    base_masked = _fused(model, 2, ids, masked)
+    base_open = _fused(model, 2, ids)
+    changed = copy.deepcopy(model)
+    _perturb(changed, ".B.")
+    assert torch.allclose(_fused(changed, 2, ids, masked), base_masked, atol=1e-6)
+    assert not torch.allclose(_fused(changed, 2, ids), base_open, atol=1e-3)  # text path really uses .B
+    vision_changed = copy.deepcopy(model)
+    _perturb(vision_changed, ".A.")
+    assert not torch.allclose(_fused(vision_changed, 2, ids, masked), base_masked, atol=1e-3)
+
+
+def test_padding_with_the_mask_leaves_output_unchanged():
+    torch.manual_seed(0)
+    model = EvfSam(random_config("sam")).eval()
+    ids = torch.randint(3, 100, (1, 5))
+    alone = _fused(model, 1, ids)
+    padded_ids = torch.cat([ids, torch.full((1, 4), 1)], dim=1)
+    padded_mask = torch.cat([torch.ones(1, 5, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    assert torch.allclose(_fused(model, 1, padded_ids, padded_mask), alone, atol=1e-5)
+    # without the mask the pad tokens do change the result
+    assert not torch.allclose(_fused(model, 1, padded_ids), alone, atol=1e-4)
+
+
+def test_positions_start_at_two():
+    torch.manual_seed(0)
+    model = EvfSam(random_config("sam")).eval()
+    base = _fused(model)
+    pos = model.mm_extractor.beit3.encoder.embed_positions
+    assert pos.A.weight.shape[0] == 197 + 2
+    with torch.no_grad():
+        pos.A.weight[:2].add_(torch.randn(2, pos.A.weight.shape[1]))
+        pos.B.weight[:2].add_(torch.randn(2, pos.B.weight.shape[1]))
+    assert torch.allclose(_fused(model), base, atol=1e-6)
+    with torch.no_grad():
+        pos.B.weight[2].add_(torch.randn(pos.B.weight.shape[1]))
+    assert not torch.allclose(_fused(model), base, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- preprocessing
+
+
+def test_beit3_pixels_range_and_shape():
+    img = _image(90, 120)
+    x = beit3_pixels(img)
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+    assert -1.1 <= float(x.min()) and float(x.max()) <= 1.1
+    assert torch.allclose(beit3_pixels(np.zeros((50, 70, 3), np.uint8)), torch.full((3, 224, 224), -1.0))
+    assert torch.allclose(beit3_pixels(np.full((50, 70, 3), 255, np.uint8)), torch.full((3, 224, 224), 1.0))
+
+
+def test_sam_pixels_longest_side_pad_and_plain_resize():
+    img = _image(90, 120)
+    x, hw = sam_pixels(img, 64, "sam")
+    assert x.shape == (3, 64, 64) and hw == (48, 64)
+    assert torch.all(x[:, 48:, :] == 0)                # padding below the resized image
+    assert float(x[:, :48].abs().max()) > 0.5
+    mean_img = np.broadcast_to(np.array([124, 116, 104], np.uint8), (30, 20, 3)).copy()
+    xm, hw2 = sam_pixels(mean_img, 64, "sam")
+    assert hw2 == (64, 43) and float(xm[:, :, :43].abs().max()) < 0.02   # SAM mean -> ~0
+    x2, hw3 = sam_pixels(img, 64, "sam2")
+    assert x2.shape == (3, 64, 64) and hw3 == (64, 64)
+
+
+@pytest.mark.parametrize("variant", ["sam", "sam2"])
+def test_masks_come_back_at_original_size(variant):
+    low = torch.randn(3, 16, 16)
+    out = masks_to_original(low, variant, 64, (48, 64) if variant == "sam" else (64, 64), (90, 120))
+    assert out.shape == (3, 90, 120)
+
+
+def test_semantic_prefix():
+    assert prompt_text("sky", True, True) == SEMANTIC_PREFIX + "sky" == "[semantic] sky"
+    assert prompt_text("sky", True, False) == "sky"
+    assert prompt_text("zebra", False, True) == "zebra"
+
+
+def test_select_instances_filters_and_dedups():
+    m = np.zeros((4, 10, 10), bool)
+    m[0, :5] = True
+    m[1, :5] = True
+    m[1, 5, 0] = True          # near-duplicate of 0
+    m[2, 8:, 8:] = True         # 4 px
+    scores = np.array([0.9, 0.95, 0.8, 0.2])   # mask 3 is empty
+    assert select_instances(m, scores) == [1, 0, 2]
+    assert select_instances(m, scores, score_threshold=0.85) == [1, 0]
+    assert select_instances(m, scores, min_area=5) == [1, 0]
+    assert select_instances(m, scores, dedup_iou=0.5) == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------- labeler
+
+
+def _labeler(weights, storage=None, **params):
+    spec = LabelerSpec(name="evf_sam", weights=weights, ontology=ONTOLOGY, params=params)
+    return labeler_class("evf_sam")(spec, device="cpu", storage=storage)
+
+
+@pytest.mark.parametrize("variant", ["sam", "sam2"])
+def test_labeler_outputs_ontology_categories_at_original_size(ckpt, variant):
+    lab = _labeler(ckpt[variant])
+    assert lab.variant == variant
+    images = [_image(90, 120, 0), _image(70, 50, 1)]
+    calls = []
+    hook = lab.model.sam.vision_encoder.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    out = lab(images)
+    hook.remove()
+    assert calls == [2]                     # the SAM encoder ran once for the batch: once per image
+    assert len(out) == 2
+    allowed = {(1, "square", "square"), (1, "square", "a box"), (2, "circle", "circle"), (7, "sky", "sky")}
+    for img, o in zip(images, out):
+        assert o.instances, "random weights still give some non-empty masks"
+        for inst in o.instances:
+            assert inst.mask.shape == img.shape[:2] and inst.mask.dtype == bool and inst.mask.any()
+            assert (inst.category_id, inst.category, inst.prompt) in allowed
+            assert 0.0 <= inst.score <= 1.0
+    # thresholds: nothing passes a score above the best; dedup never adds
+    best = max(i.score for o in out for i in o.instances)
+    assert all(not o.instances for o in _labeler(ckpt[variant], score_threshold=min(1.0, best + 1e-3))(images))
+    dd = _labeler(ckpt[variant], dedup_iou=0.05)(images)
+    assert all(len(a.instances) <= len(b.instances) for a, b in zip(dd, out))
+
+
+def test_labeler_masks_match_direct_model_call(ckpt):
+    """Batched prompts (padded) give the same masks as one prompt at a time through the model."""
+    lab = _labeler(ckpt["sam"])
+    img = _image(90, 120, 3)
+    got = {(i.category, i.prompt): i.mask for i in lab([img])[0].instances}
+    model, tok = lab.model, load_tokenizer(ckpt["sam"])
+    emb = model.encode_images(sam_pixels(img, 64, "sam")[0][None])
+    for (cat, prompt), mask in got.items():
+        enc = tok([prompt], return_tensors="pt")
+        f = model.fuse(beit3_pixels(img)[None], enc["input_ids"], enc["attention_mask"])
+        low, _ = model.decode(emb, f[None])
+        ref = masks_to_original(low[0], "sam", 64, (48, 64), (90, 120))[0] > 0
+        assert (ref.numpy() == mask).mean() > 0.999
+
+
+def test_multitask_prefix_from_config(tmp_path):
+    write_random_checkpoint(tmp_path, "sam", multitask=True)
+    lab = _labeler(str(tmp_path))
+    assert lab.multitask
+    tok = load_tokenizer(tmp_path)
+    sky = [i for i, (e, p) in enumerate(lab.pairs) if e.category == "sky"][0]
+    ids = lab.input_ids[sky][lab.attention_mask[sky] == 1].tolist()
+    assert ids == tok("[semantic] sky")["input_ids"]
+    square = [i for i, (e, p) in enumerate(lab.pairs) if p == "square"][0]
+    assert lab.input_ids[square][lab.attention_mask[square] == 1].tolist() == tok("square")["input_ids"]
+    assert not _labeler(str(tmp_path), multitask=False).multitask
+
+
+def test_bin_checkpoint_loads_like_safetensors(ckpt, tmp_path):
+    model = load_evf_sam(ckpt["sam"])
+    torch.save(model.original_state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text((__import__("pathlib").Path(ckpt["sam"]) / "config.json").read_text())
+    again = load_evf_sam(tmp_path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    save_evf_sam(again, tmp_path / "resaved")
+    assert (tmp_path / "resaved" / "model.safetensors").exists()
+
+
+def test_local_and_s3_weights_give_identical_output(ckpt, s3_bucket, tmp_path, monkeypatch):
+    import fsspec
+
+    monkeypatch.setenv("PSEUDOLABEL_CACHE", str(tmp_path / "cache"))
+    bucket, storage = s3_bucket
+    fs = fsspec.filesystem("s3", key=storage.key, secret=storage.secret,
+                           client_kwargs={"endpoint_url": storage.endpoint_url, "region_name": storage.region})
+    fs.put(ckpt["sam2"] + "/", f"{bucket[5:]}/evf-sam2/", recursive=True)
+    images = [_image(90, 120, 4)]
+    local = _labeler(ckpt["sam2"])(images)[0].instances
+    remote = _labeler(f"{bucket}/evf-sam2", storage=storage)(images)[0].instances
+    assert len(local) == len(remote) > 0
+    for a, b in zip(local, remote):
+        assert (a.category_id, a.prompt, a.score) == (b.category_id, b.prompt, b.score)
+        assert np.array_equal(a.mask, b.mask)
