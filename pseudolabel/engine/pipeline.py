@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from pseudolabel import __version__
 from pseudolabel.engine.cluster import connect
 from pseudolabel.engine.decode import fetch_decode
+from pseudolabel.engine.errors import OutputConflictError, ResourceError
 from pseudolabel.engine.sources import list_input
 from pseudolabel.engine.stage import LabelerStage
 from pseudolabel.schemas.spec import JobSpec
@@ -38,14 +39,6 @@ log = logging.getLogger("pseudolabel")
 MANIFEST = "manifest.parquet"
 LABELS = "labels"
 CHECKPOINTS = "_checkpoints"
-
-
-class ResourceError(RuntimeError):
-    """The job's resources cannot be met by the cluster."""
-
-
-class OutputConflictError(RuntimeError):
-    """``output.uri`` holds the results of a different job."""
 
 
 def labelers_fingerprint(job: JobSpec) -> str:
@@ -87,6 +80,14 @@ def prepare_output(job: JobSpec) -> tuple[pa.Table, bool]:
     if resumed:
         manifest = pq.read_table(io.BytesIO(read_bytes(manifest_uri, st)))
     else:
+        demo = job.input.demo
+        if demo is not None and not exists(job.input.uri, st):
+            from pseudolabel.jobs.demo_data import generate
+
+            root = job.input.uri.rstrip("/").rsplit("/", 1)[0]
+            log.info("input %s is missing: writing demo data to %s", job.input.uri, root)
+            generate(root, images=demo.images, shards=demo.shards, seed=demo.seed, size=demo.size,
+                     storage=st, layout=demo.layout)
         manifest = list_input(job.input, st)
         buf = io.BytesIO()
         pq.write_table(manifest, buf, row_group_size=256)

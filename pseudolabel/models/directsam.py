@@ -53,6 +53,28 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
+#: SegFormer encoder sizes (MiT-B0..B5): depths, hidden sizes, decoder width; "tiny" is for tests
+SEGFORMER_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], decoder_hidden_size=32,
+                 num_attention_heads=[1, 1, 2, 4]),
+    "b0": dict(depths=[2, 2, 2, 2], hidden_sizes=[32, 64, 160, 256], decoder_hidden_size=256),
+    "b1": dict(depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 320, 512], decoder_hidden_size=256),
+    "b2": dict(depths=[3, 4, 6, 3], hidden_sizes=[64, 128, 320, 512], decoder_hidden_size=768),
+    "b3": dict(depths=[3, 4, 18, 3], hidden_sizes=[64, 128, 320, 512], decoder_hidden_size=768),
+    "b4": dict(depths=[3, 8, 27, 3], hidden_sizes=[64, 128, 320, 512], decoder_hidden_size=768),
+    "b5": dict(depths=[3, 6, 40, 3], hidden_sizes=[64, 128, 320, 512], decoder_hidden_size=768),
+}
+
+
+def segformer_config(size: str = "b0", **overrides: Any):
+    """A SegformerConfig with one output channel (num_labels=1) of a named size (see SEGFORMER_SIZES)."""
+    from transformers import SegformerConfig
+
+    if size not in SEGFORMER_SIZES:
+        raise ValueError(f"unknown Segformer size {size!r}; known: {', '.join(SEGFORMER_SIZES)}")
+    return SegformerConfig(**{**SEGFORMER_SIZES[size], "num_labels": 1, **overrides})
+
+
 def read_preprocessor(local_dir: str) -> dict[str, Any]:
     """The checkpoint's ``preprocessor_config.json`` as a dict ({} when absent or not a local dir)."""
     path = os.path.join(local_dir, "preprocessor_config.json")

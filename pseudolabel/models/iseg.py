@@ -355,8 +355,8 @@ class ISegParams(LabelerParams):
                                    description="self-attention module prefixes; the highest-resolution grid among them is used")
     self_heads: list[int] | None = Field(None, description="self-attention heads to average (None = all; the reference uses [1, 2])")
     kmeans: bool = Field(True, description="KL k-means smoothing of the cross-attention")
-    kmeans_clusters: int = Field(32, ge=1)
-    kmeans_iters: int = Field(20, ge=1)
+    kmeans_clusters: int = Field(32, ge=1, description="about this many k-means centres, seeded on a regular grid")
+    kmeans_iters: int = Field(20, ge=1, description="k-means iterations")
     background: Literal["threshold", "power"] = Field(
         "threshold", description="threshold: maps below bg_threshold are background; power: a (1 - max)^2 background channel")
     bg_threshold: float = Field(0.45, ge=0, le=1, description="for background=threshold (0.45 COCO)")

@@ -20,6 +20,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class DemoSpec(_Strict):
+    """Synthetic demo data written to the input's parent folder when the input does not exist yet."""
+
+    images: int = Field(64, ge=1)
+    shards: int = Field(4, ge=1)
+    seed: int = 0
+    size: int = Field(256, ge=32)
+    layout: Literal["folder", "webdataset", "parquet"] = "folder"
+
+
 class InputSpec(_Strict):
     uri: str = Field(description="folder, tar shards, Parquet files or COCO image root: local path, file:// or s3://")
     format: Literal["auto", "folder", "webdataset", "parquet", "coco"] = "auto"
@@ -30,11 +40,14 @@ class InputSpec(_Strict):
     extensions: list[str] = Field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"])
     max_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb cap: images with more pixels become error rows")
     limit: int | None = Field(None, gt=0, description="label only the first N listed images")
+    demo: DemoSpec | None = Field(None, description="generate demo data (at the parent of uri) if uri is missing")
 
     @model_validator(mode="after")
     def _coco_needs_json(self):
         if self.format == "coco" and not self.coco_json:
             raise ValueError("input.coco_json is required when input.format is 'coco'")
+        if self.demo is not None and self.uri.rstrip("/").rsplit("/", 1)[-1] != "images":
+            raise ValueError("input.uri must end in /images when input.demo is set (demo data is written to its parent)")
         return self
 
 
@@ -166,25 +179,29 @@ def apply_override(data: dict, dotted: str, value: Any) -> None:
             raise SpecError(f"{'.'.join(parts[:i])}: is a value, cannot set {part!r} inside it")
 
 
+def load_yaml_with_overrides(path: "str | Path | dict", overrides: dict[str, Any] | None = None) -> dict:
+    """A YAML mapping (or dict) with dotted overrides applied; validation is the caller's."""
+    if isinstance(path, dict):
+        data = copy.deepcopy(path)
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise SpecError(f"spec not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise SpecError(f"{p}: a spec is a YAML mapping")
+    for key, value in (overrides or {}).items():
+        apply_override(data, key, value)
+    return data
+
+
 def load_spec(spec: "str | Path | dict | JobSpec", overrides: dict[str, Any] | None = None) -> JobSpec:
     """Load and validate a job spec from a YAML path, a dict or a JobSpec, with dotted overrides.
 
     Labeler ``params`` are validated against the labeler's own parameter model here too, so a bad
     parameter fails before any work starts.
     """
-    if isinstance(spec, JobSpec):
-        data = spec.model_dump()
-    elif isinstance(spec, dict):
-        data = copy.deepcopy(spec)
-    else:
-        path = Path(spec)
-        if not path.exists():
-            raise SpecError(f"job spec not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise SpecError(f"{path}: a job spec is a YAML mapping")
-    for key, value in (overrides or {}).items():
-        apply_override(data, key, value)
+    data = load_yaml_with_overrides(spec.model_dump() if isinstance(spec, JobSpec) else spec, overrides)
     try:
         job = JobSpec.model_validate(data)
     except ValidationError as err:

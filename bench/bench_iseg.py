@@ -1,0 +1,102 @@
+"""Throughput of the iseg labeler against the bare UNet pass it needs (the ceiling).
+
+iSeg needs exactly one UNet pass per image (more only when the classes overflow one prompt). Rows:
+
+- ``unet pass (ceiling)``: ``noisy_unet_pass`` on pre-encoded latents and text, no capture;
+- ``unet pass + capture``: the same with iseg's attention capture installed (cross at factors 2/4,
+  self at up_blocks.3);
+- ``iseg text`` / ``iseg seeds``: the labeler on pre-decoded uint8 images (resize, VAE encode, text
+  encode, the pass, k-means, entropy reduction, refinement, masks at image size).
+
+By default a tiny random SD (tests/sd_tiny.py) is built in a temp dir; ``--weights`` takes a real
+diffusers-layout checkpoint instead.
+
+    python bench/bench_iseg.py [--resolutions 64 128 256] [--batch 4] [--images 16] [--weights DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+
+def _rate(fn, n_images: int, batch: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(max(1, n_images // batch)):
+        fn()
+    return max(1, n_images // batch) * batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--resolutions", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--weights", default=None, help="diffusers SD checkpoint (default: a tiny random one)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+
+    from pseudolabel.models.attention import AttentionStore, capture_attention, encode_image, encode_text, noisy_unet_pass
+    from pseudolabel.models.iseg import ISeg
+    from pseudolabel.schemas.spec import LabelerSpec
+
+    weights = args.weights
+    if weights is None:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+        from sd_tiny import build_tiny_sd
+
+        weights = build_tiny_sd(tempfile.mkdtemp(prefix="bench_iseg_"))
+    ontology = [{"category": c} for c in ("cat", "dog", "sky")]
+    rng = np.random.default_rng(0)
+    rows = []
+    for res in args.resolutions:
+        spec = LabelerSpec(name="iseg", weights=weights, ontology=ontology, params={"resolution": res})
+        lab = ISeg(spec, device=args.device)
+        sd = lab.sd
+        images = [rng.integers(0, 256, (res, res, 3), dtype=np.uint8) for _ in range(args.batch)]
+        with torch.inference_mode():
+            latents = encode_image(sd.vae, np.stack(images))
+            emb, _ = encode_text(sd.tokenizer, sd.text_encoder, ["a photograph of cat and dog and sky"] * args.batch)
+
+        def bare():
+            with torch.inference_mode():
+                noisy_unet_pass(sd.unet, sd.scheduler, latents, 100, emb, generator=torch.Generator().manual_seed(0))
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        def captured():
+            cross = AttentionStore(kind="cross", factors=[2, 4])
+            selfs = AttentionStore(layers=["up_blocks.3.attentions.1"], kind="self")
+            with torch.inference_mode(), capture_attention(sd.unet, cross), capture_attention(sd.unet, selfs):
+                noisy_unet_pass(sd.unet, sd.scheduler, latents, 100, emb, generator=torch.Generator().manual_seed(0))
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        seeds = [{"points_xy": [[res // 4, res // 4]], "boxes_xyxy": [[res // 2, res // 2, res - 1, res - 1]]}] * args.batch
+        r_bare = _rate(bare, args.images, args.batch)
+        r_cap = _rate(captured, args.images, args.batch)
+        r_text = _rate(lambda: lab(images, [None] * args.batch), args.images, args.batch)
+        r_seed = _rate(lambda: lab(images, seeds), args.images, args.batch)
+        for name, r in (("unet pass (ceiling)", r_bare), ("unet pass + capture", r_cap),
+                        ("iseg text (3 classes)", r_text), ("iseg seeds (point+box)", r_seed)):
+            rows.append((res, name, r, r / r_bare))
+
+    print(f"# iseg on {args.device} ({platform.processor() or platform.machine()}, torch threads "
+          f"{torch.get_num_threads()}), batch {args.batch}, {args.images} images per row, weights "
+          f"{'tiny random SD' if args.weights is None else args.weights}")
+    print(f"| {'resolution':>10} | {'what':<24} | {'images/s':>9} | {'of ceiling':>10} |")
+    print(f"|{'-' * 12}|{'-' * 26}|{'-' * 11}|{'-' * 12}|")
+    for res, name, r, frac in rows:
+        print(f"| {res:>10} | {name:<24} | {r:>9.2f} | {frac:>10.2f} |")
+
+
+if __name__ == "__main__":
+    main()

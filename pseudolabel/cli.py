@@ -1,0 +1,183 @@
+"""The ``pseudolabel`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _overrides(pairs: list[str]) -> dict:
+    from pseudolabel.schemas.spec import SpecError, parse_value
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set {pair!r}: expected key=value, e.g. --set resources.actors=2")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def cmd_run(args) -> int:
+    from pseudolabel.engine.pipeline import run_job
+    from pseudolabel.schemas.spec import load_spec
+
+    job = load_spec(args.job, _overrides(args.set))  # fails before Ray starts
+    summary = run_job(job, address=args.address, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    print(f"\n{summary['ok']} ok, {summary['error']} error of {summary['images']} images; "
+          f"{summary['this_run']} labelled in this run at {summary['images_per_s']} images/s; "
+          f"labels in {summary['output_uri']}/labels", file=sys.stderr)
+    return 0
+
+
+def cmd_demo_data(args) -> int:
+    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.schemas.spec import StorageSpec
+
+    storage = StorageSpec(endpoint_url=args.endpoint_url) if args.endpoint_url else None
+    info = generate(args.out, images=args.images, shards=args.shards, seed=args.seed, size=args.size,
+                    storage=storage, layout=args.layout)
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pseudolabel.jobs.export import export
+
+    info = export(args.output, args.format, args.out, gt_json=args.gt)
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from pseudolabel.jobs.evaluate import evaluate
+
+    kwargs = dict(class_agnostic=args.class_agnostic, task=args.task, max_dets=args.max_dets)
+    if args.semantic_root:
+        kwargs["gt_semantic_root"] = args.semantic_root
+    if args.curve:
+        kwargs["curve_png"] = args.curve
+    result = evaluate(args.output, args.gt, **kwargs)
+    print(json.dumps(result, indent=2, default=float))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pseudolabel.jobs.report import report
+
+    path = report(args.output, args.out, sample=args.sample)
+    print(path)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from pseudolabel.models.registry import labeler_class, labeler_names
+
+    for name in labeler_names():
+        try:
+            cls = labeler_class(name)
+        except ImportError as err:
+            print(f"{name}: (unavailable: {err})\n")
+            continue
+        tag = " [baseline]" if cls.baseline else ""
+        print(f"{name}{tag}: {cls.summary}")
+        if cls.default_weights:
+            print(f"  weights (default): {cls.default_weights}")
+        for field, info in cls.Params.model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            desc = f"  {info.description}" if info.description else ""
+            print(f"  {field} = {default!r}{desc}")
+        print()
+    return 0
+
+
+def _train(module: str, func: str):
+    def cmd(args) -> int:
+        import importlib
+
+        from pseudolabel.schemas.spec import load_yaml_with_overrides
+
+        fn = getattr(importlib.import_module(module), func)
+        result = fn(load_yaml_with_overrides(args.job, _overrides(args.set)))
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+
+    return cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pseudolabel", description="Distributed pseudo-labeling on Ray.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run (or resume) a labeling job")
+    r.add_argument("job", help="job spec YAML")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field")
+    r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(fn=cmd_run)
+
+    d = sub.add_parser("demo-data", help="write a synthetic sharded dataset with ground truth")
+    d.add_argument("out", metavar="OUT_URI")
+    d.add_argument("--images", type=int, default=64)
+    d.add_argument("--shards", type=int, default=4)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--size", type=int, default=256)
+    d.add_argument("--layout", choices=["folder", "webdataset", "parquet"], default="folder")
+    d.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: the AWS environment)")
+    d.set_defaults(fn=cmd_demo_data)
+
+    e = sub.add_parser("export", help="export a run's labels as COCO / COCO results / COCO panoptic")
+    e.add_argument("output", metavar="OUTPUT")
+    e.add_argument("--format", choices=["coco", "coco-results", "panoptic"], default="coco")
+    e.add_argument("--out", required=True, help="JSON path (panoptic: PNGs go beside it)")
+    e.add_argument("--gt", default=None, help="ground-truth COCO JSON to match image ids by file name")
+    e.set_defaults(fn=cmd_export)
+
+    v = sub.add_parser("evaluate", help="score a run against ground truth; prints JSON")
+    v.add_argument("output", metavar="OUTPUT")
+    v.add_argument("--gt", required=True, help="ground-truth COCO instances JSON")
+    v.add_argument("--task", choices=["instances", "tokens", "semantic"], default="instances")
+    v.add_argument("--class-agnostic", action="store_true")
+    v.add_argument("--max-dets", type=int, default=100)
+    v.add_argument("--semantic-root", default=None, help="folder of ground-truth label PNGs (task semantic)")
+    v.add_argument("--curve", default=None, help="tokens: write a recall-vs-token-count plot here (PNG)")
+    v.set_defaults(fn=cmd_evaluate)
+
+    rp = sub.add_parser("report", help="an offline HTML page with overlays of a sample of images")
+    rp.add_argument("output", metavar="OUTPUT")
+    rp.add_argument("--out", required=True, help="folder for index.html and the PNGs")
+    rp.add_argument("--sample", type=int, default=24)
+    rp.set_defaults(fn=cmd_report)
+
+    m = sub.add_parser("models", help="list the labelers with their parameters and defaults")
+    m.set_defaults(fn=cmd_models)
+
+    for name, module, func, text in [
+        ("train-directsam", "pseudolabel.jobs.train_directsam", "train_directsam", "fine-tune DirectSAM"),
+        ("train-foba", "pseudolabel.jobs.train_foba", "train_foba", "concept-distillation fine-tuning"),
+        ("train-incontext", "pseudolabel.jobs.train_incontext", "train_incontext", "train the SeFM network"),
+    ]:
+        t = sub.add_parser(name, help=text)
+        t.add_argument("job", help="training spec YAML")
+        t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        t.set_defaults(fn=_train(module, func))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pseudolabel.engine.errors import UserError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return args.fn(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Errors that are the user's to fix; the CLI prints them without a traceback."""
+from __future__ import annotations
+
+from pseudolabel.engine.sources import SourceError
+from pseudolabel.schemas.spec import SpecError
+
+
+class ResourceError(RuntimeError):
+    """The job's resources cannot be met by the cluster."""
+
+
+class OutputConflictError(RuntimeError):
+    """``output.uri`` holds the results of a different job."""
+
+
+UserError = (SpecError, SourceError, ResourceError, OutputConflictError)
