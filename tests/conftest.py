@@ -17,8 +17,10 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
+        # tests/ on the workers' path, so test-only labelers ("fault_labelers:Flaky") import in actors
+        tests_dir = os.path.dirname(os.path.abspath(__file__))
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "PYTHONPATH": tests_dir}})
     yield ray
 
 
@@ -55,3 +57,13 @@ def s3_bucket(s3_server):
     boto3.client("s3", endpoint_url=s3_server.endpoint_url, aws_access_key_id="testing",
                  aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=name)
     yield f"s3://{name}", s3_server
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """A small demo dataset (folder layout): 12 images of 96 px in 3 shards; returns its root path."""
+    from pseudolabel.jobs.demo_data import generate
+
+    root = str(tmp_path_factory.mktemp("demo") / "demo")
+    generate(root, images=12, shards=3, seed=7, size=96, progress=False)
+    return root

@@ -202,3 +202,17 @@ def test_read_and_export_on_s3(s3_bucket):
     assert len(data["images"]) == 3
     pan = export(out, "panoptic", f"{bucket}/exports/panoptic.json", storage)
     assert len(read_panoptic(pan["path"], storage)) == 3
+
+
+def test_rles_to_label_map_matches_dense_painting():
+    from pseudolabel.jobs.metrics import masks_to_label_map
+
+    rng = np.random.default_rng(0)
+    for trial in range(10):
+        h, w = (int(v) for v in rng.integers(1, 50, 2))
+        masks = rng.random((6, h, w)) < 0.3  # many runs, overlapping
+        if trial == 0:
+            masks[2] = True
+        rles = [mask_to_rle(m) for m in masks]
+        assert np.array_equal(labels_io.rles_to_label_map(rles, (h, w)), masks_to_label_map(masks))
+    assert labels_io.rles_to_label_map([], (3, 4)).shape == (3, 4)

@@ -172,30 +172,57 @@ def load_image(uri: str, member: str | None = None, storage: StorageSpec | None 
     return decode_image(load_image_bytes(uri, member, storage, image_column), max_pixels)
 
 
-def rles_to_label_map(rles: list[dict], shape: tuple[int, int], chunk_pixels: int = 2**26) -> np.ndarray:
+def rle_counts(rle: dict) -> np.ndarray:
+    """Uncompressed run lengths of a COCO RLE (``counts`` str, bytes or already a list), int64.
+
+    Runs alternate 0/1 starting with 0, in column-major (Fortran) pixel order, as pycocotools defines them.
+    """
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        return np.asarray(counts, dtype=np.int64)
+    data = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+    out: list[int] = []
+    p, n = 0, len(data)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            c = data[p] - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(out) > 2:
+            x += out[-2]
+        out.append(x)
+    return np.asarray(out, dtype=np.int64)
+
+
+def rles_to_label_map(rles: list[dict], shape: tuple[int, int]) -> np.ndarray:
     """Paint RLE masks into an (H, W) int32 label map: mask k gets k + 1, 0 where no mask.
 
-    Where masks overlap the earlier mask wins (a later one never overwrites). Masks are decoded by
-    pycocotools in chunks of about ``chunk_pixels`` mask pixels, so thousands of tokens stay cheap.
+    Where masks overlap the earlier mask wins (a later one never overwrites). The runs are read from
+    the RLE strings directly, so the cost is the painted pixels, never N full (H, W) masks.
 
     Args:
         rles: COCO RLEs (``counts`` str or bytes) of size [H, W].
-        shape: (H, W), used when ``rles`` is empty.
+        shape: (H, W) of the image.
     """
-    from pycocotools import mask as mask_utils
-
-    label = np.zeros(tuple(int(s) for s in shape), dtype=np.int32)
-    if not rles:
-        return label
-    coco = [{"size": [int(s) for s in r["size"]],
-             "counts": r["counts"].encode("ascii") if isinstance(r["counts"], str) else r["counts"]} for r in rles]
-    if tuple(coco[0]["size"]) != label.shape:
-        raise ValueError(f"RLE size {coco[0]['size']} does not match image shape {label.shape}")
-    step = max(1, chunk_pixels // max(1, label.size))
-    for start in range(0, len(coco), step):
-        stack = mask_utils.decode(coco[start:start + step])  # (H, W, n) uint8, Fortran order
-        hit = stack.any(axis=-1)
-        first = stack.argmax(axis=-1)
-        free = hit & (label == 0)
-        label[free] = first[free] + start + 1
-    return label
+    h, w = (int(s) for s in shape)
+    flat = np.zeros(h * w, dtype=np.int32)  # column-major, like the RLE runs
+    for k in range(len(rles) - 1, -1, -1):  # last first, so earlier masks overwrite later ones
+        rle = rles[k]
+        if [int(s) for s in rle["size"]] != [h, w]:
+            raise ValueError(f"RLE size {list(rle['size'])} does not match image shape {[h, w]}")
+        counts = rle_counts(rle)
+        ends = np.cumsum(counts)
+        starts, lengths = (ends - counts)[1::2], counts[1::2]
+        keep = lengths > 0
+        starts, lengths = starts[keep], lengths[keep]
+        if len(lengths) == 0:
+            continue
+        total = int(lengths.sum())
+        idx = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(total)
+        flat[idx] = k + 1
+    return flat.reshape(w, h).T.copy()

@@ -1,0 +1,135 @@
+"""Recall-vs-token-count curve of boundary maps over thresholds (DirectSAM evaluation).
+
+For each threshold the boundary maps are turned into tokens with the shared post-processing, and the
+tokens are scored against ground-truth segment maps with ``pseudolabel.jobs.metrics`` (boundary
+precision/recall/F1 at the reference's tolerances, ASA). The curve (mean token count per image on x,
+boundary recall and ASA on y) is written as a PNG: with matplotlib when it is installed, else drawn
+with OpenCV.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from pseudolabel import storage as st
+from pseudolabel.jobs.metrics import asa_counts, boundary_prf, fill_unassigned, prf_from_counts
+from pseudolabel.models.tokens import boundary_to_tokens
+from pseudolabel.schemas.spec import StorageSpec
+
+DEFAULT_THRESHOLDS = (0.02, 0.03, 0.05, 0.08, 0.12, 0.18, 0.25, 0.35, 0.5, 0.65)
+
+
+def curve_points(probs: Sequence[np.ndarray], gt_label_maps: Sequence[np.ndarray],
+                 thresholds: Sequence[float] = DEFAULT_THRESHOLDS, mode: str = "partition",
+                 max_tokens: int | None = None, min_area: int = 0) -> list[dict]:
+    """Score the tokens of every threshold.
+
+    Args:
+        probs: N boundary maps, (H, W) float in [0, 1].
+        gt_label_maps: N ground-truth segment maps, (H, W) int (every value a segment, 0 included).
+        thresholds, mode, max_tokens, min_area: post-processing settings (see ``boundary_to_tokens``).
+
+    Returns:
+        one dict per threshold, in the given order: threshold, tokens (mean token count per image),
+        precision, recall, f1 (micro over the images' boundary pixels), asa (over all pixels).
+    """
+    rows = []
+    for thr in thresholds:
+        counts = np.zeros(4, np.int64)  # pred_pixels, pred_matched, gt_pixels, gt_matched
+        correct = total = n_tokens = 0
+        for prob, gt in zip(probs, gt_label_maps):
+            lm = boundary_to_tokens(prob, float(thr), mode, max_tokens, min_area).label_map
+            n_tokens += int(lm.max())
+            s = boundary_prf(lm, gt)
+            counts += [s["pred_pixels"], s["pred_matched"], s["gt_pixels"], s["gt_matched"]]
+            c, t = asa_counts(fill_unassigned(lm), gt)
+            correct, total = correct + c, total + t
+        prf = prf_from_counts(*[int(v) for v in counts])
+        rows.append({"threshold": float(thr), "tokens": n_tokens / max(len(probs), 1),
+                     "precision": prf["precision"], "recall": prf["recall"], "f1": prf["f1"],
+                     "asa": correct / total if total else 1.0})
+    return rows
+
+
+def plot_png(rows: list[dict], title: str = "boundary recall vs tokens") -> bytes:
+    """PNG bytes of recall and ASA (y, 0..1) against mean token count (x, log scale)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return _plot_cv2(rows, title)
+    import io
+
+    pts = sorted(rows, key=lambda r: r["tokens"])
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot([r["tokens"] for r in pts], [r["recall"] for r in pts], "o-", label="boundary recall")
+    ax.plot([r["tokens"] for r in pts], [r["asa"] for r in pts], "s--", label="ASA")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("tokens per image")
+    ax.set_title(title)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _plot_cv2(rows: list[dict], title: str) -> bytes:
+    w, h, left, right, top, bottom = 640, 420, 60, 20, 40, 50
+    img = np.full((h, w, 3), 255, np.uint8)
+    pts = sorted(rows, key=lambda r: r["tokens"])
+    xs = np.log10(np.maximum([r["tokens"] for r in pts], 1.0)) if pts else np.zeros(0)
+    x_lo, x_hi = (float(xs.min()), float(xs.max())) if len(xs) else (0.0, 1.0)
+    if x_hi - x_lo < 1e-6:
+        x_lo, x_hi = x_lo - 0.5, x_hi + 0.5
+
+    def to_px(x: float, y: float) -> tuple[int, int]:
+        px = left + (x - x_lo) / (x_hi - x_lo) * (w - left - right)
+        py = h - bottom - y * (h - top - bottom)
+        return int(round(px)), int(round(py))
+
+    black, grey = (0, 0, 0), (200, 200, 200)
+    # 1. axes and grid
+    for y in (0.0, 0.25, 0.5, 0.75, 1.0):
+        cv2.line(img, to_px(x_lo, y), to_px(x_hi, y), grey, 1)
+        cv2.putText(img, f"{y:.2f}", (5, to_px(x_lo, y)[1] + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, black, 1)
+    for x in np.linspace(x_lo, x_hi, 5):
+        px = to_px(float(x), 0.0)
+        cv2.putText(img, f"{10 ** x:.0f}", (px[0] - 10, px[1] + 18), cv2.FONT_HERSHEY_SIMPLEX, 0.4, black, 1)
+    cv2.rectangle(img, to_px(x_lo, 1.0), to_px(x_hi, 0.0), black, 1)
+    cv2.putText(img, title, (left, 25), cv2.FONT_HERSHEY_SIMPLEX, 0.55, black, 1)
+    cv2.putText(img, "tokens per image (log)", (w // 2 - 80, h - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.45, black, 1)
+    # 2. series (RGB canvas: recall orange, ASA blue), legend bottom right
+    for key, colour, label_y in (("recall", (200, 90, 30), h - bottom - 30), ("asa", (30, 140, 240), h - bottom - 12)):
+        series = [to_px(float(x), r[key]) for x, r in zip(xs, pts)]
+        for a, b in zip(series, series[1:]):
+            cv2.line(img, a, b, colour, 2, cv2.LINE_AA)
+        for p in series:
+            cv2.circle(img, p, 4, colour, -1, cv2.LINE_AA)
+        cv2.putText(img, "boundary recall" if key == "recall" else "ASA", (w - 170, label_y),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1)
+    ok, buf = cv2.imencode(".png", img[:, :, ::-1])
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def token_recall_curve(probs: Sequence[np.ndarray], gt_label_maps: Sequence[np.ndarray], out_png: str,
+                       thresholds: Sequence[float] = DEFAULT_THRESHOLDS, mode: str = "partition",
+                       max_tokens: int | None = None, min_area: int = 0,
+                       storage: StorageSpec | None = None, title: str = "boundary recall vs tokens") -> list[dict]:
+    """Compute the recall-vs-token-count curve and write its plot to ``out_png`` (local path or s3://).
+
+    Args: see ``curve_points``; ``out_png``: where the PNG goes.
+
+    Returns:
+        the rows of ``curve_points``.
+    """
+    rows = curve_points(probs, gt_label_maps, thresholds, mode, max_tokens, min_area)
+    st.write_bytes(out_png, plot_png(rows, title), storage)
+    return rows
