@@ -26,13 +26,16 @@ import numpy as np
 import torch
 
 
-def _rate(fn, n_images: int, batch: int, warmup: int = 1) -> float:
+def _rate(fn, n_images: int, batch: int, warmup: int = 1) -> tuple[float, float]:
+    """(images/s by wall clock, CPU seconds per image of this process: steadier on a shared machine)."""
     for _ in range(warmup):
         fn()
-    t0 = time.perf_counter()
-    for _ in range(max(1, n_images // batch)):
+    reps = max(1, n_images // batch)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(reps):
         fn()
-    return max(1, n_images // batch) * batch / (time.perf_counter() - t0)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return reps * batch / wall, cpu / (reps * batch)
 
 
 def main() -> None:
@@ -85,17 +88,17 @@ def main() -> None:
         r_cap = _rate(captured, args.images, args.batch)
         r_text = _rate(lambda: lab(images, [None] * args.batch), args.images, args.batch)
         r_seed = _rate(lambda: lab(images, seeds), args.images, args.batch)
-        for name, r in (("unet pass (ceiling)", r_bare), ("unet pass + capture", r_cap),
-                        ("iseg text (3 classes)", r_text), ("iseg seeds (point+box)", r_seed)):
-            rows.append((res, name, r, r / r_bare))
+        for name, (r, c) in (("unet pass (ceiling)", r_bare), ("unet pass + capture", r_cap),
+                             ("iseg text (3 classes)", r_text), ("iseg seeds (point+box)", r_seed)):
+            rows.append((res, name, r, r / r_bare[0], c, r_bare[1] / c))
 
     print(f"# iseg on {args.device} ({platform.processor() or platform.machine()}, torch threads "
           f"{torch.get_num_threads()}), batch {args.batch}, {args.images} images per row, weights "
           f"{'tiny random SD' if args.weights is None else args.weights}")
-    print(f"| {'resolution':>10} | {'what':<24} | {'images/s':>9} | {'of ceiling':>10} |")
-    print(f"|{'-' * 12}|{'-' * 26}|{'-' * 11}|{'-' * 12}|")
-    for res, name, r, frac in rows:
-        print(f"| {res:>10} | {name:<24} | {r:>9.2f} | {frac:>10.2f} |")
+    print(f"| {'resolution':>10} | {'what':<24} | {'images/s':>9} | {'of ceiling':>10} | {'cpu s/image':>11} | {'of ceiling (cpu)':>16} |")
+    print(f"|{'-' * 12}|{'-' * 26}|{'-' * 11}|{'-' * 12}|{'-' * 13}|{'-' * 18}|")
+    for res, name, r, frac, c, cfrac in rows:
+        print(f"| {res:>10} | {name:<24} | {r:>9.2f} | {frac:>10.2f} | {c:>11.3f} | {cfrac:>16.2f} |")
 
 
 if __name__ == "__main__":

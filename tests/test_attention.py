@@ -105,8 +105,13 @@ def test_capture_rows_shapes_and_unchanged_output(sd, inputs):
 
 def test_filters_per_head_and_memory_bound(sd, inputs):
     latents, emb, _ = inputs
-    with capture_attention(sd.unet, kind="cross", factors=[2, 4], per_head=True) as store:
+    explicit = AttentionStore(kind="cross", factors=[2, 4], per_head=True, device="cpu")
+    with capture_attention(sd.unet, explicit) as store:
         _pass(sd, latents, emb)
+    assert store is explicit
+    with pytest.raises(TypeError):
+        with capture_attention(sd.unet, explicit, kind="self"):
+            pass
     assert store.maps, "nothing captured"
     for rec in store.maps.values():
         assert rec.kind == "cross" and rec.factor in (2, 4)

@@ -9,7 +9,6 @@ from directsam_tiny import save_tiny_segformer
 
 def test_directsam_through_ray_on_demo_data(ray_cluster, tmp_path, monkeypatch):
     import pseudolabel
-    from pseudolabel.engine.decode import decode_image  # noqa: F401  (engine import check)
     from pseudolabel.jobs.demo_data import generate
     from pseudolabel.jobs.export import export, read_panoptic
     from pseudolabel.jobs.labels_io import read_labels

@@ -187,3 +187,88 @@ def test_evaluate_semantic(tmp_path, gt_path):
     assert r2["miou"] == pytest.approx(1.0)
     rnd = evaluate(write_run(tmp_path / "rnd", mode="random"), gt_path, task="semantic")
     assert rnd["miou"] < 0.6
+
+
+# ---------------------------------------------------------------- end to end on the engine's output
+
+def test_engine_run_on_demo_data_export_evaluate_report(ray_cluster, tmp_path):
+    """demo data -> real run (GrabCut + edge tokens) -> exports load, AP well above random masks, report."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pycocotools.coco import COCO
+
+    import pseudolabel
+    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.jobs.evaluate import evaluate
+    from pseudolabel.jobs.export import export, read_panoptic
+    from pseudolabel.jobs.labels_io import read_labels
+    from pseudolabel.jobs.report import report
+    from pseudolabel.schemas.coco import mask_to_rle
+    from pseudolabel.schemas.tables import LABELS_SCHEMA
+
+    demo = str(tmp_path / "demo")
+    generate(demo, images=6, shards=2, seed=3, size=80, progress=False)
+    gt = f"{demo}/annotations/instances.json"
+    out = str(tmp_path / "run")
+    job = {"input": {"uri": f"{demo}/images"}, "output": {"uri": out},
+           "labelers": [{"name": "classical_grabcut", "ontology": [{"category": "shape"}]},
+                        {"name": "classical_tokens", "params": {"mode": "partition"}}],
+           "resources": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 4}}
+    pseudolabel.run(job, progress=False)
+
+    info = export(out, "coco", str(tmp_path / "coco.json"))
+    assert info["images"] == 6 and info["annotations"] > 0
+    COCO(str(tmp_path / "coco.json"))
+    pan = export(out, "panoptic", str(tmp_path / "pan.json"))
+    assert len(read_panoptic(pan["path"])) == 6
+
+    res = evaluate(out, gt, class_agnostic=True)
+    assert res["matched_images"] == 6 and res["predictions"] > 0
+    tok = evaluate(out, gt, task="tokens")
+    assert tok["images_evaluated"] == 6 and tok["mean_tokens"] > 1
+    assert 0 < tok["boundary_recall"] <= 1 and 0 < tok["asa"] <= 1
+
+    # the same rows with every mask replaced by a random box
+    rng = np.random.default_rng(0)
+    rows = read_labels(out).to_pylist()
+    for r in rows:
+        for a in r["annotations"]:
+            h, w = a["segmentation"]["size"]
+            m = np.zeros((h, w), bool)
+            y, x = rng.integers(0, h - 20), rng.integers(0, w - 20)
+            m[y:y + 20, x:x + 20] = True
+            a["segmentation"] = mask_to_rle(m)
+    (tmp_path / "rnd" / "labels").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=LABELS_SCHEMA), tmp_path / "rnd" / "labels" / "p.parquet")
+    rnd = evaluate(str(tmp_path / "rnd"), gt, class_agnostic=True)
+    assert res["AP50"] > rnd["AP50"] + 0.1, (res, rnd)
+
+    page = open(report(out, str(tmp_path / "report"), sample=4)).read()
+    assert "<th>ok</th><td>6</td>" in page
+
+
+def test_evaluate_tokens_curve_from_boundary_layers(tmp_path, gt_path):
+    import cv2
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from labels_fixtures import label_rows, png
+    from pseudolabel.jobs.evaluate import evaluate
+    from pseudolabel.schemas.tables import LABELS_SCHEMA
+
+    rows = label_rows("perfect")
+    for r in rows[:3]:
+        gt_map = M.masks_to_label_map(np.stack(shape_masks(int(r["image_id"]))))
+        prob = cv2.dilate(M.label_boundaries(gt_map).astype(np.uint8) * 255, np.ones((3, 3), np.uint8))
+        r["layers"].append({"name": "boundary", "labeler": "test", "png": png(prob)})
+    (tmp_path / "run" / "labels").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=LABELS_SCHEMA), tmp_path / "run" / "labels" / "p.parquet")
+    curve = str(tmp_path / "curve.png")
+    r = evaluate(str(tmp_path / "run"), gt_path, task="tokens", curve_png=curve)
+    assert r["curve_images"] == 3 and len(r["curve"]) > 1
+    assert max(p["recall"] for p in r["curve"]) == pytest.approx(1.0)
+    assert cv2.imread(curve) is not None
+    with pytest.raises(ValueError, match="save_boundary"):
+        evaluate(write_run(tmp_path / "plain"), gt_path, task="tokens", curve_png=curve)
+    with pytest.raises(ValueError, match="tokens"):
+        evaluate(str(tmp_path / "run"), gt_path, task="instances", curve_png=curve)

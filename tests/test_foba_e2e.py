@@ -26,8 +26,8 @@ def test_foba_through_ray_on_demo_data(ray_cluster, tmp_path):
         "output": {"uri": str(tmp_path / "out")},
         "labelers": [{"name": "foba", "weights": sd_dir, "dtype": "float32",
                       "ontology": [{"category": "circle", "id": 1}],
-                      "params": {"resolution": 64, "attention_steps": 4, "attention_stride": 200,
-                                 "inpaint_steps": 4}}],
+                      "params": {"resolution": 64, "attention_steps": 2, "attention_stride": 300,
+                                 "inpaint_steps": 2}}],
         "resources": {"actors": 1, "batch_size": 2},
     }
     summary = pseudolabel.run(job, progress=False)

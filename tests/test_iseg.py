@@ -27,6 +27,7 @@ from pseudolabel.models.iseg import (  # noqa: E402
     seed_matrix,
     seeds_from_prompts,
     select_tokens,
+    symmetric_kl,
 )
 from pseudolabel.schemas.spec import LabelerSpec  # noqa: E402
 
@@ -149,6 +150,16 @@ def test_fuse_cross_attention_weights_and_upsampling():
         fuse_cross_attention({1: p16}, {1: (4, 4)}, {2: 1.0}, (4, 4))
     sel = select_tokens(only[0], [[1, 2], [4]])
     assert torch.allclose(sel[:, 0], only[0, :, 1:3].mean(-1)) and torch.allclose(sel[:, 1], only[0, :, 4])
+
+
+def test_symmetric_kl_matches_definition():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(5, 7, generator=g), torch.rand(9, 7, generator=g)
+    pa, pb = a[:, None] + 1e-5, b[None] + 1e-5
+    direct = 0.5 * (pa * (pa.log() - pb.log())).sum(-1) + 0.5 * (pb * (pb.log() - pa.log())).sum(-1)
+    assert torch.allclose(symmetric_kl(a, b), direct, atol=1e-5)
+    assert torch.allclose(symmetric_kl(a, a).diagonal(), torch.zeros(5), atol=1e-5)
+    assert torch.allclose(symmetric_kl(a, b), symmetric_kl(b, a).T, atol=1e-5)
 
 
 def test_kl_kmeans_smoothing_constant_per_region():

@@ -54,6 +54,8 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"too many pixels: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("cannot decode image: not a recognised image format") from None
     except Exception as e:  # PIL raises many types for bad bytes
         raise ImageError(f"cannot decode image: {type(e).__name__}: {e}") from None
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:

@@ -138,15 +138,35 @@ def _matched_rows(output_uri: str, storage, gt: dict, columns: list[str]) -> tup
     return pairs, unmatched, errors
 
 
+def _boundary_layer(row: dict) -> np.ndarray | None:
+    """The row's ``boundary`` layer as an (H, W) float32 probability map in [0, 1], or None."""
+    for layer in row.get("layers") or []:
+        if layer.get("name") == "boundary" and layer.get("png"):
+            m = cv2.imdecode(np.frombuffer(layer["png"], np.uint8), cv2.IMREAD_UNCHANGED)
+            if m is None:
+                return None
+            m = m if m.ndim == 2 else m[..., 0]
+            return m.astype(np.float32) / (65535.0 if m.dtype == np.uint16 else 255.0)
+    return None
+
+
 def evaluate_tokens(output_uri: str, gt: dict, storage: StorageSpec | None = None,
                     precision_tol: float = M.PRECISION_TOL, recall_tol: float = M.RECALL_TOL,
-                    border: int = M.BORDER) -> dict:
-    """Boundary P/R/F1, ASA and token count of the run's subobject tokens (see the module docstring)."""
+                    border: int = M.BORDER, curve_png: str | None = None) -> dict:
+    """Boundary P/R/F1, ASA and token count of the run's subobject tokens (see the module docstring).
+
+    With ``curve_png``, the rows' ``boundary`` layers (DirectSAM ``save_boundary: true``) are re-tokenised
+    over thresholds and the recall-vs-token-count curve is written there (pseudolabel.jobs.directsam_eval);
+    the points are returned under ``curve``.
+    """
     cols = ["image_id", "uri", "member", "file_name", "width", "height", "status", "subobjects"]
+    if curve_png:
+        cols.append("layers")
     pairs, unmatched, errors = _matched_rows(output_uri, storage, gt, cols)
     coco_gt = _coco(gt)
     totals = defaultdict(int)
     per_image = defaultdict(list)
+    probs, gt_maps = [], []
     skipped = 0
     for r, gid in pairs:
         img = coco_gt.imgs[gid]
@@ -158,6 +178,11 @@ def evaluate_tokens(output_uri: str, gt: dict, storage: StorageSpec | None = Non
         gt_map = np.zeros((h, w), np.int32)
         for k, m in enumerate(_gt_instance_masks(coco_gt, gid)[0], start=1):
             gt_map[m] = k
+        if curve_png:
+            prob = _boundary_layer(r)
+            if prob is not None and prob.shape == (h, w):
+                probs.append(prob)
+                gt_maps.append(gt_map)
         # 2. predicted token label map (0 = unassigned)
         toks = r["subobjects"] or []
         pred = rles_to_label_map([t["segmentation"] for t in toks], (h, w))
@@ -188,6 +213,15 @@ def evaluate_tokens(output_uri: str, gt: dict, storage: StorageSpec | None = Non
         "mean_tokens": float(np.mean(per_image["tokens"])) if n else float("nan"),
         "total_tokens": int(np.sum(per_image["tokens"])) if n else 0,
     }
+    if curve_png:
+        if not probs:
+            raise ValueError("no 'boundary' layers in the run: the recall-vs-token-count curve needs the "
+                             "boundary maps (run the directsam labeler with params.save_boundary: true)")
+        from pseudolabel.jobs.directsam_eval import token_recall_curve
+
+        out["curve"] = token_recall_curve(probs, gt_maps, curve_png, storage=storage)
+        out["curve_png"] = curve_png
+        out["curve_images"] = len(probs)
     return _clean(out)
 
 
@@ -255,7 +289,7 @@ def evaluate_semantic(output_uri: str, gt: dict, storage: StorageSpec | None = N
 def evaluate(output_uri: str, gt_json: str, storage: StorageSpec | None = None, class_agnostic: bool = False,
              task: str = "instances", max_dets: int = 100, gt_semantic_root: str | None = None,
              precision_tol: float = M.PRECISION_TOL, recall_tol: float = M.RECALL_TOL,
-             border: int = M.BORDER) -> dict:
+             border: int = M.BORDER, curve_png: str | None = None) -> dict:
     """Evaluate a run against a COCO ground truth.
 
     Args:
@@ -268,16 +302,20 @@ def evaluate(output_uri: str, gt_json: str, storage: StorageSpec | None = None, 
         max_dets: instances only: the largest COCOeval maxDets (raise for dense outputs).
         gt_semantic_root: semantic only: folder of GT class-map PNGs (else GT instances are rasterised).
         precision_tol, recall_tol, border: tokens only: boundary tolerances in pixels (2, 5, 5).
+        curve_png: tokens only: write the recall-vs-token-count curve over thresholds here (PNG, local
+            or s3://); needs the rows' ``boundary`` layers (directsam ``save_boundary: true``).
 
     Returns:
         a JSON-serialisable dict of metrics and counts (see the module docstring).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if curve_png and task != "tokens":
+        raise ValueError("curve_png applies to task='tokens' only")
     output_uri = str(output_uri)
     gt = load_json(gt_json, storage)
     if task == "instances":
         return evaluate_instances(output_uri, gt, storage, class_agnostic, max_dets)
     if task == "tokens":
-        return evaluate_tokens(output_uri, gt, storage, precision_tol, recall_tol, border)
+        return evaluate_tokens(output_uri, gt, storage, precision_tol, recall_tol, border, curve_png)
     return evaluate_semantic(output_uri, gt, storage, gt_semantic_root)

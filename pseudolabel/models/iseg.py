@@ -147,14 +147,29 @@ def select_tokens(cross: torch.Tensor, token_ids: list[list[int]]) -> torch.Tens
     return torch.stack([cross[:, ids].mean(-1) for ids in token_ids], dim=-1)
 
 
+def _kl_terms(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x + eps, log(x + eps), sum_d (x + eps) log(x + eps)) for rows of x."""
+    xe = x.float() + eps
+    lx = torch.log(xe)
+    return xe, lx, (xe * lx).sum(-1)
+
+
+def _symmetric_kl_terms(a, b) -> torch.Tensor:
+    (ae, la, sa), (be, lb, sb) = a, b
+    return 0.5 * (sa[:, None] + sb[None, :] - ae @ lb.T - la @ be.T)
+
+
 def symmetric_kl(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """(N, D), (M, D) non-negative rows -> (N, M) symmetric KL divergence (half each way)."""
-    a, b = a[:, None, :] + eps, b[None, :, :] + eps
-    log_ratio = torch.log(a) - torch.log(b)
-    return 0.5 * (a * log_ratio).sum(-1) - 0.5 * (b * log_ratio).sum(-1)
+    """(N, D), (M, D) non-negative rows -> (N, M) symmetric KL divergence (half each way).
+
+    0.5 * sum_d (a_d - b_d) (log a_d - log b_d) with ``eps`` added to both, written as matrix products
+    so no (N, M, D) tensor is built.
+    """
+    return _symmetric_kl_terms(_kl_terms(a, eps), _kl_terms(b, eps))
 
 
-def kl_kmeans_smooth(maps: torch.Tensor, hw: tuple[int, int], clusters: int = 32, iters: int = 20) -> torch.Tensor:
+def kl_kmeans_smooth(maps: torch.Tensor, hw: tuple[int, int], clusters: int = 32, iters: int = 20,
+                     eps: float = 1e-5) -> torch.Tensor:
     """Replace each pixel's token vector by the mean of its KL k-means cluster.
 
     maps: (L, T) non-negative per-pixel token vectors on an (h, w) grid. Centres start on a regular
@@ -167,10 +182,11 @@ def kl_kmeans_smooth(maps: torch.Tensor, hw: tuple[int, int], clusters: int = 32
     ys = torch.linspace(0, h - 1, min(side, h)).round().long()
     xs = torch.linspace(0, w - 1, min(side, w)).round().long()
     x = torch.where(maps == 0, torch.full_like(maps, 1e-6), maps).float()
+    points = _kl_terms(x, eps)  # the pixels' logs, computed once
     centres = x[(ys[:, None] * w + xs[None, :]).flatten().to(x.device)]
     assign = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     for _ in range(max(1, iters)):
-        assign = symmetric_kl(centres, x).argmin(0)
+        assign = _symmetric_kl_terms(_kl_terms(centres, eps), points).argmin(0)
         used, assign = torch.unique(assign, return_inverse=True)
         onehot = F.one_hot(assign, len(used)).float()  # (L, K)
         centres = (onehot.T @ x) / onehot.sum(0)[:, None]

@@ -1,0 +1,54 @@
+"""``incontext`` (seggpt+inpaint, tiny random SegGPT) end to end through Ray on demo data with watermarks."""
+from __future__ import annotations
+
+import numpy as np
+
+from test_incontext_seggpt import _queries, calibrated_threshold, save_tiny_seggpt, watermark_pair
+
+
+def test_incontext_through_ray_on_watermarked_demo_data(ray_cluster, tmp_path, monkeypatch):
+    import cv2
+
+    import pseudolabel
+    from pseudolabel.engine.encode import decode_png
+    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.jobs.labels_io import read_labels
+    from pseudolabel.models.incontext.component import decode_query
+    from pseudolabel.schemas.coco import rle_to_mask
+
+    monkeypatch.setenv("PSEUDOLABEL_CACHE", str(tmp_path / "cache"))
+    model_dir = save_tiny_seggpt(str(tmp_path / "seggpt"))
+    demo_in, demo_out = watermark_pair(tmp_path)
+    data = tmp_path / "demo"
+    generate(str(data), images=3, shards=1, size=64, progress=False)
+    thr = calibrated_threshold(model_dir, demo_in, demo_out, _queries(3))
+
+    job = {
+        "name": "incontext-demo",
+        "input": {"uri": str(data / "images"), "format": "folder"},
+        "output": {"uri": str(tmp_path / "out")},
+        "labelers": [{"name": "incontext", "weights": model_dir, "dtype": "float32",
+                      "params": {"backend": "seggpt+inpaint", "demo_in": demo_in, "demo_out": demo_out,
+                                 "fg_threshold": thr, "min_area": 4},
+                      "ontology": [{"category": "watermark"}]}],
+        "resources": {"actors": 1, "batch_size": 2},
+    }
+    summary = pseudolabel.run(job, progress=False)
+    assert summary
+    rows = read_labels(str(tmp_path / "out")).to_pylist()
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    separated = 0
+    for row in rows:
+        query = cv2.cvtColor(cv2.imread(row["uri"]), cv2.COLOR_BGR2RGB)
+        layers = {layer["name"]: decode_png(layer["png"]) for layer in row["layers"]}
+        assert set(layers) == {"clean", "component"}
+        clean, comp = layers["clean"], layers["component"]
+        assert clean.shape == comp.shape == query.shape and clean.dtype == np.uint8
+        np.testing.assert_array_equal(decode_query(clean, comp), query)  # component + clean == query
+        for ann in row["annotations"]:
+            assert ann["category"] == "watermark" and ann["labeler"] == "incontext"
+            mask = rle_to_mask(ann["segmentation"]).astype(bool)
+            assert mask.shape == query.shape[:2] and mask.sum() == ann["area"]
+            separated += 1
+            assert not np.array_equal(clean, query)
+    assert separated >= 1
