@@ -11,7 +11,7 @@ iSeg needs exactly one UNet pass per image (more only when the classes overflow 
 By default a tiny random SD (tests/sd_tiny.py) is built in a temp dir; ``--weights`` takes a real
 diffusers-layout checkpoint instead.
 
-    python bench/bench_iseg.py [--resolutions 64 128 256] [--batch 4] [--images 16] [--weights DIR]
+    python bench/bench_iseg.py [--resolutions 64 128 256] [--batch 4] [--rounds 5] [--weights DIR]
 """
 from __future__ import annotations
 
@@ -26,23 +26,31 @@ import numpy as np
 import torch
 
 
-def _rate(fn, n_images: int, batch: int, warmup: int = 1) -> tuple[float, float]:
-    """(images/s by wall clock, CPU seconds per image of this process: steadier on a shared machine)."""
-    for _ in range(warmup):
+def _median_rates(fns: dict, rounds: int, batch: int) -> dict[str, tuple[float, float]]:
+    """Per function: (images/s by wall clock, CPU seconds per image of this process), medians over
+    ``rounds`` rounds that each call every function once (interleaved, so a change in the machine's
+    load hits every row alike; CPU time is the steadier figure on a shared machine)."""
+    for fn in fns.values():  # warm-up
         fn()
-    reps = max(1, n_images // batch)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(reps):
-        fn()
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return reps * batch / wall, cpu / (reps * batch)
+    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            samples[name].append((time.perf_counter() - t0, time.process_time() - c0))
+    out = {}
+    for name, vals in samples.items():
+        wall = float(np.median([v[0] for v in vals]))
+        cpu = float(np.median([v[1] for v in vals]))
+        out[name] = (batch / wall, cpu / batch)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--resolutions", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds (one batch per row each); medians reported")
     ap.add_argument("--weights", default=None, help="diffusers SD checkpoint (default: a tiny random one)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
@@ -84,16 +92,18 @@ def main() -> None:
                 torch.cuda.synchronize()
 
         seeds = [{"points_xy": [[res // 4, res // 4]], "boxes_xyxy": [[res // 2, res // 2, res - 1, res - 1]]}] * args.batch
-        r_bare = _rate(bare, args.images, args.batch)
-        r_cap = _rate(captured, args.images, args.batch)
-        r_text = _rate(lambda: lab(images, [None] * args.batch), args.images, args.batch)
-        r_seed = _rate(lambda: lab(images, seeds), args.images, args.batch)
-        for name, (r, c) in (("unet pass (ceiling)", r_bare), ("unet pass + capture", r_cap),
-                             ("iseg text (3 classes)", r_text), ("iseg seeds (point+box)", r_seed)):
+        rates = _median_rates({
+            "unet pass (ceiling)": bare,
+            "unet pass + capture": captured,
+            "iseg text (3 classes)": lambda: lab(images, [None] * args.batch),
+            "iseg seeds (point+box)": lambda: lab(images, seeds),
+        }, args.rounds, args.batch)
+        r_bare = rates["unet pass (ceiling)"]
+        for name, (r, c) in rates.items():
             rows.append((res, name, r, r / r_bare[0], c, r_bare[1] / c))
 
     print(f"# iseg on {args.device} ({platform.processor() or platform.machine()}, torch threads "
-          f"{torch.get_num_threads()}), batch {args.batch}, {args.images} images per row, weights "
+          f"{torch.get_num_threads()}), batch {args.batch}, median of {args.rounds} rounds, weights "
           f"{'tiny random SD' if args.weights is None else args.weights}")
     print(f"| {'resolution':>10} | {'what':<24} | {'images/s':>9} | {'of ceiling':>10} | {'cpu s/image':>11} | {'of ceiling (cpu)':>16} |")
     print(f"|{'-' * 12}|{'-' * 26}|{'-' * 11}|{'-' * 12}|{'-' * 13}|{'-' * 18}|")

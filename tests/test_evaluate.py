@@ -213,7 +213,7 @@ def test_engine_run_on_demo_data_export_evaluate_report(ray_cluster, tmp_path):
     job = {"input": {"uri": f"{demo}/images"}, "output": {"uri": out},
            "labelers": [{"name": "classical_grabcut", "ontology": [{"category": "shape"}]},
                         {"name": "classical_tokens", "params": {"mode": "partition"}}],
-           "resources": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 4}}
+           "resources": {"actors": 1, "cpus_per_actor": 0.25, "batch_size": 4}}
     pseudolabel.run(job, progress=False)
 
     info = export(out, "coco", str(tmp_path / "coco.json"))

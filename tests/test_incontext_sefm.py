@@ -113,13 +113,13 @@ def test_training_lowers_loss_and_checkpoint_loads_as_labeler(tmp_path, s3_bucke
     # 1. a few steps on a fixed set of synthesised pairs lower the answer-cell L1
     summary = train_incontext({
         "output": f"{bucket}/sefm-tiny", "storage": storage.model_dump(), "model": TINY, "image_size": 32,
-        "pool_size": 8, "examples": 4, "batch_size": 4, "steps": 25, "lr": 3e-3, "warmup_steps": 3,
+        "pool_size": 8, "examples": 4, "batch_size": 4, "steps": 40, "lr": 1e-2, "warmup_steps": 3,
         "log_every": 5, "seed": 0, "threads": 1,
     })
     losses = summary["losses"]
-    assert len(losses) == 25
-    # (losses[0] is the identity's; Adam's first updates of the zero-initialised projection overshoot it)
-    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5]), losses
+    assert len(losses) == 40
+    # losses[0] is the untrained network's, i.e. the identity's: training ends well below it
+    assert np.mean(losses[-5:]) < 0.8 * losses[0], losses
     # 2. the checkpoint (on S3) loads as the incontext labeler and changes the query
     demo_in, demo_out = _demo_pair(tmp_path, size=32)
     lab = labeler_class("incontext")(

@@ -64,6 +64,16 @@ def test_entropy_step_nonnegative_rows_sum_to_one_zeros_stay_zero():
     small = (colnorm > 0) & (colnorm + 0.2 * torch.log10(math.e * colnorm.clamp_min(1e-30)) < 0)
     assert small.any()
     assert (entropy_reduce(a, 0.2)[small] == 0).all()
+    # a row whose entries are all small next to their columns' maxima is emptied by the clamp: it falls
+    # back to its column-normalised values instead of dividing by zero
+    peaky = torch.eye(10) * 0.95 + 0.005
+    peaky[9] = 0.1
+    peaky[0, 9] = 0.9
+    out = entropy_reduce(peaky, 0.5)
+    assert torch.isfinite(out).all() and torch.allclose(out.sum(-1), torch.ones(10), atol=1e-5)
+    colnorm = peaky[9] / peaky.amax(0)
+    assert torch.allclose(out[9], colnorm / colnorm.sum(), atol=1e-6)
+    assert torch.equal(entropy_reduce(a, 0.0), (a / a.amax(0, keepdim=True)) / (a / a.amax(0, keepdim=True)).sum(-1, keepdim=True))
     # batched input gives the same per item
     batch = torch.stack([a, _random_attention(64, seed=1)])
     assert torch.allclose(entropy_reduce(batch, 0.1)[0], entropy_reduce(a, 0.1))

@@ -27,7 +27,7 @@ def _job(input_uri, output_uri, storage=None, **input_extra):
             {"name": "classical_grabcut", "ontology": [{"category": "shape"}]},
             {"name": "classical_tokens"},
         ],
-        "resources": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 4, "decode_batch_size": 4},
+        "resources": {"actors": 1, "cpus_per_actor": 0.25, "batch_size": 4, "decode_batch_size": 4},
     }
     if storage is not None:
         job["storage"] = storage.model_dump()

@@ -5,8 +5,12 @@ import logging
 import os
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Start or join Ray once per process (a no-op when already connected)."""
+def connect(address: str | None = None, min_cpus: float = 0) -> None:
+    """Start or join Ray once per process (a no-op when already connected).
+
+    A local cluster advertises at least ``min_cpus`` logical CPUs (never fewer than the machine's cores),
+    so a job sized for a small machine is scheduled instead of waiting forever for a free CPU.
+    """
     import ray
 
     if ray.is_initialized():
@@ -16,4 +20,6 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+        import math
+
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus)), **kwargs)

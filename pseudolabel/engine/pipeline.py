@@ -110,19 +110,30 @@ def _count_labels(job: JobSpec) -> dict:
             "distinct": len(set(table.column("image_id").to_pylist()))}
 
 
-def check_capacity(job: JobSpec) -> None:
-    """Refuse a pool that would take every CPU: fetch/decode tasks would never get one and the job hangs."""
+#: Ray Data's checkpoint filter (present when resuming) runs in one actor that reserves 1 CPU.
+CHECKPOINT_FILTER_CPUS = 1.0
+
+
+def cpus_needed(job: JobSpec, resuming: bool) -> float:
+    """CPUs the plan reserves at once: labeler actors, one read/decode task, the resume filter."""
+    res = job.resources
+    return (res.actors * res.cpus_per_actor * len(job.labelers) + res.decode_cpus
+            + (CHECKPOINT_FILTER_CPUS if resuming else 0))
+
+
+def check_capacity(job: JobSpec, resuming: bool) -> None:
+    """Refuse a plan whose actors would take every CPU: read/decode tasks would never run and the job hangs."""
     import ray
 
     res = job.resources
     cpus = ray.cluster_resources().get("CPU", 0)
     gpus = ray.cluster_resources().get("GPU", 0)
-    need = res.actors * res.cpus_per_actor * len(job.labelers)
-    if need + 1 > cpus:
+    need = cpus_needed(job, resuming)
+    if need > cpus:
         raise ResourceError(
-            f"resources: {len(job.labelers)} labeler(s) x actors {res.actors} x cpus_per_actor {res.cpus_per_actor} "
-            f"= {need:g} CPUs leaves none of the cluster's {cpus:g} for fetch/decode; lower resources.actors or "
-            f"resources.cpus_per_actor")
+            f"resources: {len(job.labelers)} labeler(s) x actors {res.actors} x cpus_per_actor {res.cpus_per_actor:g}"
+            f" + decode_cpus {res.decode_cpus:g}" + (" + 1 for the resume filter" if resuming else "")
+            + f" = {need:g} CPUs, more than the cluster's {cpus:g}; lower resources.actors or resources.cpus_per_actor")
     if res.gpus_per_actor and res.gpus_per_actor * (res.min_actors or 1) > gpus:
         raise ResourceError(f"resources.gpus_per_actor: {res.gpus_per_actor:g} GPUs per actor asked for, "
                             f"the cluster has {gpus:g}")
@@ -145,8 +156,9 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
     log.info("%s %d images; %d already labelled", "resuming:" if resumed else "listed", total, before["rows"])
 
     # 2. Ray, checkpointing and progress reporting.
-    connect(address)
-    check_capacity(job)
+    resuming = before["rows"] > 0
+    connect(address, min_cpus=cpus_needed(job, resuming))
+    check_capacity(job, resuming)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.print_on_execution_start = False
@@ -158,10 +170,10 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
         man_fs, man_path = arrow_filesystem(join(out, MANIFEST), st)
         blocks = max(1, min(1000, -(-total // res.decode_batch_size)))
         ds = ray.data.read_parquet(man_path, filesystem=man_fs, override_num_blocks=blocks,
-                                   columns=MANIFEST_SCHEMA.names)
+                                   num_cpus=res.decode_cpus).select_columns(MANIFEST_SCHEMA.names)
         ds = ds.map_batches(fetch_decode, batch_format="pyarrow", batch_size=res.decode_batch_size,
                             fn_kwargs=dict(storage=st, max_pixels=job.input.max_pixels,
-                                           image_column=job.input.image_column), num_cpus=1)
+                                           image_column=job.input.image_column), num_cpus=res.decode_cpus)
         provenance = {
             "labelers": [lab.name for lab in job.labelers],
             "weights": [lab.weights or "" for lab in job.labelers],

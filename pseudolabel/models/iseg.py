@@ -199,17 +199,20 @@ def entropy_reduce(self_attn: torch.Tensor, lam: float) -> torch.Tensor:
     self_attn: (..., L, L) row-stochastic (row = query pixel). Steps: divide each column by its max;
     add ``lam * log10(e * A)`` where A > 0 (small entries become negative); clamp at 0; divide each row
     by its sum. A row that the clamp empties falls back to its column-normalised values, so zeros stay
-    zero and rows always sum to 1. Returns float32, same shape.
+    zero and rows always sum to 1. Returns float32, same shape (a new tensor; the input is untouched).
     """
-    a = self_attn.float()
-    a = a / a.amax(dim=-2, keepdim=True).clamp_min(1e-12)
-    pos = a > 0
-    reduced = torch.where(pos, a + lam * torch.log10(math.e * torch.where(pos, a, torch.ones_like(a))), a)
-    reduced = reduced.clamp_min(0)
+    a = self_attn.float() / self_attn.float().amax(dim=-2, keepdim=True).clamp_min(1e-12)
+    if lam > 0:
+        # log10(e * 0) = -inf, so zeros go to -inf and the clamp returns them to exactly 0
+        reduced = torch.log10(a * math.e).mul_(lam).add_(a).clamp_min_(0)
+    else:
+        reduced = a.clone()
     sums = reduced.sum(-1, keepdim=True)
     empty = sums <= 0
-    reduced = torch.where(empty, a, reduced)
-    return reduced / reduced.sum(-1, keepdim=True).clamp_min(1e-12)
+    if bool(empty.any()):
+        reduced = torch.where(empty, a, reduced)
+        sums = reduced.sum(-1, keepdim=True)
+    return reduced.div_(sums.clamp_min(1e-12))
 
 
 def normalize_columns(maps: torch.Tensor) -> torch.Tensor:
@@ -451,10 +454,8 @@ class ISeg(Labeler):
             raise ValueError(f"iseg: no self-attention layer matches {p.self_layers}")
         grid = max((r.hw for r in self_store.maps.values()), key=lambda hw: hw[0] * hw[1])
         recs = self_store.select(resolution=grid)
-        if p.self_heads is not None:
-            self_attn = torch.stack([r.probs[:, p.self_heads].mean(1) for r in recs]).mean(0)
-        else:
-            self_attn = torch.stack([r.probs for r in recs]).mean(0)
+        maps = [r.probs[:, p.self_heads].mean(1) if p.self_heads is not None else r.probs for r in recs]
+        self_attn = maps[0] if len(maps) == 1 else torch.stack(maps).mean(0)
         per_factor, grids = {}, {}
         for factor in {r.factor for r in cross_store.maps.values()}:
             recs = cross_store.select(factor=factor)
