@@ -34,19 +34,23 @@ def cmd_run(args) -> int:
 
 def cmd_demo_data(args) -> int:
     from pseudolabel.jobs.demo_data import generate
-    from pseudolabel.schemas.spec import StorageSpec
 
-    storage = StorageSpec(endpoint_url=args.endpoint_url) if args.endpoint_url else None
     info = generate(args.out, images=args.images, shards=args.shards, seed=args.seed, size=args.size,
-                    storage=storage, layout=args.layout)
+                    storage=_storage(args), layout=args.layout)
     print(json.dumps(info, indent=2, default=str))
     return 0
+
+
+def _storage(args):
+    from pseudolabel.schemas.spec import StorageSpec
+
+    return StorageSpec(endpoint_url=args.endpoint_url) if getattr(args, "endpoint_url", None) else None
 
 
 def cmd_export(args) -> int:
     from pseudolabel.jobs.export import export
 
-    info = export(args.output, args.format, args.out, gt_json=args.gt)
+    info = export(args.output, args.format, args.out, storage=_storage(args), gt_json=args.gt)
     print(json.dumps(info, indent=2, default=str))
     return 0
 
@@ -59,7 +63,7 @@ def cmd_evaluate(args) -> int:
         kwargs["gt_semantic_root"] = args.semantic_root
     if args.curve:
         kwargs["curve_png"] = args.curve
-    result = evaluate(args.output, args.gt, **kwargs)
+    result = evaluate(args.output, args.gt, storage=_storage(args), **kwargs)
     print(json.dumps(result, indent=2, default=float))
     return 0
 
@@ -67,7 +71,7 @@ def cmd_evaluate(args) -> int:
 def cmd_report(args) -> int:
     from pseudolabel.jobs.report import report
 
-    path = report(args.output, args.out, sample=args.sample)
+    path = report(args.output, args.out, storage=_storage(args), sample=args.sample)
     print(path)
     return 0
 
@@ -86,9 +90,9 @@ def cmd_models(args) -> int:
         if cls.default_weights:
             print(f"  weights (default): {cls.default_weights}")
         for field, info in cls.Params.model_fields.items():
-            default = info.get_default(call_default_factory=True)
+            value = "(required)" if info.is_required() else repr(info.get_default(call_default_factory=True))
             desc = f"  {info.description}" if info.description else ""
-            print(f"  {field} = {default!r}{desc}")
+            print(f"  {field} = {value}{desc}")
         print()
     return 0
 
@@ -101,6 +105,9 @@ def _train(module: str, func: str):
 
         fn = getattr(importlib.import_module(module), func)
         result = fn(load_yaml_with_overrides(args.job, _overrides(args.set)))
+        losses = result.pop("losses", None)
+        if losses:
+            result["loss_first"], result["loss_last"] = float(losses[0]), float(losses[-1])
         print(json.dumps(result, indent=2, default=str))
         return 0
 
@@ -134,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=["coco", "coco-results", "panoptic"], default="coco")
     e.add_argument("--out", required=True, help="JSON path (panoptic: PNGs go beside it)")
     e.add_argument("--gt", default=None, help="ground-truth COCO JSON to match image ids by file name")
+    e.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: the AWS environment)")
     e.set_defaults(fn=cmd_export)
 
     v = sub.add_parser("evaluate", help="score a run against ground truth; prints JSON")
@@ -144,12 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-dets", type=int, default=100)
     v.add_argument("--semantic-root", default=None, help="folder of ground-truth label PNGs (task semantic)")
     v.add_argument("--curve", default=None, help="tokens: write a recall-vs-token-count plot here (PNG)")
+    v.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: the AWS environment)")
     v.set_defaults(fn=cmd_evaluate)
 
     rp = sub.add_parser("report", help="an offline HTML page with overlays of a sample of images")
     rp.add_argument("output", metavar="OUTPUT")
     rp.add_argument("--out", required=True, help="folder for index.html and the PNGs")
     rp.add_argument("--sample", type=int, default=24)
+    rp.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: the AWS environment)")
     rp.set_defaults(fn=cmd_report)
 
     m = sub.add_parser("models", help="list the labelers with their parameters and defaults")

@@ -2,7 +2,8 @@
 
 Output layout under ``output.uri``::
 
-    manifest.parquet     the input, listed once (re-runs reuse it, never re-list)
+    manifest/part-*.parquet  the input, listed once (re-runs reuse it, never re-list); several parts
+                         so Ray reads it as several blocks and the stages run in parallel
     job.json             the validated job spec (credentials removed)
     labels/*.parquet     the `labels` table, one row per image, each image exactly once
     _checkpoints/        Ray Data checkpoint of finished image ids (what makes re-runs resume)
@@ -32,11 +33,15 @@ from pseudolabel.engine.sources import list_input
 from pseudolabel.engine.stage import LabelerStage
 from pseudolabel.schemas.spec import JobSpec
 from pseudolabel.schemas.tables import MANIFEST_SCHEMA
-from pseudolabel.storage import arrow_filesystem, exists, join, read_bytes, write_bytes
+from pseudolabel.engine.manifest import ManifestDatasource
+from pseudolabel.storage import arrow_filesystem, exists, filesystem, join, read_bytes, to_uri, write_bytes
 
 log = logging.getLogger("pseudolabel")
 
-MANIFEST = "manifest.parquet"
+MANIFEST = "manifest"
+#: the manifest is split into about this many parts (one read block each), within the bounds below
+MANIFEST_PARTS = 64
+MANIFEST_PART_ROWS_MAX = 10_000
 LABELS = "labels"
 CHECKPOINTS = "_checkpoints"
 
@@ -70,7 +75,8 @@ def prepare_output(job: JobSpec) -> tuple[pa.Table, bool]:
     fingerprint = labelers_fingerprint(job)
     job_uri = join(out, "job.json")
     manifest_uri = join(out, MANIFEST)
-    resumed = exists(manifest_uri, st)
+    done_uri = join(manifest_uri, "_SUCCESS")
+    resumed = exists(done_uri, st)
     if exists(job_uri, st):
         previous = json.loads(read_bytes(job_uri, st))
         if previous.get("fingerprint") != fingerprint or previous.get("spec", {}).get("input", {}).get("uri") != job.input.uri:
@@ -78,7 +84,8 @@ def prepare_output(job: JobSpec) -> tuple[pa.Table, bool]:
                 f"output.uri {out} already holds labels of a different job (labelers, params, ontology or "
                 f"input differ); use a new output.uri to start over")
     if resumed:
-        manifest = pq.read_table(io.BytesIO(read_bytes(manifest_uri, st)))
+        fs, path = arrow_filesystem(manifest_uri, st)
+        manifest = pq.read_table(path, filesystem=fs, schema=MANIFEST_SCHEMA)
     else:
         demo = job.input.demo
         if demo is not None and not exists(job.input.uri, st):
@@ -89,11 +96,26 @@ def prepare_output(job: JobSpec) -> tuple[pa.Table, bool]:
             generate(root, images=demo.images, shards=demo.shards, seed=demo.seed, size=demo.size,
                      storage=st, layout=demo.layout)
         manifest = list_input(job.input, st)
-        buf = io.BytesIO()
-        pq.write_table(manifest, buf, row_group_size=256)
-        write_bytes(manifest_uri, buf.getvalue(), st)
+        part_rows = max(job.resources.decode_batch_size,
+                        min(MANIFEST_PART_ROWS_MAX, -(-manifest.num_rows // MANIFEST_PARTS)))
+        for k, start in enumerate(range(0, manifest.num_rows, part_rows)):
+            buf = io.BytesIO()
+            pq.write_table(manifest.slice(start, part_rows), buf)
+            write_bytes(join(manifest_uri, f"part-{k:05d}.parquet"), buf.getvalue(), st)
+        write_bytes(done_uri, b"", st)  # the listing is complete: later runs reuse it
     write_bytes(job_uri, json.dumps({"fingerprint": fingerprint, "spec": _public_spec(job)}, indent=2).encode(), st)
     return manifest, resumed
+
+
+def manifest_parts(job: JobSpec) -> tuple[list[str], list[int]]:
+    """URIs and row counts of the manifest's parts, in order."""
+    fs, path = filesystem(join(job.output.uri, MANIFEST), job.storage)
+    uris, rows = [], []
+    for p in sorted(fs.glob(path.rstrip("/") + "/part-*.parquet")):
+        with fs.open(p, "rb") as f:
+            rows.append(pq.ParquetFile(f).metadata.num_rows)
+        uris.append(to_uri(fs, p))
+    return uris, rows
 
 
 def _count_labels(job: JobSpec) -> dict:
@@ -141,13 +163,8 @@ def check_capacity(job: JobSpec, resuming: bool) -> None:
 
 def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> dict:
     """Run a validated job to completion (or resume it); returns the summary dict."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
-    from ray.data.checkpoint import CheckpointConfig
-
     started = time.time()
     run_id = uuid.uuid4().hex[:12]
-    out, st, res = job.output.uri, job.storage, job.resources
 
     # 1. List the input once (or reuse the manifest of an earlier run of this job).
     manifest, resumed = prepare_output(job)
@@ -155,8 +172,34 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
     total = manifest.num_rows
     log.info("%s %d images; %d already labelled", "resuming:" if resumed else "listed", total, before["rows"])
 
+    # 2-4. Label what is left (nothing to start when an earlier run finished every image).
+    if not before["rows"] == before["distinct"] == total:
+        _run_pipeline(job, address, progress, run_id, resuming=before["rows"] > 0)
+
+    # 5. Summary.
+    after = _count_labels(job)
+    seconds = time.time() - started
+    new_rows = after["rows"] - before["rows"]
+    summary = {
+        "run_id": run_id, "name": job.name, "output_uri": job.output.uri, "images": total,
+        "labelled": after["rows"], "ok": after["ok"], "error": after["error"],
+        "distinct": after["distinct"], "this_run": new_rows, "resumed": resumed,
+        "seconds": round(seconds, 2), "images_per_s": round(new_rows / seconds, 3) if seconds > 0 else None,
+        "labelers": [lab.name for lab in job.labelers], "categories": categories_of(job),
+        "engine_version": __version__,
+    }
+    write_bytes(join(job.output.uri, "summary.json"), json.dumps(summary, indent=2).encode(), job.storage)
+    return summary
+
+
+def _run_pipeline(job: JobSpec, address: str | None, progress: bool, run_id: str, resuming: bool) -> None:
+    """Ray, the streaming plan and the checkpointed write."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data.checkpoint import CheckpointConfig
+
+    out, st, res = job.output.uri, job.storage, job.resources
     # 2. Ray, checkpointing and progress reporting.
-    resuming = before["rows"] > 0
     connect(address, min_cpus=cpus_needed(job, resuming))
     check_capacity(job, resuming)
     ctx = DataContext.get_current()
@@ -166,11 +209,9 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
     ctx.checkpoint_config = CheckpointConfig(id_column="image_id", checkpoint_path=ckpt_path,
                                              override_filesystem=ckpt_fs, delete_checkpoint_on_success=False)
     try:
-        # 3. Build the streaming plan.
-        man_fs, man_path = arrow_filesystem(join(out, MANIFEST), st)
-        blocks = max(1, min(1000, -(-total // res.decode_batch_size)))
-        ds = ray.data.read_parquet(man_path, filesystem=man_fs, override_num_blocks=blocks,
-                                   num_cpus=res.decode_cpus).select_columns(MANIFEST_SCHEMA.names)
+        # 3. Build the streaming plan: read manifest -> fetch+decode tasks -> labeler actor pools.
+        parts, rows = manifest_parts(job)
+        ds = ray.data.read_datasource(ManifestDatasource(parts, rows, st), num_cpus=res.decode_cpus)
         ds = ds.map_batches(fetch_decode, batch_format="pyarrow", batch_size=res.decode_batch_size,
                             fn_kwargs=dict(storage=st, max_pixels=job.input.max_pixels,
                                            image_column=job.input.image_column), num_cpus=res.decode_cpus)
@@ -195,18 +236,3 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
         ds.write_parquet(lab_path, filesystem=lab_fs, max_rows_per_file=res.rows_per_file)
     finally:
         ctx.checkpoint_config = None
-
-    # 5. Summary.
-    after = _count_labels(job)
-    seconds = time.time() - started
-    new_rows = after["rows"] - before["rows"]
-    summary = {
-        "run_id": run_id, "name": job.name, "output_uri": out, "images": total,
-        "labelled": after["rows"], "ok": after["ok"], "error": after["error"],
-        "distinct": after["distinct"], "this_run": new_rows, "resumed": resumed,
-        "seconds": round(seconds, 2), "images_per_s": round(new_rows / seconds, 3) if seconds > 0 else None,
-        "labelers": [lab.name for lab in job.labelers], "categories": categories_of(job),
-        "engine_version": __version__,
-    }
-    write_bytes(join(out, "summary.json"), json.dumps(summary, indent=2).encode(), st)
-    return summary
