@@ -48,6 +48,7 @@ import cv2
 import numpy as np
 
 from pseudolabel import storage as st
+from pseudolabel.engine.encode import decode_png, encode_png  # noqa: F401  (re-exported for callers)
 from pseudolabel.schemas.coco import mask_to_rle, masks_to_rles, rle_area, rle_bbox_xywh
 from pseudolabel.schemas.spec import StorageSpec
 
@@ -482,24 +483,6 @@ def shard_of(index: int, images: int, shards: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------
-
-def encode_png(array: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 RGB or (H, W) uint8 -> PNG bytes."""
-    if array.ndim == 3:
-        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 3])
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> (H, W, 3) uint8 RGB or (H, W) uint8 (as written by ``encode_png``)."""
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise ValueError("not a PNG image")
-    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB) if arr.ndim == 3 else arr
-
 
 class _Progress:
     """tqdm when installed, else a counter line on stderr; silent when disabled."""

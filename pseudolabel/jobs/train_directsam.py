@@ -17,7 +17,7 @@ training resolution, so ``directsam`` loads it as its ``weights`` and uses that 
 Usage::
 
     pseudolabel train-directsam JOB.yaml --set steps=500
-    python -m pseudolabel.jobs.train_directsam JOB.yaml
+    pseudolabel train-directsam JOB.yaml
     # JOB.yaml: {data: /data/demo, weights: chendelong/DirectSAM-1800px-0424, output: /tmp/directsam-ft,
     #            resolution: 512, steps: 2000, lr: 5.0e-5, batch_size: 4}
 
@@ -25,7 +25,6 @@ or ``train_directsam({...})`` from Python; it returns ``{"output", "steps", "los
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import posixpath
@@ -37,11 +36,12 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 import torch
+
 from pycocotools import mask as mask_utils
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pseudolabel import storage as st
-from pseudolabel.schemas.spec import StorageSpec
+from pseudolabel.schemas.spec import StorageSpec, validate_spec
 
 
 class TrainSpec(BaseModel):
@@ -236,22 +236,6 @@ def save_checkpoint(model, preprocessor: dict, resolution: int, output: str,
 # The job
 # ----------------------------------------------------------------------------------------------
 
-def _coerce(spec: "TrainSpec | dict | str | Path", overrides: dict[str, Any] | None) -> TrainSpec:
-    import yaml
-
-    from pseudolabel.schemas.spec import apply_override
-
-    if isinstance(spec, TrainSpec):
-        data = spec.model_dump()
-    elif isinstance(spec, dict):
-        data = json.loads(json.dumps(spec))
-    else:
-        data = yaml.safe_load(Path(spec).read_text()) or {}
-    for key, value in (overrides or {}).items():
-        apply_override(data, key, value)
-    return TrainSpec.model_validate(data)
-
-
 def train_directsam(spec: "TrainSpec | dict | str | Path", **overrides: Any) -> dict[str, Any]:
     """Train with the boundary BCE loss and save a checkpoint the ``directsam`` labeler loads.
 
@@ -260,7 +244,7 @@ def train_directsam(spec: "TrainSpec | dict | str | Path", **overrides: Any) -> 
     """
     from pseudolabel.models.directsam_pyramid import IMAGENET_MEAN, IMAGENET_STD, normalize
 
-    spec = _coerce(spec, overrides)
+    spec = validate_spec(TrainSpec, spec, overrides)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     t_start = time.time()
@@ -298,23 +282,3 @@ def train_directsam(spec: "TrainSpec | dict | str | Path", **overrides: Any) -> 
     save_checkpoint(model, preprocessor, spec.resolution, spec.output, spec.storage)
     return {"output": spec.output, "steps": spec.steps, "losses": losses,
             "seconds": time.time() - t_start, "images": len(data)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    from pseudolabel.schemas.spec import parse_value
-
-    ap = argparse.ArgumentParser(prog="pseudolabel train-directsam", description=__doc__.split("\n\n")[0])
-    ap.add_argument("spec", help="YAML training spec (see TrainSpec)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
-    args = ap.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = parse_value(value)
-    result = train_directsam(args.spec, **overrides)
-    print(json.dumps({k: v for k, v in result.items() if k != "losses"} | {"final_loss": result["losses"][-1]}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,7 +14,7 @@ The result is a diffusers-layout checkpoint (``unet`` saved with ``save_pretrain
 Usage::
 
     pseudolabel train-foba JOB.yaml --set steps=500
-    python -m pseudolabel.jobs.train_foba JOB.yaml
+    pseudolabel train-foba JOB.yaml
     # JOB.yaml: {weights: CompVis/stable-diffusion-v1-4, data: s3://bucket/birds/, output: /tmp/foba-birds,
     #            masks: preliminary, category: bird, steps: 2000, lr: 1.0e-5}
 
@@ -22,8 +22,6 @@ or ``train_foba({...})`` from Python; it returns ``{"output": ..., "losses": [..
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import posixpath
 import shutil
@@ -35,11 +33,12 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from pseudolabel import storage as st
-from pseudolabel.schemas.spec import StorageSpec
+from pseudolabel.schemas.spec import StorageSpec, validate_spec
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 COPIED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")
@@ -203,22 +202,6 @@ def save_checkpoint(unet, source_dir: str, output: str, storage: StorageSpec | N
 # The job
 # ----------------------------------------------------------------------------------------------
 
-def _coerce(spec: "TrainSpec | dict | str | Path", overrides: dict[str, Any] | None) -> TrainSpec:
-    import yaml
-
-    from pseudolabel.schemas.spec import apply_override
-
-    if isinstance(spec, TrainSpec):
-        data = spec.model_dump()
-    elif isinstance(spec, dict):
-        data = json.loads(json.dumps(spec))
-    else:
-        data = yaml.safe_load(Path(spec).read_text()) or {}
-    for key, value in (overrides or {}).items():
-        apply_override(data, key, value)
-    return TrainSpec.model_validate(data)
-
-
 def train_foba(spec: "TrainSpec | dict | str | Path", **overrides: Any) -> dict[str, Any]:
     """Fine-tune the UNet with the background-restricted loss and save a checkpoint the labeler loads.
 
@@ -228,7 +211,7 @@ def train_foba(spec: "TrainSpec | dict | str | Path", **overrides: Any) -> dict[
     from pseudolabel.models.attention import encode_image, encode_text, load_sd_components
     from pseudolabel.models.weights import resolve_weights
 
-    spec = _coerce(spec, overrides)
+    spec = validate_spec(TrainSpec, spec, overrides)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     t_start = time.time()
@@ -282,23 +265,3 @@ def train_foba(spec: "TrainSpec | dict | str | Path", **overrides: Any) -> dict[
     save_checkpoint(unet, weights_dir, spec.output, spec.storage)
     return {"output": spec.output, "steps": spec.steps, "losses": losses,
             "seconds": time.time() - t_start, "images": len(images)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    from pseudolabel.schemas.spec import parse_value
-
-    ap = argparse.ArgumentParser(prog="pseudolabel train-foba", description=__doc__.split("\n\n")[0])
-    ap.add_argument("spec", help="YAML training spec (see TrainSpec)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
-    args = ap.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = parse_value(value)
-    result = train_foba(args.spec, **overrides)
-    print(json.dumps({k: v for k, v in result.items() if k != "losses"} | {"final_loss": result["losses"][-1]}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

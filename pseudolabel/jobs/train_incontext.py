@@ -10,7 +10,7 @@ They are stitched into the in-context canvas (``models/incontext/canvas.py``); t
 the network's answer cell and the target, weighted 1 + ``component_weight`` on the component's
 pixels (plain L1 when 0). Usage::
 
-    python -m pseudolabel.jobs.train_incontext JOB.yaml --set steps=500
+    pseudolabel train-incontext JOB.yaml --set steps=500
     # JOB.yaml: {output: /tmp/sefm-small, model: {width: 16, enc_blocks: [1, 1, 2], ...}, steps: 300}
 
 or ``train_incontext({...})`` from Python; the checkpoint directory (local or s3://) holds
@@ -18,14 +18,12 @@ or ``train_incontext({...})`` from Python; the checkpoint directory (local or s3
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -34,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pseudolabel import storage as st
 from pseudolabel.models.incontext import canvas as cv
 from pseudolabel.models.incontext.sefm import SeFM, SeFMConfig
-from pseudolabel.schemas.spec import StorageSpec
+from pseudolabel.schemas.spec import StorageSpec, validate_spec
 
 Component = Literal["watermark", "shadow"]
 
@@ -169,22 +167,18 @@ def save_checkpoint(net: SeFM, uri: str, storage: StorageSpec | None = None) -> 
     return uri
 
 
-def train_incontext(spec: TrainSpec | dict | str) -> dict:
+def train_incontext(spec: "TrainSpec | dict | str | Path", **overrides: Any) -> dict:
     """Train SeFM on synthesised in-context pairs and save the checkpoint.
 
     Args:
-        spec: a TrainSpec, its dict, or a YAML path.
+        spec: a TrainSpec, its dict, or a YAML path; overrides: dotted keys (``**{"steps": 10}``).
 
     Returns:
         summary: output, steps, seconds, first_loss / last_loss (mean over the first/last
         ``log_every`` steps), losses (per step), parameters.
     """
     # 1. spec, seeds, network
-    if isinstance(spec, (str, Path)):
-        import yaml
-
-        spec = yaml.safe_load(Path(spec).read_text())
-    spec = spec if isinstance(spec, TrainSpec) else TrainSpec.model_validate(spec)
+    spec = validate_spec(TrainSpec, spec, overrides)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
@@ -234,27 +228,3 @@ def train_incontext(spec: TrainSpec | dict | str) -> dict:
     return {"output": spec.output, "steps": len(losses), "seconds": round(time.time() - t0, 2),
             "first_loss": float(np.mean(losses[:k])), "last_loss": float(np.mean(losses[-k:])),
             "losses": losses, "parameters": int(sum(p.numel() for p in net.parameters()))}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``train-incontext JOB.yaml [--set key=value ...]``; prints the summary as JSON."""
-    import yaml
-
-    from pseudolabel.schemas.spec import apply_override, parse_value
-
-    ap = argparse.ArgumentParser(prog="pseudolabel train-incontext", description=__doc__.split("\n")[0])
-    ap.add_argument("spec", help="training spec YAML")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = ap.parse_args(argv)
-    data = yaml.safe_load(Path(args.spec).read_text()) or {}
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        apply_override(data, key, parse_value(value))
-    summary = train_incontext(data)
-    summary.pop("losses")
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from pseudolabel.models.base import Labeler, LabelerParams, LabelOutput

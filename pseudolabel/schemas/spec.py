@@ -196,17 +196,25 @@ def load_yaml_with_overrides(path: "str | Path | dict", overrides: dict[str, Any
     return data
 
 
+def validate_spec(model: type[BaseModel], spec: Any, overrides: dict[str, Any] | None = None) -> Any:
+    """Any spec model (job, training) from an instance, a dict or a YAML path, with dotted overrides.
+
+    A validation error becomes a SpecError naming each bad field by its dotted path.
+    """
+    data = load_yaml_with_overrides(spec.model_dump() if isinstance(spec, BaseModel) else spec, overrides)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format_errors(err)) from None
+
+
 def load_spec(spec: "str | Path | dict | JobSpec", overrides: dict[str, Any] | None = None) -> JobSpec:
     """Load and validate a job spec from a YAML path, a dict or a JobSpec, with dotted overrides.
 
     Labeler ``params`` are validated against the labeler's own parameter model here too, so a bad
     parameter fails before any work starts.
     """
-    data = load_yaml_with_overrides(spec.model_dump() if isinstance(spec, JobSpec) else spec, overrides)
-    try:
-        job = JobSpec.model_validate(data)
-    except ValidationError as err:
-        raise SpecError(_format_errors(err)) from None
+    job = validate_spec(JobSpec, spec, overrides)
     from pseudolabel.models.registry import labeler_class
 
     for i, lab in enumerate(job.labelers):
