@@ -55,15 +55,15 @@ def tree_rss_mb(root_pid: int) -> float:
 class PeakSampler(threading.Thread):
     def __init__(self, interval: float = 0.5):
         super().__init__(daemon=True)
-        self.peak, self.interval, self._stop = 0.0, interval, threading.Event()
+        self.peak, self.interval, self._halt = 0.0, interval, threading.Event()
 
     def run(self):
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.peak = max(self.peak, tree_rss_mb(os.getpid()))
             time.sleep(self.interval)
 
     def stop(self) -> float:
-        self._stop.set()
+        self._halt.set()
         self.join()
         return self.peak
 
@@ -77,7 +77,7 @@ def first_file_watcher(fs, path: str, t0: float, result: dict):
                     return
             except FileNotFoundError:
                 pass
-            time.sleep(0.25)
+            time.sleep(1.0)
 
     th = threading.Thread(target=watch, daemon=True)
     th.start()

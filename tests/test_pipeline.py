@@ -127,7 +127,7 @@ def test_rerun_skips_finished_images_and_conflicting_job_is_refused(local_run):
         pseudolabel.run(changed, progress=False)
 
 
-def test_coco_and_webdataset_inputs_run_end_to_end(ray_cluster, tmp_path):
+def test_coco_webdataset_and_parquet_inputs_run_end_to_end(ray_cluster, tmp_path):
     from pseudolabel.jobs.demo_data import generate
 
     coco_root = str(tmp_path / "c")
@@ -151,6 +151,17 @@ def test_coco_and_webdataset_inputs_run_end_to_end(ray_cluster, tmp_path):
     wds = read_labels(str(tmp_path / "out_wds"))
     assert wds.num_rows == 4 and set(wds.column("status").to_pylist()) == {"ok"}
     assert all(m.endswith(".png") for m in wds.column("member").to_pylist())
+
+    pq_root = str(tmp_path / "p")
+    generate(pq_root, images=4, shards=2, seed=1, size=64, layout="parquet", progress=False)
+    pseudolabel.run(_job(f"{pq_root}/images", str(tmp_path / "out_pq"), id_column="image_id"), progress=False)
+    par = read_labels(str(tmp_path / "out_pq"))
+    assert sorted(par.column("image_id").to_pylist()) == ["1", "2", "3", "4"]
+    assert set(par.column("status").to_pylist()) == {"ok"}
+    # the same pixels as the tar shards: identical labels for the same images
+    by_name = {r["file_name"].split("/")[-1]: r for r in wds.to_pylist()}
+    for r in par.to_pylist():
+        assert r["subobjects"] == by_name[r["file_name"].split("/")[-1]]["subobjects"]
 
 
 def test_labeler_exception_is_an_error_row_and_actor_death_loses_nothing(ray_cluster, tmp_path):
