@@ -30,7 +30,9 @@ def storage_options(uri: str, storage: StorageSpec | None = None) -> dict[str, A
     storage = storage or StorageSpec()
     if protocol_of(uri) not in ("s3", "s3a"):
         return {}
-    opts: dict[str, Any] = {}
+    # No listing cache: fsspec shares one instance per set of options within a process, so a cached
+    # listing taken early (say, of an empty labels/ folder) would hide files written later.
+    opts: dict[str, Any] = {"use_listings_cache": False}
     endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         opts["endpoint_url"] = endpoint

@@ -142,3 +142,24 @@ def test_missing_input_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="no images"):
         list_input(InputSpec(uri=str(tmp_path / "empty")))
+
+
+def test_s3_listings_are_never_stale(s3_bucket):
+    """A listing taken before another client writes (Ray workers write labels/) must not hide new files."""
+    import boto3
+
+    import pyarrow.dataset as pads
+
+    from pseudolabel.storage import arrow_filesystem, filesystem, join
+
+    bucket, storage = s3_bucket
+    fs, path = filesystem(join(bucket, "labels"), storage)
+    client = boto3.client("s3", endpoint_url=storage.endpoint_url, region_name="us-east-1")
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image_id": ["a", "b"]}), buf)
+    client.put_object(Bucket=bucket.split("://")[1], Key="labels/part-0.parquet", Body=buf.getvalue())
+    assert len(fs.find(path)) == len(fs.ls(path)) == 1  # listings taken now...
+    client.put_object(Bucket=bucket.split("://")[1], Key="labels/part-1.parquet", Body=buf.getvalue())
+    assert len(fs.find(path)) == len(fs.ls(path)) == 2  # ...do not hide what is written after
+    afs, apath = arrow_filesystem(join(bucket, "labels"), storage)
+    assert pads.dataset(apath, filesystem=afs, format="parquet").to_table().num_rows == 4
