@@ -31,8 +31,9 @@ LABELERS = [
 ]
 
 
-def tree_rss_mb(root_pid: int) -> float:
-    """Resident memory of a process and all its descendants, in MB (from /proc)."""
+def tree_rss_mb(root_pid: int, exclude: frozenset[int] = frozenset()) -> float:
+    """Resident memory of a process and all its descendants, in MB (from /proc); subtrees rooted at
+    ``exclude`` (the S3 server, which holds every object in memory) are left out."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -49,9 +50,15 @@ def tree_rss_mb(root_pid: int) -> float:
     total, stack = 0, [root_pid]
     while stack:
         pid = stack.pop()
+        if pid in exclude:
+            continue
         total += rss.get(pid, 0)
         stack.extend(children.get(pid, []))
     return total / 2**20
+
+
+#: processes whose memory is not ours to count (set in main: the S3 server)
+EXCLUDED_PIDS: set[int] = set()
 
 
 class PeakSampler(threading.Thread):
@@ -61,7 +68,7 @@ class PeakSampler(threading.Thread):
 
     def run(self):
         while not self._halt.is_set():
-            self.peak = max(self.peak, tree_rss_mb(os.getpid()))
+            self.peak = max(self.peak, tree_rss_mb(os.getpid(), frozenset(EXCLUDED_PIDS)))
             time.sleep(self.interval)
 
     def stop(self) -> float:
@@ -105,6 +112,9 @@ def end_to_end(images_uri: str, out_uri: str, storage, actors: int) -> dict:
     th = first_file_watcher(fs, path, t0, watch)
     summary = pseudolabel.run(job, progress=False)
     seconds = time.time() - t0
+    import ray
+
+    ray.shutdown()  # the next measurement starts without a Ray cluster in the process tree
     watch["done"] = True
     th.join(timeout=1)
     n = summary["labelled"]
@@ -215,6 +225,7 @@ def main() -> None:
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     server, endpoint = start_s3_server()
+    EXCLUDED_PIDS.add(server.pid)
     storage = StorageSpec(endpoint_url=endpoint, key="bench", secret="bench", region="us-east-1")
     boto3.client("s3", endpoint_url=storage.endpoint_url, region_name="us-east-1").create_bucket(Bucket="bench")
 

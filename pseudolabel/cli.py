@@ -63,6 +63,9 @@ def cmd_evaluate(args) -> int:
         kwargs["gt_semantic_root"] = args.semantic_root
     if args.curve:
         kwargs["curve_png"] = args.curve
+    for name in ("precision_tol", "recall_tol", "border"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
     result = evaluate(args.output, args.gt, storage=_storage(args), **kwargs)
     print(json.dumps(result, indent=2, default=float))
     return 0
@@ -152,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-dets", type=int, default=100)
     v.add_argument("--semantic-root", default=None, help="folder of ground-truth label PNGs (task semantic)")
     v.add_argument("--curve", default=None, help="tokens: write a recall-vs-token-count plot here (PNG)")
+    v.add_argument("--precision-tol", type=float, default=None,
+                   help="tokens: pixel tolerance of boundary precision (default 2)")
+    v.add_argument("--recall-tol", type=float, default=None, help="tokens: pixel tolerance of boundary recall (default 5)")
+    v.add_argument("--border", type=int, default=None, help="tokens: ignored band at the image border, pixels (default 5)")
     v.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: the AWS environment)")
     v.set_defaults(fn=cmd_evaluate)
 

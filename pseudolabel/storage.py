@@ -5,9 +5,11 @@ Credentials come from the job's ``storage`` section or the standard AWS environm
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
-from typing import Any
+import tempfile
+from typing import Any, Iterator
 
 import fsspec
 import pyarrow.fs as pafs
@@ -96,3 +98,25 @@ def write_bytes(uri: str, data: bytes, storage: StorageSpec | None = None) -> No
 def exists(uri: str, storage: StorageSpec | None = None) -> bool:
     fs, path = filesystem(uri, storage)
     return fs.exists(path)
+
+
+@contextlib.contextmanager
+def staged_dir(uri: str, storage: StorageSpec | None = None) -> Iterator[str]:
+    """A local folder to write a directory tree into (a checkpoint, say), published at ``uri`` on exit.
+
+    A local ``uri`` is the folder itself; for s3:// the tree is written to a temporary folder and
+    uploaded file by file when the block ends without an error.
+    """
+    if protocol_of(uri) == "file":
+        path = strip_protocol(uri)
+        os.makedirs(path, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="pseudolabel-upload-") as tmp:
+        yield tmp
+        fs, root = filesystem(uri, storage)
+        for folder, _, files in os.walk(tmp):
+            rel = os.path.relpath(folder, tmp)
+            for name in files:
+                fs.put_file(os.path.join(folder, name),
+                            posixpath.normpath(posixpath.join(root, rel.replace(os.sep, "/"), name)))

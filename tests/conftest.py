@@ -67,3 +67,23 @@ def demo_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("demo") / "demo")
     generate(root, images=12, shards=3, seed=7, size=96, progress=False)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one torch thread on a shared 2-core machine (use per module:
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A tiny random Stable Diffusion in diffusers layout (see sd_tiny.py), built once per session."""
+    from sd_tiny import build_tiny_sd
+
+    return build_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd") / "sd"))

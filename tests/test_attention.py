@@ -1,17 +1,11 @@
 """Attention capture on a tiny random Stable Diffusion loaded through the real loading path."""
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from sd_tiny import build_tiny_sd  # noqa: E402
-
-from pseudolabel.models.attention import (  # noqa: E402
+from pseudolabel.models.attention import (
     AttentionStore,
     attention_modules,
     capture_attention,
@@ -25,8 +19,8 @@ from pseudolabel.models.attention import (  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    return build_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")))
+def sd_dir(tiny_sd):
+    return tiny_sd
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,7 @@ from pseudolabel.schemas.spec import LabelerSpec
 P = 1 / (1 + math.exp(-0.7))  # sigmoid of the stub's constant logit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def constant_forward(calls):

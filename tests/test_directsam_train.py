@@ -3,18 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from pseudolabel.jobs.train_directsam import boundary_label, masks_to_segments, train_directsam
 from pseudolabel.schemas.spec import LabelerSpec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_boundary_label_draws_3px_contours_of_every_segment():

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from sd_tiny import build_tiny_sd
 
 from pseudolabel.models.attention import CapturedAttention, encode_image, load_sd_components
 from pseudolabel.models.foba import (
@@ -22,18 +21,7 @@ from pseudolabel.schemas.spec import LabelerSpec
 FAST = {"resolution": 64, "attention_steps": 4, "attention_stride": 200, "inpaint_steps": 4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded on a shared 2-core machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    return build_tiny_sd(str(tmp_path_factory.mktemp("foba_sd") / "sd"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from sd_tiny import build_tiny_sd
 
 
-def test_foba_through_ray_on_demo_data(ray_cluster, tmp_path):
+def test_foba_through_ray_on_demo_data(ray_cluster, tiny_sd, tmp_path):
     import pseudolabel
     from pycocotools.coco import COCO
 
@@ -17,7 +16,7 @@ def test_foba_through_ray_on_demo_data(ray_cluster, tmp_path):
     from pseudolabel.jobs.labels_io import read_labels
     from pseudolabel.schemas.coco import rle_to_mask
 
-    sd_dir = build_tiny_sd(str(tmp_path / "sd"))
+    sd_dir = tiny_sd
     data = tmp_path / "demo"
     generate(str(data), images=3, shards=1, size=64, progress=False)
     job = {

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from sd_tiny import build_tiny_sd
 
 from pseudolabel.jobs.train_foba import latent_weight, masked_diffusion_loss, train_foba
 from pseudolabel.models.attention import encode_image, encode_text, load_sd_components
@@ -16,17 +15,7 @@ from pseudolabel.models.foba import FoBa
 from pseudolabel.schemas.spec import LabelerSpec
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    return build_tiny_sd(str(tmp_path_factory.mktemp("foba_train_sd") / "sd"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

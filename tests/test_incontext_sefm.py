@@ -17,12 +17,7 @@ from pseudolabel.schemas.spec import LabelerSpec
 TINY = dict(width=8, enc_blocks=[1, 1], dec_blocks=[1], refine_blocks=0, heads=[1, 2], ffn_expansion=2.0, cell=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_png(path, rgb):

@@ -3,17 +3,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from sd_tiny import build_tiny_sd  # noqa: E402
-
-from pseudolabel.models.iseg import (  # noqa: E402
+from pseudolabel.models.iseg import (
     ISeg,
     combine_seed_columns,
     entropy_reduce,
@@ -29,7 +24,7 @@ from pseudolabel.models.iseg import (  # noqa: E402
     select_tokens,
     symmetric_kl,
 )
-from pseudolabel.schemas.spec import LabelerSpec  # noqa: E402
+from pseudolabel.schemas.spec import LabelerSpec
 
 
 def _random_attention(n: int, seed: int = 0, zero_frac: float = 0.3) -> torch.Tensor:
@@ -193,8 +188,8 @@ def test_kl_kmeans_smoothing_constant_per_region():
 # ------------------------------------------------------------------------------- text
 
 @pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    return build_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")))
+def sd_dir(tiny_sd):
+    return tiny_sd
 
 
 @pytest.fixture(scope="module")

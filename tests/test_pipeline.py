@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -95,6 +96,7 @@ def test_labels_read_in_pyarrow_duckdb_and_datasets(local_run):
         f"SELECT a.segmentation.counts FROM (SELECT unnest(annotations) AS a FROM read_parquet('{out}/labels/*.parquet')) LIMIT 1"
     ).fetchone()[0]
     assert isinstance(counts, str)
+    assert b"huggingface" in pq.read_schema(f"{out}/labels/{files[0]}").metadata  # datasets' feature types
     ds = datasets.load_dataset("parquet", data_files=[f"{out}/labels/{f}" for f in files], split="train")
     assert ds.num_rows == 16
     assert "annotations" in ds.features and "subobjects" in ds.features
@@ -119,12 +121,20 @@ def test_s3_run_gives_identical_labels(local_run, s3_bucket):
 
 def test_rerun_skips_finished_images_and_conflicting_job_is_refused(local_run):
     images, out, _ = local_run
-    again = pseudolabel.run(_job(images, out, max_pixels=200 * 200), progress=False)
+    late = os.path.join(images, "late_arrival.png")  # added after listing: the re-run must not re-list
+    shutil.copy(os.path.join(images, sorted(f for f in os.listdir(images) if f.endswith(".png"))[0]), late)
+    try:
+        again = pseudolabel.run(_job(images, out, max_pixels=200 * 200), progress=False)
+    finally:
+        os.remove(late)
     assert again["this_run"] == 0 and again["labelled"] == 16 and again["resumed"]
+    assert "late_arrival.png" not in read_labels(out).column("file_name").to_pylist()
     changed = _job(images, out, max_pixels=200 * 200)
     changed["labelers"][1]["params"] = {"threshold": 0.5}
-    with pytest.raises(OutputConflictError, match="different job"):
+    with pytest.raises(OutputConflictError, match=r"different job \(labelers"):
         pseudolabel.run(changed, progress=False)
+    with pytest.raises(OutputConflictError, match=r"different job \(input differ"):
+        pseudolabel.run(_job(images, out, max_pixels=300 * 300), progress=False)
 
 
 def test_coco_webdataset_and_parquet_inputs_run_end_to_end(ray_cluster, tmp_path):

@@ -7,6 +7,7 @@ import tarfile
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -134,6 +135,37 @@ def test_tar_members_never_escape_and_missing_members_error(tmp_path):
     assert status["../evil.png"][0] == "error" and "unsafe" in status["../evil.png"][1]
     with pytest.raises(ImageError):
         decode_image(b"", 10)
+
+
+def test_manifest_sizes_and_tar_members_read_by_offset(tmp_path):
+    """Folder rows carry file sizes; tar members carry (offset, size) and are fetched by ranged reads,
+    so a batch never streams its shard from the start."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.png").write_bytes(_png(value=10))
+    m = list_input(InputSpec(uri=str(tmp_path / "folder")))
+    assert m.column("size").to_pylist() == [len(_png(value=10))]
+
+    shard = tmp_path / "wds" / "shard.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tar:
+        for name, value in (("a.png", 10), ("b.png", 200)):
+            data = _png(value=value)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    m = list_input(InputSpec(uri=str(tmp_path / "wds")))
+    offsets, sizes = m.column("offset").to_pylist(), m.column("size").to_pylist()
+    raw = shard.read_bytes()
+    assert [raw[o:o + n] for o, n in zip(offsets, sizes)] == [_png(value=10), _png(value=200)]
+    # wipe the first member's header: reading the shard as a stream now ends before b.png...
+    shard.write_bytes(b"\0" * 512 + raw[512:])
+    only_b = m.filter(pc.equal(m.column("member"), "b.png"))
+    streamed = _decode_all(only_b.drop_columns(["offset"]))
+    assert streamed.column("status").to_pylist() == ["error"]
+    # ...while the ranged read of b.png still finds its bytes
+    ranged = _decode_all(only_b)
+    assert ranged.column("status").to_pylist() == ["ok"]
+    assert set(ranged.column("pixels")[0].as_py()) == {200}
 
 
 def test_missing_input_is_a_clear_error(tmp_path):

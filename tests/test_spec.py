@@ -85,3 +85,29 @@ def test_cli_set_override_is_validated(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pseudolabel.cli", "run", str(path), "--set", "resources.gpus_per_actor=-1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "resources.gpus_per_actor" in proc.stderr
+
+
+def _two_labelers(first: list[dict], second: list[dict]) -> dict:
+    return {**GOOD, "labelers": [{"name": "classical_grabcut", "ontology": first},
+                                 {"name": "classical_grabcut", "ontology": second}]}
+
+
+def test_category_ids_are_job_wide_across_labelers():
+    job = load_spec(_two_labelers([{"category": "shape"}, {"category": "sky"}],
+                                  [{"category": "dog"}, {"category": "shape"}]))
+    ids = {e.category: e.id for lab in job.labelers for e in lab.ontology}
+    assert ids == {"shape": 1, "sky": 2, "dog": 3}  # one name, one id; no id shared by two names
+    assert [e.id for e in load_spec(job).labelers[1].ontology] == [3, 1]  # stable when validated again
+    # explicit ids are kept and skipped by the automatic numbering
+    job = load_spec(_two_labelers([{"category": "a"}], [{"category": "b", "id": 1}]))
+    assert [lab.ontology[0].id for lab in job.labelers] == [2, 1]
+
+
+@pytest.mark.parametrize("first, second, message", [
+    ([{"category": "a", "id": 1}], [{"category": "b", "id": 1}], "labelers.1.ontology.0.id: id 1 is already category 'a'"),
+    ([{"category": "a", "id": 1}], [{"category": "a", "id": 2}], "labelers.1.ontology.0.id: category 'a' already has id 1"),
+])
+def test_conflicting_category_ids_are_rejected(first, second, message):
+    with pytest.raises(SpecError) as err:
+        load_spec(_two_labelers(first, second))
+    assert message in str(err.value)

@@ -22,6 +22,11 @@ from pseudolabel.schemas.tables import STATUS_ERROR, STATUS_OK
 from pseudolabel.storage import filesystem
 
 
+# decode_image checks the pixel count against the job's input.max_pixels from the header; Pillow's own
+# (lower) decompression-bomb limit would otherwise refuse images the job allows.
+Image.MAX_IMAGE_PIXELS = None
+
+
 class ImageError(ValueError):
     """An image that cannot be used; the message goes into the row's ``error``."""
 
@@ -52,8 +57,6 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             arr = np.asarray(im, dtype=np.uint8)
     except ImageError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"too many pixels: {e}") from None
     except Image.UnidentifiedImageError:
         raise ImageError("cannot decode image: not a recognised image format") from None
     except Exception as e:  # PIL raises many types for bad bytes
@@ -69,8 +72,13 @@ def _safe_member(name: str) -> bool:
     return not (norm.startswith("/") or norm == ".." or norm.startswith("../"))
 
 
-def _fetch_group(fs, path: str, members: list[str | None], image_column: str | None = None) -> list[bytes | Exception]:
-    """Bytes for each member of one file (a plain file has the single member None)."""
+def _fetch_group(fs, path: str, members: list[str | None], image_column: str | None = None,
+                 spans: list[tuple[int, int] | None] | None = None) -> list[bytes | Exception]:
+    """Bytes for each member of one file (a plain file has the single member None).
+
+    ``spans``: (offset, size) of each tar member where the manifest knows it; those are fetched with
+    ranged reads (one request each, issued concurrently by fsspec), so a batch never streams a shard.
+    """
     if members == [None] * len(members):
         try:
             with fs.open(path, "rb") as f:
@@ -78,42 +86,60 @@ def _fetch_group(fs, path: str, members: list[str | None], image_column: str | N
         except Exception as e:
             return [e] * len(members)
         return [data] * len(members)
-    out: dict[str, bytes | Exception] = {}
+    if members[0] is not None and members[0].startswith(PARQUET_ROW_PREFIX):
+        return _fetch_parquet_rows(fs, path, members, image_column)
+    spans = spans or [None] * len(members)
+    out: dict[str, bytes | Exception] = {m: ImageError(f"unsafe tar member name {m!r}")
+                                         for m in members if not _safe_member(m)}
+    ranged = [(m, span) for m, span in zip(members, spans) if span is not None and m not in out]
+    if ranged:
+        got = fs.cat_ranges([path] * len(ranged), [o for _, (o, _) in ranged], [o + n for _, (o, n) in ranged],
+                            on_error="return")
+        out.update({m: data for (m, _), data in zip(ranged, got)})
+    rest = {m for m in members if m not in out}
+    if rest:
+        out.update(_stream_tar_members(fs, path, rest))
+    return [out.get(m, ImageError(f"member {m!r} not found in {path}")) for m in members]
+
+
+def _fetch_parquet_rows(fs, path: str, members: list[str], image_column: str | None) -> list[bytes | Exception]:
+    """Image bytes of the wanted rows of one Parquet file, reading only the row groups that hold them."""
+    out: dict[str, bytes] = {}
+    rows = sorted({int(m[len(PARQUET_ROW_PREFIX):]) for m in members})
     try:
-        if members[0] is not None and members[0].startswith(PARQUET_ROW_PREFIX):
-            rows = sorted({int(m[len(PARQUET_ROW_PREFIX):]) for m in members})
-            with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
-                col = image_column_of(pf.schema_arrow, image_column)
-                # read only the row groups that hold the wanted rows
-                starts, offset = [], 0
-                for g in range(pf.num_row_groups):
-                    starts.append(offset)
-                    offset += pf.metadata.row_group(g).num_rows
-                starts.append(offset)
-                for g in range(pf.num_row_groups):
-                    lo, hi = starts[g], starts[g + 1]
-                    wanted = [r for r in rows if lo <= r < hi]
-                    if not wanted:
-                        continue
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            col = image_column_of(pf.schema_arrow, image_column)
+            lo = 0
+            for g in range(pf.num_row_groups):
+                hi = lo + pf.metadata.row_group(g).num_rows
+                wanted = [r for r in rows if lo <= r < hi]
+                if wanted:
                     values = pf.read_row_group(g, columns=[col]).column(0)
                     for r in wanted:
                         v = values[r - lo].as_py()
                         if isinstance(v, dict):
                             v = v.get("bytes")
                         out[f"{PARQUET_ROW_PREFIX}{r}"] = v if v is not None else b""
-        else:
-            wanted = set(members)
-            with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-                for info in tar:
-                    if info.name in wanted and info.isfile():
-                        if not _safe_member(info.name):
-                            out[info.name] = ImageError(f"unsafe tar member name {info.name!r}")
-                            continue
-                        out[info.name] = tar.extractfile(info).read()
+                lo = hi
     except Exception as e:
         return [e] * len(members)
     return [out.get(m, ImageError(f"member {m!r} not found in {path}")) for m in members]
+
+
+def _stream_tar_members(fs, path: str, wanted: set[str]) -> dict[str, bytes | Exception]:
+    """Read a tar shard front to back until every wanted member is found (no offsets known)."""
+    out: dict[str, bytes | Exception] = {}
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for info in tar:
+                if info.name in wanted and info.isfile():
+                    out[info.name] = tar.extractfile(info).read()
+                    if len(out) == len(wanted):
+                        break
+    except Exception as e:
+        return {m: out.get(m, e) for m in wanted}
+    return out
 
 
 def fetch_decode(batch: pa.Table, storage: StorageSpec | None, max_pixels: int,
@@ -124,13 +150,16 @@ def fetch_decode(batch: pa.Table, storage: StorageSpec | None, max_pixels: int,
     """
     uris = batch.column("uri").to_pylist()
     members = batch.column("member").to_pylist()
+    offsets = batch.column("offset").to_pylist() if "offset" in batch.column_names else [None] * len(uris)
+    sizes = batch.column("size").to_pylist() if "size" in batch.column_names else [None] * len(uris)
+    spans = [(o, n) if o is not None and n is not None else None for o, n in zip(offsets, sizes)]
     groups: dict[str, list[int]] = defaultdict(list)
     for i, u in enumerate(uris):
         groups[u].append(i)
     raw: list[bytes | Exception | None] = [None] * len(uris)
     for uri, idx in groups.items():
         fs, path = filesystem(uri, storage)
-        got = _fetch_group(fs, path, [members[i] for i in idx], image_column)
+        got = _fetch_group(fs, path, [members[i] for i in idx], image_column, [spans[i] for i in idx])
         for i, g in zip(idx, got):
             raw[i] = g
     pixels, widths, heights, status, errors = [], [], [], [], []
@@ -153,7 +182,7 @@ def fetch_decode(batch: pa.Table, storage: StorageSpec | None, max_pixels: int,
         widths.append(arr.shape[1])
         status.append(STATUS_OK)
         errors.append(None)
-    batch = batch.drop_columns([c for c in ("shard", "size") if c in batch.column_names])
+    batch = batch.drop_columns([c for c in ("shard", "size", "offset") if c in batch.column_names])
     return (batch.append_column("pixels", pa.array(pixels, pa.large_binary()))
             .append_column("width", pa.array(widths, pa.int32()))
             .append_column("height", pa.array(heights, pa.int32()))

@@ -58,6 +58,11 @@ def _public_spec(job: JobSpec) -> dict:
     return data
 
 
+def _input_of(public_spec: dict) -> dict:
+    """What of the input section decides which images a job labels (all but the demo-data recipe)."""
+    return {k: v for k, v in public_spec.get("input", {}).items() if k != "demo"}
+
+
 def categories_of(job: JobSpec) -> list[dict]:
     cats, seen = [], set()
     for lab in job.labelers:
@@ -79,10 +84,13 @@ def prepare_output(job: JobSpec) -> tuple[pa.Table, bool]:
     resumed = exists(done_uri, st)
     if exists(job_uri, st):
         previous = json.loads(read_bytes(job_uri, st))
-        if previous.get("fingerprint") != fingerprint or previous.get("spec", {}).get("input", {}).get("uri") != job.input.uri:
+        differ = [what for what, same in (
+            ("labelers (names, weights, params, ontology)", previous.get("fingerprint") == fingerprint),
+            ("input", _input_of(previous.get("spec", {})) == _input_of(_public_spec(job)))) if not same]
+        if differ:
             raise OutputConflictError(
-                f"output.uri {out} already holds labels of a different job (labelers, params, ontology or "
-                f"input differ); use a new output.uri to start over")
+                f"output.uri {out} already holds labels of a different job ({' and '.join(differ)} differ); "
+                f"use a new output.uri to start over")
     if resumed:
         fs, path = arrow_filesystem(manifest_uri, st)
         manifest = pq.read_table(path, filesystem=fs, schema=MANIFEST_SCHEMA)

@@ -54,12 +54,14 @@ def detect_format(spec: InputSpec, files: list[str]) -> str:
     return "folder"
 
 
-def _list_files(fs, root: str) -> list[str]:
+def _list_files(fs, root: str) -> dict[str, int | None]:
+    """Every file under ``root`` (hidden ones left out) -> its size in bytes, in path order."""
     if fs.isfile(root):
-        return [root]
+        return {root: fs.size(root)}
     if not fs.exists(root):
         raise SourceError(f"input.uri: nothing found at {root}")
-    return sorted(p for p in fs.find(root) if not posixpath.basename(p).startswith("."))
+    found = fs.find(root, detail=True)
+    return {p: found[p].get("size") for p in sorted(found) if not posixpath.basename(p).startswith(".")}
 
 
 def image_column_of(schema: pa.Schema, wanted: str | None) -> str:
@@ -79,7 +81,8 @@ def image_column_of(schema: pa.Schema, wanted: str | None) -> str:
 def list_input(spec: InputSpec, storage: StorageSpec | None = None) -> pa.Table:
     """List the input once; returns a table with MANIFEST_SCHEMA (rows in a stable order)."""
     fs, root = filesystem(spec.uri, storage)
-    files = _list_files(fs, root)
+    sizes = _list_files(fs, root)
+    files = list(sizes)
     fmt = detect_format(spec, files)
     rows: list[dict] = []
     exts = tuple(e.lower() for e in spec.extensions)
@@ -91,7 +94,7 @@ def list_input(spec: InputSpec, storage: StorageSpec | None = None) -> pa.Table:
         for f in images:
             rel = _rel(f, root)
             rows.append(dict(image_id=stable_image_id(rel), uri=to_uri(fs, f), member=None,
-                             shard=shard_of[posixpath.dirname(f)], size=None, file_name=rel, prompts=None))
+                             shard=shard_of[posixpath.dirname(f)], size=sizes[f], file_name=rel, prompts=None))
     elif fmt == "webdataset":
         shards = [f for f in files if f.lower().endswith(".tar")]
         for shard, f in enumerate(shards):
@@ -101,7 +104,8 @@ def list_input(spec: InputSpec, storage: StorageSpec | None = None) -> pa.Table:
                     if not info.isfile() or not info.name.lower().endswith(exts):
                         continue
                     rows.append(dict(image_id=stable_image_id(rel, info.name), uri=to_uri(fs, f), member=info.name,
-                                     shard=shard, size=info.size, file_name=f"{rel}/{info.name}", prompts=None))
+                                     shard=shard, size=info.size, offset=info.offset_data,
+                                     file_name=f"{rel}/{info.name}", prompts=None))
     elif fmt == "parquet":
         parts = [f for f in files if f.lower().endswith(".parquet")]
         for shard, f in enumerate(parts):

@@ -69,6 +69,7 @@ class LabelerStage:
         self.labeler = cls(self.spec, device=device, storage=StorageSpec.model_validate(storage or {}))
         self.final = final
         self.provenance = provenance
+        self.batch_failures = 0
 
     def _label(self, images, prompts) -> list:
         """Outputs or exceptions, one per image."""
@@ -77,9 +78,14 @@ class LabelerStage:
             if len(outputs) != len(images):
                 raise RuntimeError(f"returned {len(outputs)} outputs for {len(images)} images")
             return list(outputs)
-        except Exception:  # retry one by one so one bad image costs only itself
-            if len(images) == 1:
-                log.debug("labeler %s failed: %s", self.name, traceback.format_exc())
+        except Exception as err:  # retry one by one so one bad image costs only itself
+            self.batch_failures += 1
+            if self.batch_failures == 1:  # once per actor with the traceback, then one line each
+                log.warning("labeler %s: a batch of %d image(s) failed; labelling them one at a time:\n%s",
+                            self.name, len(images), traceback.format_exc())
+            else:
+                log.warning("labeler %s: batch failure %d (%s: %s); labelling one at a time",
+                            self.name, self.batch_failures, type(err).__name__, err)
             results = []
             for image, prompt in zip(images, prompts):
                 try:

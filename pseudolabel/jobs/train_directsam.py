@@ -26,9 +26,7 @@ or ``train_directsam({...})`` from Python; it returns ``{"output", "steps", "los
 from __future__ import annotations
 
 import json
-import os
 import posixpath
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -218,17 +216,9 @@ def save_checkpoint(model, preprocessor: dict, resolution: int, output: str,
     proc = SegformerImageProcessorPil(size={"height": resolution, "width": resolution},
                                       image_mean=list(preprocessor.get("image_mean") or IMAGENET_MEAN),
                                       image_std=list(preprocessor.get("image_std") or IMAGENET_STD))
-    if st.protocol_of(output) == "file":
-        local = st.strip_protocol(output)
+    with st.staged_dir(output, storage) as local:
         model.save_pretrained(local)
         proc.save_pretrained(local)
-        return output
-    fs, root = st.filesystem(output, storage)
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        proc.save_pretrained(tmp)
-        for name in os.listdir(tmp):
-            fs.put_file(os.path.join(tmp, name), posixpath.join(root, name))
     return output
 
 

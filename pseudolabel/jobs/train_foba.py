@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -180,21 +179,15 @@ def preliminary_masks(spec: TrainSpec, images: np.ndarray, weights_dir: str) -> 
 def save_checkpoint(unet, source_dir: str, output: str, storage: StorageSpec | None = None) -> str:
     """Write a diffusers-layout checkpoint: the trained ``unet`` + the other components copied from
     ``source_dir``. ``output`` is a local directory or an s3:// prefix. Returns ``output``."""
-    remote = st.protocol_of(output) != "file"
-    local = tempfile.mkdtemp(prefix="foba-ckpt-") if remote else st.strip_protocol(output)
-    os.makedirs(local, exist_ok=True)
-    unet.save_pretrained(os.path.join(local, "unet"))
-    for name in COPIED_COMPONENTS:
-        src = os.path.join(source_dir, name)
-        dst = os.path.join(local, name)
-        if os.path.isdir(src):
-            shutil.copytree(src, dst, dirs_exist_ok=True)
-        elif os.path.isfile(src):
-            shutil.copy2(src, dst)
-    if remote:
-        fs, root = st.filesystem(output, storage)
-        fs.put(local.rstrip("/") + "/", root, recursive=True)
-        shutil.rmtree(local, ignore_errors=True)
+    with st.staged_dir(output, storage) as local:
+        unet.save_pretrained(os.path.join(local, "unet"))
+        for name in COPIED_COMPONENTS:
+            src = os.path.join(source_dir, name)
+            dst = os.path.join(local, name)
+            if os.path.isdir(src):
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+            elif os.path.isfile(src):
+                shutil.copy2(src, dst)
     return output
 
 

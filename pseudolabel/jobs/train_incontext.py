@@ -19,8 +19,6 @@ or ``train_incontext({...})`` from Python; the checkpoint directory (local or s3
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -157,13 +155,8 @@ def answer_l1(net: SeFM, x: torch.Tensor, y: torch.Tensor, layout: str, mask: to
 
 def save_checkpoint(net: SeFM, uri: str, storage: StorageSpec | None = None) -> str:
     """Write the checkpoint to a local directory or upload it to an s3:// prefix; returns ``uri``."""
-    if st.protocol_of(uri) == "file":
-        net.save_pretrained(st.strip_protocol(uri))
-        return uri
-    with tempfile.TemporaryDirectory() as tmp:
-        net.save_pretrained(tmp)
-        for name in os.listdir(tmp):
-            st.write_bytes(st.join(uri, name), Path(tmp, name).read_bytes(), storage)
+    with st.staged_dir(uri, storage) as local:
+        net.save_pretrained(local)
     return uri
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 
 class SpecError(ValueError):
@@ -67,7 +67,9 @@ class OntologyEntry(_Strict):
     category: str
     prompts: list[str] = Field(default_factory=list, description="text prompts; default: the category name")
     semantic: bool = Field(False, description="stuff/part class (multitask checkpoints take a '[semantic] ' prefix)")
-    id: int | None = Field(None, ge=1, description="category id; default: position in the ontology, from 1")
+    id: int | None = Field(None, ge=1, description="category id; default: the next id not yet used in the job, "
+                                                   "the same id wherever the same category name appears")
+    _auto_id: bool = PrivateAttr(False)
 
     @model_validator(mode="after")
     def _default_prompt(self):
@@ -97,6 +99,7 @@ class LabelerSpec(_Strict):
                 while next_id in used:
                     next_id += 1
                 entry.id = next_id
+                entry._auto_id = True
                 used.add(next_id)
         ids = [e.id for e in self.ontology]
         if len(set(ids)) != len(ids):
@@ -135,6 +138,37 @@ class JobSpec(_Strict):
                                  f"{', '.join(labeler_names())} (or 'package.module:Class' for your own)")
         return labelers
 
+    @model_validator(mode="after")
+    def _one_category_numbering(self):
+        """Category ids are job-wide: one name has one id and one id one name, across all labelers.
+
+        Ids given in the spec are kept (a conflict is an error naming the field); the others are
+        numbered in order, reusing the id of a name seen before.
+        """
+        id_of: dict[str, int] = {}
+        name_of: dict[int, str] = {}
+        for i, lab in enumerate(self.labelers):
+            for j, entry in enumerate(lab.ontology):
+                if entry._auto_id:
+                    continue
+                where = f"labelers.{i}.ontology.{j}.id"
+                if name_of.get(entry.id, entry.category) != entry.category:
+                    raise ValueError(f"{where}: id {entry.id} is already category {name_of[entry.id]!r}")
+                if id_of.get(entry.category, entry.id) != entry.id:
+                    raise ValueError(f"{where}: category {entry.category!r} already has id {id_of[entry.category]}")
+                id_of[entry.category], name_of[entry.id] = entry.id, entry.category
+        next_id = 1
+        for lab in self.labelers:
+            for entry in lab.ontology:
+                if not entry._auto_id:
+                    continue
+                if entry.category not in id_of:
+                    while next_id in name_of:
+                        next_id += 1
+                    id_of[entry.category], name_of[next_id] = next_id, entry.category
+                entry.id = id_of[entry.category]
+        return self
+
 
 def _format_errors(err: ValidationError) -> str:
     lines = []
@@ -143,6 +177,11 @@ def _format_errors(err: ValidationError) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
+        if e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            if not loc:  # a whole-spec check already names its field
+                lines.append(msg)
+                continue
         lines.append(f"{loc or '<spec>'}: {msg}")
     return "invalid job spec:\n  " + "\n  ".join(lines)
 

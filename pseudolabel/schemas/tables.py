@@ -62,7 +62,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("uri", pa.string()),
         ("member", pa.string()),
         ("shard", pa.int32()),
-        ("size", pa.int64()),
+        ("size", pa.int64()),  # bytes of the image (file or tar member), null where unknown
+        ("offset", pa.int64()),  # tar members: where the member's bytes start in the shard (ranged reads)
         ("file_name", pa.string()),
         ("prompts", pa.string()),  # JSON per-row hints (COCO boxes, points...), or null
     ]
