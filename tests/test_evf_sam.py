@@ -2,15 +2,24 @@
 from __future__ import annotations
 
 import copy
+import itertools
+import json
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
-from pseudolabel.models.evf_sam.model import EvfSam, WeightsMismatchError, load_evf_sam, load_tokenizer, save_evf_sam
-from pseudolabel.models.evf_sam.postprocess import select_instances
-from pseudolabel.models.evf_sam.preprocess import (SEMANTIC_PREFIX, beit3_pixels, masks_to_original, prompt_text,
-                                                   sam_pixels)
+from pseudolabel.models.evf_sam.labeler import _torch_dtype
+from pseudolabel.models.evf_sam.model import (EvfSam, EvfSamConfig, WeightsMismatchError, best_candidate, load_evf_sam,
+                                              load_tokenizer, save_evf_sam)
+from pseudolabel.models.evf_sam.postprocess import mask_iou_matrix, select_instances
+from pseudolabel.models.evf_sam.preprocess import (SAM_PIXEL_MEAN, SAM_PIXEL_STD, SEMANTIC_PREFIX, beit3_pixels,
+                                                   masks_to_original, prompt_text, sam_pixels)
 from pseudolabel.models.evf_sam.random_checkpoint import random_config, write_random_checkpoint
 from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import LabelerSpec
@@ -73,19 +82,13 @@ def test_original_names_load_strict_and_roundtrip(variant):
     assert torch.allclose(m1, m2)
 
 
-def _expand(patterns, **counts):
+def _expand(patterns, **ranges):
+    """Key patterns -> key set; each ``{x}`` placeholder takes every value in ``ranges[x]``."""
     out = set()
     for p in patterns:
-        if "{i}" in p:
-            out |= {p.replace("{i}", str(i)) for i in range(counts["blocks"])}
-        elif "{l}" in p:
-            out |= {p.replace("{l}", str(i)) for i in range(counts["layers"])}
-        elif "{m}" in p:
-            out |= {p.replace("{m}", str(i)) for i in range(counts["mask_tokens"])}
-        elif "{p}" in p:
-            out |= {p.replace("{p}", str(i)) for i in range(4)}
-        else:
-            out.add(p)
+        names = re.findall(r"\{(\w)\}", p)
+        for values in itertools.product(*(ranges[n] for n in names)):
+            out.add(p.format(**dict(zip(names, values))))
     return out
 
 
@@ -122,6 +125,66 @@ SAM_H_REFERENCE = [
     *[f"visual_model.mask_decoder.iou_prediction_head.layers.{j}.{n}" for j in (0, 1, 2) for n in ("weight", "bias")],
 ]
 
+# The reference's SAM-2 (sam2's SAM2Base as EVF-SAM2 builds it) parameter names a single image uses,
+# written out by hand. {i}: Hiera block; {s}: first block of stages 2-4 (the width changes: a projection);
+# {c}: FPN neck level; {l}: two-way transformer layer; {m}: mask token; {p}: point embedding.
+_ATTN = ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")
+_WB = ("weight", "bias")
+SAM2_REFERENCE = [
+    "visual_model.image_encoder.trunk.pos_embed", "visual_model.image_encoder.trunk.pos_embed_window",
+    "visual_model.image_encoder.trunk.patch_embed.proj.weight", "visual_model.image_encoder.trunk.patch_embed.proj.bias",
+    *[f"visual_model.image_encoder.trunk.blocks.{{i}}.{n}" for n in (
+        "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+        "norm2.weight", "norm2.bias", "mlp.layers.0.weight", "mlp.layers.0.bias", "mlp.layers.1.weight",
+        "mlp.layers.1.bias")],
+    "visual_model.image_encoder.trunk.blocks.{s}.proj.weight", "visual_model.image_encoder.trunk.blocks.{s}.proj.bias",
+    "visual_model.image_encoder.neck.convs.{c}.conv.weight", "visual_model.image_encoder.neck.convs.{c}.conv.bias",
+    "visual_model.no_mem_embed",
+    "visual_model.sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+    "visual_model.sam_prompt_encoder.point_embeddings.{p}.weight",
+    "visual_model.sam_prompt_encoder.not_a_point_embed.weight", "visual_model.sam_prompt_encoder.no_mask_embed.weight",
+    *[f"visual_model.sam_prompt_encoder.mask_downscaling.{j}.{n}" for j in (0, 1, 3, 4, 6) for n in _WB],
+    "visual_model.sam_mask_decoder.iou_token.weight", "visual_model.sam_mask_decoder.mask_tokens.weight",
+    "visual_model.sam_mask_decoder.obj_score_token.weight",
+    *[f"visual_model.sam_mask_decoder.transformer.layers.{{l}}.{a}.{x}_proj.{n}" for a in _ATTN
+      for x in ("q", "k", "v", "out") for n in _WB],
+    *[f"visual_model.sam_mask_decoder.transformer.layers.{{l}}.norm{j}.{n}" for j in (1, 2, 3, 4) for n in _WB],
+    *[f"visual_model.sam_mask_decoder.transformer.layers.{{l}}.mlp.layers.{j}.{n}" for j in (0, 1) for n in _WB],
+    *[f"visual_model.sam_mask_decoder.transformer.final_attn_token_to_image.{x}_proj.{n}"
+      for x in ("q", "k", "v", "out") for n in _WB],
+    "visual_model.sam_mask_decoder.transformer.norm_final_attn.weight",
+    "visual_model.sam_mask_decoder.transformer.norm_final_attn.bias",
+    *[f"visual_model.sam_mask_decoder.output_upscaling.{j}.{n}" for j in (0, 1, 3) for n in _WB],
+    *[f"visual_model.sam_mask_decoder.{c}.{n}" for c in ("conv_s0", "conv_s1") for n in _WB],
+    *[f"visual_model.sam_mask_decoder.output_hypernetworks_mlps.{{m}}.layers.{j}.{n}" for j in (0, 1, 2) for n in _WB],
+    *[f"visual_model.sam_mask_decoder.{h}.layers.{j}.{n}" for h in ("iou_prediction_head", "pred_obj_score_head")
+      for j in (0, 1, 2) for n in _WB],
+]
+
+# Some of the reference's SAM-2 video-path (memory) parameters, also in the published checkpoints.
+SAM2_VIDEO_REFERENCE = [
+    "visual_model.maskmem_tpos_enc", "visual_model.no_mem_pos_enc", "visual_model.no_obj_ptr",
+    "visual_model.mask_downsample.weight", "visual_model.obj_ptr_proj.layers.2.bias",
+    "visual_model.memory_attention.layers.3.cross_attn_image.k_proj.weight",
+    "visual_model.memory_attention.layers.0.linear1.weight", "visual_model.memory_attention.norm.bias",
+    "visual_model.memory_encoder.mask_downsampler.encoder.12.weight", "visual_model.memory_encoder.pix_feat_proj.bias",
+    "visual_model.memory_encoder.fuser.layers.1.dwconv.weight", "visual_model.memory_encoder.fuser.layers.0.weight",
+    "visual_model.memory_encoder.out_proj.weight",
+]
+
+
+def _sam_h_ranges(cfg) -> dict:
+    return dict(i=range(cfg.sam.vision_config.num_hidden_layers),
+                l=range(cfg.sam.mask_decoder_config.num_hidden_layers), m=range(4), p=range(4))
+
+
+def _sam2_ranges(cfg) -> dict:
+    stages = list(cfg.sam.vision_config.backbone_config.blocks_per_stage)
+    return dict(i=range(sum(stages)), s=list(itertools.accumulate(stages[:-1])),
+                c=range(len(cfg.sam.vision_config.backbone_channel_list)),
+                l=range(cfg.sam.mask_decoder_config.num_hidden_layers), m=range(4), p=range(4))
+
+
 # torchscale BEiT-3 names (mm_extractor.beit3.*) and the projection, written out by hand.
 _MW = ("A", "B")
 BEIT3_REFERENCE = [
@@ -146,9 +209,8 @@ def test_reference_sam_h_and_beit3_key_patterns_load_strict():
     cfg = random_config("sam")
     model = EvfSam(cfg).eval()
     ours = model.original_state_dict()
-    sam_keys = _expand(SAM_H_REFERENCE, blocks=cfg.sam.vision_config.num_hidden_layers,
-                       layers=cfg.sam.mask_decoder_config.num_hidden_layers, mask_tokens=4)
-    beit_keys = _expand(BEIT3_REFERENCE, layers=cfg.beit3.layers)
+    sam_keys = _expand(SAM_H_REFERENCE, **_sam_h_ranges(cfg))
+    beit_keys = _expand(BEIT3_REFERENCE, l=range(cfg.beit3.layers))
     assert {k for k in ours if k.startswith("visual_model.")} == sam_keys
     assert {k for k in ours if not k.startswith("visual_model.")} == beit_keys
     # a state dict written purely from the reference's names (fresh tensors) loads strictly
@@ -163,6 +225,95 @@ def test_reference_sam_h_and_beit3_key_patterns_load_strict():
     pe = reference["visual_model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"]
     assert torch.equal(fresh.sam.shared_image_embedding.positional_embedding, pe)
     assert torch.equal(fresh.sam.prompt_encoder.shared_embedding.positional_embedding, pe)
+
+
+def test_reference_sam2_key_patterns_load_strict():
+    torch.manual_seed(0)
+    cfg = random_config("sam2")
+    model = EvfSam(cfg).eval()
+    ours = model.original_state_dict()
+    sam_keys = _expand(SAM2_REFERENCE, **_sam2_ranges(cfg))
+    assert {k for k in ours if k.startswith("visual_model.")} == sam_keys
+    # a state dict with only the reference's names (fresh tensors) plus video-path tensors loads strictly
+    g = torch.Generator().manual_seed(5)
+    reference = {k: torch.randn(ours[k].shape, generator=g) for k in sorted(sam_keys)}
+    reference.update({k: v for k, v in ours.items() if not k.startswith("visual_model.")})
+    reference.update({k: torch.zeros(3) for k in SAM2_VIDEO_REFERENCE})
+    fresh = EvfSam(cfg).eval()
+    fresh.load_original_state_dict(reference)
+    loaded = fresh.original_state_dict()
+    for k in sam_keys:
+        assert torch.equal(loaded[k], reference[k]), k
+    layer = fresh.sam.mask_decoder.transformer.layers[1]
+    src = "visual_model.sam_mask_decoder.transformer"
+    assert torch.equal(layer.cross_attn_image_to_token.o_proj.weight,
+                       reference[f"{src}.layers.1.cross_attn_image_to_token.out_proj.weight"])
+    assert torch.equal(layer.mlp.proj_out.bias, reference[f"{src}.layers.1.mlp.layers.1.bias"])
+    assert torch.equal(fresh.sam.mask_decoder.transformer.final_attn_token_to_image.o_proj.bias,
+                       reference[f"{src}.final_attn_token_to_image.out_proj.bias"])
+    points = [reference[f"visual_model.sam_prompt_encoder.point_embeddings.{i}.weight"] for i in range(4)]
+    assert torch.equal(fresh.sam.prompt_encoder.point_embed.weight, torch.cat(points))
+
+
+# config.json of the published checkpoints: only these fields (no beit3_config / sam_config)
+PUBLISHED_CONFIGS = {
+    "evf-sam": {"architectures": ["EvfSamModel"], "model_type": "evf", "hidden_size": 1024, "out_dim": 256,
+                "mm_extractor_scale": "large", "sam_scale": "huge", "torch_dtype": "float32"},
+    "evf-sam2": {"architectures": ["EvfSam2Model"], "model_type": "evf", "hidden_size": 1024, "out_dim": 256,
+                 "mm_extractor_scale": "large", "sam_scale": "large", "torch_dtype": "float32"},
+}
+
+# (name, shape) per published model, from the reference's module definitions
+PUBLISHED_SHAPES = {
+    "evf-sam": {
+        "visual_model.image_encoder.pos_embed": (1, 64, 64, 1280),
+        "visual_model.image_encoder.blocks.7.attn.rel_pos_h": (127, 80),      # global attention
+        "visual_model.image_encoder.blocks.0.attn.rel_pos_h": (27, 80),       # 14² windows
+        "visual_model.image_encoder.neck.0.weight": (256, 1280, 1, 1),
+        "visual_model.mask_decoder.transformer.layers.1.mlp.lin1.weight": (2048, 256),
+        "visual_model.mask_decoder.iou_prediction_head.layers.2.weight": (4, 256),
+    },
+    "evf-sam2": {
+        "visual_model.image_encoder.trunk.pos_embed": (1, 144, 7, 7),
+        "visual_model.image_encoder.trunk.pos_embed_window": (1, 144, 8, 8),
+        "visual_model.image_encoder.trunk.blocks.47.mlp.layers.0.weight": (4608, 1152),
+        "visual_model.image_encoder.trunk.blocks.44.proj.weight": (1152, 576),
+        "visual_model.image_encoder.neck.convs.0.conv.weight": (256, 1152, 1, 1),
+        "visual_model.image_encoder.neck.convs.3.conv.weight": (256, 144, 1, 1),
+        "visual_model.sam_mask_decoder.transformer.layers.1.mlp.layers.0.weight": (2048, 256),
+        "visual_model.sam_mask_decoder.transformer.layers.0.cross_attn_token_to_image.out_proj.weight": (256, 128),
+        "visual_model.sam_mask_decoder.conv_s0.weight": (32, 256, 1, 1),
+        "visual_model.sam_mask_decoder.pred_obj_score_head.layers.2.weight": (1, 256),
+        "visual_model.no_mem_embed": (1, 1, 256),
+    },
+}
+
+
+@pytest.mark.parametrize("name", ["evf-sam", "evf-sam2"])
+def test_published_config_builds_the_full_size_model_on_meta(name):
+    cfg = EvfSamConfig.from_dict(PUBLISHED_CONFIGS[name])
+    assert cfg.variant == ("sam2" if name == "evf-sam2" else "sam") and cfg.sam_image_size == 1024
+    with torch.device("meta"):
+        model = EvfSam(cfg)
+    assert all(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+    state = model.original_state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    expected = {
+        "mm_extractor.beit3.encoder.embed_positions.A.weight": (199, 1024),
+        "mm_extractor.beit3.encoder.embed_positions.B.weight": (1024, 1024),
+        "mm_extractor.beit3.text_embed.weight": (64010, 1024),
+        "text_hidden_fcs.0.2.weight": (256, 1024),
+        **PUBLISHED_SHAPES[name],
+    }
+    assert {k: shapes.get(k) for k in expected} == expected
+    # every name is the reference's, at full depth
+    ranges = _sam2_ranges(cfg) if cfg.variant == "sam2" else _sam_h_ranges(cfg)
+    reference = SAM2_REFERENCE if cfg.variant == "sam2" else SAM_H_REFERENCE
+    assert {k for k in state if k.startswith("visual_model.")} == _expand(reference, **ranges)
+    assert {k for k in state if not k.startswith("visual_model.")} == _expand(BEIT3_REFERENCE, l=range(24))
+    # README: 1.32B (SAM-H) and 898M (SAM-2, which also counts the video-path modules left out here)
+    n = sum(p.numel() for p in model.parameters())
+    assert (1.31e9 < n < 1.33e9) if name == "evf-sam" else (0.88e9 < n < 0.898e9)
 
 
 @pytest.mark.parametrize("variant", ["sam", "sam2"])

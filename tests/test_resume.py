@@ -1,6 +1,7 @@
 """Kill the driver midway, run again: every image exactly once, no error row lost."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -58,5 +59,10 @@ def test_killed_driver_resumes_exactly_once(tmp_path):
     assert len(ids) == len(set(ids)) == 42
     errors = sorted(r["file_name"] for r in table.to_pylist() if r["status"] == "error")
     assert errors == ["00000/zero.png", "00003/junk.jpg"]
-    assert '"resumed": true' in done.stdout
+    summary = json.loads(done.stdout)
+    assert summary["resumed"] and summary["labelled"] == summary["distinct"] == 42
+    # images committed before the kill were skipped, not labelled again
+    runs = [r["provenance"]["run_id"] for r in table.to_pylist()]
+    assert runs.count(summary["run_id"]) == summary["this_run"] < 42
+    assert len(set(runs)) == 2
     shutil.rmtree(tmp_path / "demo")

@@ -87,6 +87,16 @@ def test_hf_style_and_plain_binary_parquet_columns(tmp_path):
     assert [pixels_to_image(out.column("pixels")[i].as_buffer(), 20, 30)[0, 0, 0] for i in range(3)] == [10, 20, 30]
     with pytest.raises(SourceError, match="input.image_column"):
         list_input(InputSpec(uri=str(tmp_path), image_column="nope"))
+    with pytest.raises(SourceError, match="input.prompts_column: no column 'seeds'"):
+        list_input(InputSpec(uri=str(tmp_path), prompts_column="seeds"))
+
+
+def test_parquet_prompts_column_reaches_the_manifest_as_json(tmp_path):
+    seeds = [{"points_xy": [[3, 4]]}, None, {"boxes_xyxy": [[0, 0, 5, 5]]}]
+    pq.write_table(pa.table({"image": [_png()] * 3, "seeds": seeds}), tmp_path / "x.parquet")
+    m = list_input(InputSpec(uri=str(tmp_path), prompts_column="seeds"))
+    got = [json.loads(p) if p is not None else None for p in m.column("prompts").to_pylist()]
+    assert got == seeds
 
 
 def test_bad_images_become_error_rows(tmp_path):

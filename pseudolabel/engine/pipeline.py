@@ -126,18 +126,23 @@ def manifest_parts(job: JobSpec) -> tuple[list[str], list[int]]:
     return uris, rows
 
 
-def _count_labels(job: JobSpec) -> dict:
+def _count_labels(job: JobSpec, run_id: str | None = None) -> dict:
+    """Rows, ok/error rows and distinct image ids in ``labels/``; ``this_run``: rows written by ``run_id``."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
     fs, path = arrow_filesystem(join(job.output.uri, LABELS), job.storage)
     try:
-        import pyarrow.dataset as pads
-
         ds = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True)
-        table = ds.to_table(columns=["image_id", "status"])
+        table = ds.to_table(columns={"image_id": pads.field("image_id"), "status": pads.field("status"),
+                                     "run_id": pads.field("provenance", "run_id")})
     except (FileNotFoundError, pa.ArrowInvalid):
-        return {"rows": 0, "ok": 0, "error": 0, "distinct": 0}
-    status = table.column("status").to_pylist()
-    return {"rows": table.num_rows, "ok": status.count("ok"), "error": status.count("error"),
-            "distinct": len(set(table.column("image_id").to_pylist()))}
+        return {"rows": 0, "ok": 0, "error": 0, "distinct": 0, "this_run": 0}
+    status = table.column("status")
+    return {"rows": table.num_rows, "ok": pc.sum(pc.equal(status, "ok")).as_py() or 0,
+            "error": pc.sum(pc.equal(status, "error")).as_py() or 0,
+            "distinct": pc.count_distinct(table.column("image_id")).as_py(),
+            "this_run": pc.sum(pc.equal(table.column("run_id"), run_id)).as_py() or 0 if run_id else 0}
 
 
 #: Ray Data's checkpoint filter (present when resuming) runs in one actor that reserves 1 CPU.
@@ -185,9 +190,9 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
         _run_pipeline(job, address, progress, run_id, resuming=before["rows"] > 0)
 
     # 5. Summary.
-    after = _count_labels(job)
+    after = _count_labels(job, run_id)
     seconds = time.time() - started
-    new_rows = after["rows"] - before["rows"]
+    new_rows = after["this_run"]  # (files a crashed run left uncommitted are dropped, so not rows - before)
     summary = {
         "run_id": run_id, "name": job.name, "output_uri": job.output.uri, "images": total,
         "labelled": after["rows"], "ok": after["ok"], "error": after["error"],

@@ -115,13 +115,17 @@ def list_input(spec: InputSpec, storage: StorageSpec | None = None) -> pa.Table:
                 schema = pf.schema_arrow
                 image_column_of(schema, spec.image_column)
                 cols = [c for c in (spec.id_column, spec.prompts_column, "file_name") if c and c in schema.names]
-                if spec.id_column and spec.id_column not in schema.names:
-                    raise SourceError(f"input.id_column: no column {spec.id_column!r} in {rel}")
+                for field in ("id_column", "prompts_column"):
+                    column = getattr(spec, field)
+                    if column and column not in schema.names:
+                        raise SourceError(f"input.{field}: no column {column!r} in {rel}")
                 meta = pf.read(columns=cols).to_pylist() if cols else [{} for _ in range(pf.metadata.num_rows)]
             for i, m in enumerate(meta):
                 member = f"{PARQUET_ROW_PREFIX}{i}"
                 image_id = str(m[spec.id_column]) if spec.id_column else stable_image_id(rel, member)
                 prompts = m.get(spec.prompts_column) if spec.prompts_column else None
+                if isinstance(prompts, dict):  # a struct column: keys another row set are null here
+                    prompts = {k: v for k, v in prompts.items() if v is not None}
                 if prompts is not None and not isinstance(prompts, str):
                     prompts = json.dumps(prompts)
                 rows.append(dict(image_id=image_id, uri=to_uri(fs, f), member=member, shard=shard, size=None,

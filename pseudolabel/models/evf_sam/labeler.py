@@ -26,24 +26,47 @@ class EvfSamParams(LabelerParams):
     min_area: int = Field(1, ge=0, description="drop masks with fewer pixels than this (empty masks are always dropped)")
     dedup_iou: float | None = Field(None, gt=0.0, le=1.0, description="if set, drop a mask whose IoU with a "
                                     "higher-scoring mask from another prompt exceeds this")
-    multitask: bool | None = Field(None, description="prefix '[semantic] ' to prompts of ontology entries marked "
-                                   "semantic; None = auto (config.json 'multitask', else 'multitask' in the weights id)")
+    multitask: bool | None = Field(None, description="a multitask checkpoint: prefix '[semantic] ' to prompts of "
+                                   "ontology entries marked semantic and, for SAM-2, run the newer reference "
+                                   "(straight resize, best of three masks) instead of the original one (longest-side "
+                                   "resize, single-mask token); None = auto (config.json 'multitask', else "
+                                   "'multitask' in the weights id)")
     prompt_chunk: int = Field(64, ge=1, description="image-prompt pairs per BEiT-3 fusion pass")
     max_text_tokens: int = Field(512, ge=4, description="truncate tokenised prompts to this many tokens")
 
 
 def _torch_dtype(dtype: str, device: str) -> torch.dtype:
-    """``auto`` = float16 on CUDA (as the reference runs), float32 elsewhere."""
+    """The spec's dtype on CUDA (``auto`` = float16, as the reference runs); always float32 elsewhere."""
+    if not device.startswith("cuda"):
+        return torch.float32
     if dtype == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
+        return torch.float16
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
+#: a hub repository id, ``owner/name``
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def _looks_like_path(weights: str) -> bool:
+    """True for what can only be meant as a local path: absolute, ``./``, ``../``, ``~``, ``file://``, or
+    with a path separator but not of the hub's ``owner/name`` form."""
+    if weights.startswith(("/", "./", "../", "~", "file://")):
+        return True
+    return any(sep and sep in weights for sep in (os.sep, os.altsep)) and not _HUB_ID.match(weights)
+
+
 def _local_checkpoint(weights: str, storage, revision: str | None) -> str:
-    """A local directory for a local path, an s3:// prefix or a hub id."""
+    """A local directory for a local path, an s3:// prefix or a hub id.
+
+    A local path that is not a directory raises FileNotFoundError instead of being tried as a hub id.
+    """
     local = resolve_weights(weights, storage, revision)
     if os.path.isdir(local):
         return local
+    if _looks_like_path(weights):
+        raise FileNotFoundError(f"evf_sam weights {weights!r}: no such checkpoint directory "
+                                "(a hub id has the form owner/name)")
     from huggingface_hub import snapshot_download
 
     return snapshot_download(repo_id=weights, revision=revision)
@@ -84,7 +107,7 @@ class EvfSamLabeler(Labeler):
 
     def encode_images(self, images: list[np.ndarray]):
         """SAM image embeddings for the batch (one encoder pass) and each image's resized (h', w')."""
-        packed = [sam_pixels(im, self.sam_size, self.variant) for im in images]
+        packed = [sam_pixels(im, self.sam_size, self.variant, self.multitask) for im in images]
         pixels = torch.stack([p for p, _ in packed]).to(self.device, self.dtype)
         return self.model.encode_images(pixels), [hw for _, hw in packed]
 
@@ -115,7 +138,7 @@ class EvfSamLabeler(Labeler):
             # 3. decode this image's prompts against its shared embedding
             emb_i = ([e[i:i + 1] for e in embeddings] if isinstance(embeddings, (list, tuple))
                      else embeddings[i:i + 1])
-            low_res, iou = self.model.decode(emb_i, fused[i:i + 1])
+            low_res, iou = self.model.decode(emb_i, fused[i:i + 1], multimask=self.multitask)
             logits = masks_to_original(low_res[0], self.variant, self.sam_size, resized[i], image.shape[:2])
             masks = (logits > 0).cpu().numpy()
             scores = iou[0].clamp(0.0, 1.0).cpu().numpy()

@@ -79,6 +79,13 @@ class EvfSamConfig:
         return sam_image_size(self.variant, self.sam)
 
 
+def best_candidate(masks: torch.Tensor, iou: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P, K, h, w) logits, (B, P, K) IoU -> the candidate with the highest IoU: (B, P, h, w), (B, P)."""
+    best = iou.argmax(dim=-1)                                                      # (B, P)
+    mask = torch.take_along_dim(masks, best[:, :, None, None, None], dim=2)[:, :, 0]
+    return mask, torch.take_along_dim(iou, best[:, :, None], dim=2)[:, :, 0]
+
+
 class EvfSam(nn.Module):
     """The EVF-SAM network.
 
@@ -120,12 +127,16 @@ class EvfSam(nn.Module):
         return self.text_hidden_fcs[0](hidden[:, 0])
 
     @torch.inference_mode()
-    def decode(self, image_embeddings, prompt_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask decoder for B images × P prompts each.
+    def decoder_outputs(self, image_embeddings, prompt_embeds: torch.Tensor,
+                        multimask: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask decoder's candidates for B images × P prompts each.
 
         image_embeddings: as returned by ``encode_images`` for B images; prompt_embeds: (B, P, out_dim).
-        Returns (low-res logits (B, P, 4E, 4E) float, IoU predictions (B, P) float): the single mask for
-        SAM-H, the best-IoU of the three multimask outputs for SAM-2.
+        Returns (low-res logits (B, P, K, 4E, 4E), IoU predictions (B, P, K)) in the model's dtype.
+        SAM-H: K = 1, the single-mask token (the reference never asks SAM-H for three). SAM-2 with
+        ``multimask`` (the multitask checkpoints' reference): K = 3, the multimask tokens; without it (the
+        original EVF-SAM2 reference): K = 1, the single-mask token, replaced by the best-IoU multimask
+        output where its logits are unstable (SAM-2's dynamic multimask, on in the reference build).
         """
         sam = self.sam
         last = image_embeddings[-1] if isinstance(image_embeddings, (list, tuple)) else image_embeddings
@@ -133,17 +144,23 @@ class EvfSam(nn.Module):
         sparse = prompt_embeds[:, :, None, :].to(last.dtype)                      # (B, P, 1, C)
         dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, eh, ew)
         pos = sam.get_image_wide_positional_embeddings().repeat(b, 1, 1, 1).to(last.dtype)
+        inputs = dict(image_embeddings=last, image_positional_embeddings=pos, sparse_prompt_embeddings=sparse,
+                      dense_prompt_embeddings=dense)
         if self.config.variant == "sam":
-            masks, iou = sam.mask_decoder(image_embeddings=last, image_positional_embeddings=pos,
-                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                          multimask_output=False)
-            return masks[:, :, 0].float(), iou[:, :, 0].float()
-        masks, iou, _, _ = sam.mask_decoder(image_embeddings=last, image_positional_embeddings=pos,
-                                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                            multimask_output=True, high_resolution_features=list(image_embeddings[:-1]))
-        best = iou.argmax(dim=-1)                                                  # (B, P)
-        masks = torch.take_along_dim(masks, best[:, :, None, None, None], dim=2)[:, :, 0]
-        return masks.float(), torch.take_along_dim(iou, best[:, :, None], dim=2)[:, :, 0].float()
+            return sam.mask_decoder(**inputs, multimask_output=False)[:2]
+        return sam.mask_decoder(**inputs, multimask_output=multimask,
+                                high_resolution_features=list(image_embeddings[:-1]))[:2]
+
+    @torch.inference_mode()
+    def decode(self, image_embeddings, prompt_embeds: torch.Tensor,
+               multimask: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """One mask per image × prompt: ``decoder_outputs`` reduced by ``best_candidate``.
+
+        Returns (low-res logits (B, P, 4E, 4E) float32, IoU predictions (B, P) float32).
+        """
+        masks, iou = self.decoder_outputs(image_embeddings, prompt_embeds, multimask)
+        masks, iou = best_candidate(masks, iou)
+        return masks.float(), iou.float()
 
     # ------------------------------------------------------------------ state dicts
 

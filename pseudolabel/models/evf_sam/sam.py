@@ -122,9 +122,26 @@ def _mlp_rules(src: str, dst: str, depth: int) -> list[tuple[str, str]]:
     return rules
 
 
+#: the attention blocks of a two-way transformer layer
+_TWO_WAY_ATTENTIONS = ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")
+
+
+def _sam2_two_way_rules(t: str) -> list[tuple[str, str]]:
+    """SAM-2's two-way transformer: attention ``out_proj`` -> ``o_proj``, MLP ``layers.{0,1}`` -> ``proj_{in,out}``.
+
+    (SAM-H keeps ``out_proj`` and ``mlp.lin1/lin2`` in both naming schemes.) These must precede the
+    ``layers.{n}.`` catch-all.
+    """
+    dst = "mask_decoder.transformer"
+    rules = [(f"{t}.layers.{{n}}.{a}.out_proj.", f"{dst}.layers.{{n}}.{a}.o_proj.") for a in _TWO_WAY_ATTENTIONS]
+    rules.append((f"{t}.final_attn_token_to_image.out_proj.", f"{dst}.final_attn_token_to_image.o_proj."))
+    return rules + _mlp_rules(f"{t}.layers.{{n}}.mlp", f"{dst}.layers.{{n}}.mlp", 2)
+
+
 def _mask_decoder_rules(src: str, iou_depth: int, sam2: bool) -> list[tuple[str, str]]:
     t = f"{src}.transformer"
-    rules = [
+    rules = _sam2_two_way_rules(t) if sam2 else []
+    rules += [
         (f"{t}.layers.{{n}}.norm1.", "mask_decoder.transformer.layers.{n}.layer_norm1."),
         (f"{t}.layers.{{n}}.norm2.", "mask_decoder.transformer.layers.{n}.layer_norm2."),
         (f"{t}.layers.{{n}}.norm3.", "mask_decoder.transformer.layers.{n}.layer_norm3."),
