@@ -132,7 +132,7 @@ _ATTN = ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")
 _WB = ("weight", "bias")
 SAM2_REFERENCE = [
     "visual_model.image_encoder.trunk.pos_embed", "visual_model.image_encoder.trunk.pos_embed_window",
-    "visual_model.image_encoder.trunk.patch_embed.proj.weight", "visual_model.image_encoder.trunk.patch_embed.proj.bias",
+    *[f"visual_model.image_encoder.trunk.patch_embed.proj.{n}" for n in _WB],
     *[f"visual_model.image_encoder.trunk.blocks.{{i}}.{n}" for n in (
         "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
         "norm2.weight", "norm2.bias", "mlp.layers.0.weight", "mlp.layers.0.bias", "mlp.layers.1.weight",
@@ -423,6 +423,48 @@ def test_sam_pixels_longest_side_pad_and_plain_resize():
     assert x2.shape == (3, 64, 64) and hw3 == (64, 64)
 
 
+def _sam_normalized(x: torch.Tensor) -> torch.Tensor:
+    """(3, h, w) on the 0-255 scale -> SAM's mean/std, written out independently of the module."""
+    return (x.float() - torch.tensor(SAM_PIXEL_MEAN)[:, None, None]) / torch.tensor(SAM_PIXEL_STD)[:, None, None]
+
+
+def _pil_resized(img: np.ndarray, w: int, h: int, resample=Image.BILINEAR) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, h, w) uint8 tensor, resized by PIL."""
+    return torch.from_numpy(np.array(Image.fromarray(img).resize((w, h), resample))).permute(2, 0, 1)
+
+
+def test_sam_h_longest_side_is_pil_resized():
+    """ResizeLongestSide.apply_image: torchvision's resize of a PIL image, default (bilinear) interpolation."""
+    img = _image(90, 120)
+    x, hw = sam_pixels(img, 64, "sam")
+    assert hw == (48, 64)
+    assert torch.allclose(x[:, :48], _sam_normalized(_pil_resized(img, 64, 48)), atol=1e-5)
+    assert not torch.allclose(x[:, :48], _sam_normalized(_pil_resized(img, 64, 48, Image.BICUBIC)), atol=1e-3)
+
+
+def test_sam2_pixels_follow_the_reference_revision():
+    img = _image(90, 120)
+    # multitask checkpoints (newer reference): the uint8 tensor bilinear-resized to S², then mean/std
+    u8 = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+    straight = _sam_normalized(F.interpolate(u8[None], size=(64, 64), mode="bilinear", align_corners=False)[0])
+    x, hw = sam_pixels(img, 64, "sam2", multitask=True)
+    assert hw == (64, 64) and torch.allclose(x, straight, atol=1e-6)
+    # original checkpoints: PIL longest side, mean/std, then a float bilinear stretch to S²
+    longest = _sam_normalized(_pil_resized(img, 64, 48))
+    stretched = F.interpolate(longest[None], size=(64, 64), mode="bilinear", align_corners=False)[0]
+    x_orig, hw = sam_pixels(img, 64, "sam2", multitask=False)
+    assert hw == (64, 64) and torch.allclose(x_orig, stretched, atol=1e-6)
+    assert not torch.allclose(x, x_orig, atol=1e-2)
+
+
+def test_beit3_pixels_resize_without_antialiasing():
+    """The reference resizes the float tensor with torchvision (antialias=None: none for tensors)."""
+    img = _image(300, 400)                                   # a downscale, where antialiasing would matter
+    x = torch.from_numpy(img).permute(2, 0, 1).float() / 255.0
+    plain = F.interpolate(x[None], size=(224, 224), mode="bicubic", align_corners=False)[0]
+    assert torch.allclose(beit3_pixels(img), (plain - 0.5) / 0.5, atol=1e-6)
+
+
 @pytest.mark.parametrize("variant", ["sam", "sam2"])
 def test_masks_come_back_at_original_size(variant):
     low = torch.randn(3, 16, 16)
@@ -452,9 +494,23 @@ def test_select_instances_filters_and_dedups():
 # ---------------------------------------------------------------------------------------------- labeler
 
 
-def _labeler(weights, storage=None, **params):
-    spec = LabelerSpec(name="evf_sam", weights=weights, ontology=ONTOLOGY, params=params)
+def _labeler(weights, storage=None, dtype="auto", **params):
+    spec = LabelerSpec(name="evf_sam", weights=weights, ontology=ONTOLOGY, params=params, dtype=dtype)
     return labeler_class("evf_sam")(spec, device="cpu", storage=storage)
+
+
+def _assert_greedy_dedup(kept, everything, threshold):
+    """``kept`` is ``everything`` de-duplicated greedily by score at ``threshold`` (same image, one prompt each)."""
+    by_prompt = {i.prompt: i for i in everything}
+    assert kept and all(by_prompt[i.prompt].score == i.score for i in kept)
+    assert kept[0].prompt == max(everything, key=lambda i: i.score).prompt      # the best always stays
+    masks = np.stack([i.mask for i in kept])
+    overlap = mask_iou_matrix(masks, masks)
+    np.fill_diagonal(overlap, 0.0)
+    assert (overlap <= threshold).all()                                          # no two kept masks overlap
+    for dropped in (i for i in everything if i.prompt not in {k.prompt for k in kept}):
+        rivals = [k for k in kept if k.score >= dropped.score]                   # dropped for a better one
+        assert rivals and mask_iou_matrix(dropped.mask[None], np.stack([k.mask for k in rivals])).max() > threshold
 
 
 @pytest.mark.parametrize("variant", ["sam", "sam2"])
@@ -479,22 +535,83 @@ def test_labeler_outputs_ontology_categories_at_original_size(ckpt, variant):
     best = max(i.score for o in out for i in o.instances)
     assert all(not o.instances for o in _labeler(ckpt[variant], score_threshold=min(1.0, best + 1e-3))(images))
     dd = _labeler(ckpt[variant], dedup_iou=0.05)(images)
-    assert all(len(a.instances) <= len(b.instances) for a, b in zip(dd, out))
+    for kept, everything in zip(dd, out):
+        _assert_greedy_dedup(kept.instances, everything.instances, 0.05)
+    assert sum(len(o.instances) for o in dd) < sum(len(o.instances) for o in out)   # random masks overlap
 
 
-def test_labeler_masks_match_direct_model_call(ckpt):
-    """Batched prompts (padded) give the same masks as one prompt at a time through the model."""
-    lab = _labeler(ckpt["sam"])
+@pytest.mark.parametrize("variant,multitask", [("sam", False), ("sam2", False), ("sam2", True)])
+def test_labeler_masks_match_direct_model_call(ckpt, variant, multitask):
+    """Batched prompts (padded) give the same masks as one prompt at a time through the model, with the
+    reference revision's SAM input and mask choice."""
+    lab = _labeler(ckpt[variant], multitask=multitask)
     img = _image(90, 120, 3)
     got = {(i.category, i.prompt): i.mask for i in lab([img])[0].instances}
-    model, tok = lab.model, load_tokenizer(ckpt["sam"])
-    emb = model.encode_images(sam_pixels(img, 64, "sam")[0][None])
+    model, tok = lab.model, load_tokenizer(ckpt[variant])
+    pixels, resized = sam_pixels(img, 64, variant, multitask)
+    emb = model.encode_images(pixels[None])
     for (cat, prompt), mask in got.items():
-        enc = tok([prompt], return_tensors="pt")
+        enc = tok([prompt_text(prompt, cat == "sky", multitask)], return_tensors="pt")
         f = model.fuse(beit3_pixels(img)[None], enc["input_ids"], enc["attention_mask"])
-        low, _ = model.decode(emb, f[None])
-        ref = masks_to_original(low[0], "sam", 64, (48, 64), (90, 120))[0] > 0
+        low, _ = model.decode(emb, f[None], multimask=multitask)
+        ref = masks_to_original(low[0], variant, 64, resized, (90, 120))[0] > 0
         assert (ref.numpy() == mask).mean() > 0.999
+
+
+def test_sam2_picks_the_best_iou_of_three():
+    torch.manual_seed(0)
+    model = EvfSam(random_config("sam2")).eval()
+    emb = model.encode_images(torch.randn(2, 3, 64, 64))
+    prompts = _fused(model, 6).view(2, 3, -1)
+    # random weights: the choice is the IoU head's argmax among the three multimask outputs
+    masks, iou = model.decoder_outputs(emb, prompts, multimask=True)
+    assert masks.shape[:3] == (2, 3, 3) and iou.shape == (2, 3, 3)
+    chosen, score = model.decode(emb, prompts, multimask=True)
+    best = iou.argmax(-1)
+    for b, q in itertools.product(range(2), range(3)):
+        assert torch.equal(chosen[b, q], masks[b, q, best[b, q]].float()) and score[b, q] == iou[b, q].max()
+    # steer the IoU head (tokens: 0 = single mask, 1-3 = multimask) so that candidate k wins everywhere
+    head = model.sam.mask_decoder.iou_prediction_head.proj_out
+    for k in range(3):
+        with torch.no_grad():
+            head.bias.fill_(-1e3)
+            head.bias[1 + k] = 1e3
+        masks, iou = model.decoder_outputs(emb, prompts, multimask=True)
+        assert (iou.argmax(-1) == k).all()
+        chosen, score = model.decode(emb, prompts, multimask=True)
+        assert torch.equal(chosen, masks[:, :, k].float()) and torch.equal(score, iou[:, :, k].float())
+
+
+def test_best_candidate_is_the_argmax():
+    masks = torch.arange(2 * 3 * 3 * 4, dtype=torch.float32).view(2, 3, 3, 2, 2)
+    iou = torch.tensor([[[0.1, 0.9, 0.2], [0.8, 0.1, 0.3], [0.0, 0.2, 0.7]],
+                        [[0.5, 0.4, 0.6], [0.3, 0.3, 0.9], [0.9, 0.2, 0.1]]])
+    chosen, score = best_candidate(masks, iou)
+    expect = [[1, 0, 2], [2, 2, 0]]
+    for b, q in itertools.product(range(2), range(3)):
+        assert torch.equal(chosen[b, q], masks[b, q, expect[b][q]]) and score[b, q] == iou[b, q, expect[b][q]]
+
+
+def test_sam2_single_mask_output_for_original_checkpoints():
+    """The original EVF-SAM2 reference asks SAM-2 for one mask: token 0, or where its logits are unstable
+    the best multimask output (SAM-2's dynamic multimask)."""
+    torch.manual_seed(0)
+    model = EvfSam(random_config("sam2")).eval()
+    emb = model.encode_images(torch.randn(1, 3, 64, 64))
+    prompts = _fused(model, 2)[None]
+    best_of_three = best_candidate(*model.decoder_outputs(emb, prompts, multimask=True))[0]
+    # random weights: token 0's logits are all near 0, unstable -> the best of three
+    masks, iou = model.decoder_outputs(emb, prompts, multimask=False)
+    assert masks.shape[:3] == (1, 2, 1) and iou.shape == (1, 2, 1)
+    assert torch.equal(masks[:, :, 0], best_of_three)
+    # a sharp (stable) token 0 is used as it is
+    decoder = model.sam.mask_decoder
+    with torch.no_grad():
+        decoder.output_hypernetworks_mlps[0].proj_out.weight.mul_(1e8)
+    masks, _ = model.decoder_outputs(emb, prompts, multimask=False)
+    decoder.dynamic_multimask_via_stability = False
+    token0, _ = model.decoder_outputs(emb, prompts, multimask=False)
+    assert torch.equal(masks, token0) and not torch.equal(masks[:, :, 0], best_of_three)
 
 
 def test_multitask_prefix_from_config(tmp_path):
@@ -519,6 +636,78 @@ def test_bin_checkpoint_loads_like_safetensors(ckpt, tmp_path):
         assert torch.equal(v, again.state_dict()[k]), k
     save_evf_sam(again, tmp_path / "resaved")
     assert (tmp_path / "resaved" / "model.safetensors").exists()
+
+
+def test_sharded_safetensors_index_loads_like_one_file(ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = Path(ckpt["sam2"])
+    state = load_file(str(src / "model.safetensors"))
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, names in shards.items():
+        save_file({k: state[k] for k in names}, str(tmp_path / name))
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+             "weight_map": {k: name for name, names in shards.items() for k in names}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    for name in ("config.json", "sentencepiece.bpe.model"):
+        shutil.copy(src / name, tmp_path / name)
+    assert not (tmp_path / "model.safetensors").exists()
+    one, sharded = load_evf_sam(src), load_evf_sam(tmp_path)
+    for k, v in one.state_dict().items():
+        assert torch.equal(v, sharded.state_dict()[k]), k
+    images = [_image(90, 120, 5)]
+    a, b = _labeler(str(src))(images)[0].instances, _labeler(str(tmp_path))(images)[0].instances
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert (x.prompt, x.score) == (y.prompt, y.score) and np.array_equal(x.mask, y.mask)
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Records hub downloads instead of making them: the list of repo ids asked for."""
+    import huggingface_hub
+
+    asked = []
+
+    def refuse(repo_id, revision=None, **kwargs):
+        asked.append(repo_id)
+        raise ConnectionRefusedError("no hub in tests")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    return asked
+
+
+@pytest.mark.parametrize("weights", ["/no/such/evf-sam2", "./evf-sam2-missing", "../evf-sam2-missing",
+                                     "~/no/such/evf-sam2", "file:///no/such/evf-sam2", "checkpoints/run1/evf-sam2"])
+def test_mistyped_local_path_is_not_sent_to_the_hub(no_hub, weights):
+    with pytest.raises(FileNotFoundError, match=re.escape(repr(weights))):
+        _labeler(weights)
+    assert no_hub == []
+
+
+def test_hub_id_goes_to_the_hub(no_hub):
+    with pytest.raises(ConnectionRefusedError):
+        _labeler("someone/evf-sam2-missing")
+    assert no_hub == ["someone/evf-sam2-missing"]
+
+
+def test_half_precision_only_on_cuda(ckpt):
+    assert _torch_dtype("auto", "cuda") == torch.float16
+    assert _torch_dtype("bfloat16", "cuda:1") == torch.bfloat16
+    assert _torch_dtype("float16", "cuda:0") == torch.float16
+    assert _torch_dtype("float32", "cuda") == torch.float32
+    for dtype in ("auto", "float16", "bfloat16", "float32"):
+        assert _torch_dtype(dtype, "cpu") == torch.float32
+    images = [_image(90, 120, 6)]
+    reference = _labeler(ckpt["sam"], dtype="float32")(images)[0].instances
+    for dtype in ("float16", "bfloat16"):
+        lab = _labeler(ckpt["sam"], dtype=dtype)
+        assert lab.dtype == torch.float32
+        assert {p.dtype for p in lab.model.parameters()} == {torch.float32}
+        got = lab(images)[0].instances
+        assert [(i.prompt, i.score) for i in got] == [(i.prompt, i.score) for i in reference]
 
 
 def test_local_and_s3_weights_give_identical_output(ckpt, s3_bucket, tmp_path, monkeypatch):
