@@ -1,6 +1,8 @@
 """``incontext`` (seggpt+inpaint, tiny random SegGPT) end to end through Ray on demo data with watermarks."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from test_incontext_seggpt import _queries, calibrated_threshold, save_tiny_seggpt, watermark_pair
@@ -20,7 +22,13 @@ def test_incontext_through_ray_on_watermarked_demo_data(ray_cluster, tmp_path, m
     model_dir = save_tiny_seggpt(str(tmp_path / "seggpt"))
     demo_in, demo_out = watermark_pair(tmp_path)
     data = tmp_path / "demo"
-    generate(str(data), images=3, shards=1, size=64, progress=False)
+    gen = generate(str(data), images=3, shards=1, size=64, seed=1, progress=False)
+    # the data must hold what the demonstration shows: seed 1 puts a watermark on every image
+    assert gen["images"] == 3 and gen["images_with_watermark"] == 3, gen
+    components = json.loads(open(gen["components_json"]).read())["images"]
+    marked = {c["file_name"] for c in components if "watermark" in c["components"]}
+    assert len(marked) == 3
+    assert all(m["area"] > 0 for c in components for m in c["masks"] if m["type"] == "watermark")
     thr = calibrated_threshold(model_dir, demo_in, demo_out, _queries(3))
 
     job = {
@@ -37,6 +45,7 @@ def test_incontext_through_ray_on_watermarked_demo_data(ray_cluster, tmp_path, m
     assert summary
     rows = read_labels(str(tmp_path / "out")).to_pylist()
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    assert {f for f in marked if any(r["uri"].endswith(f) for r in rows)} == marked  # every marked image labelled
     separated = 0
     for row in rows:
         query = cv2.cvtColor(cv2.imread(row["uri"]), cv2.COLOR_BGR2RGB)

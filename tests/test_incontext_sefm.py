@@ -131,3 +131,141 @@ def test_training_lowers_loss_and_checkpoint_loads_as_labeler(tmp_path, s3_bucke
     assert out.layers["clean"].shape == query.shape and out.layers["clean"].dtype == np.uint8
     assert not np.array_equal(out.layers["clean"], query)
     np.testing.assert_array_equal(decode_query(out.layers["clean"], out.layers["component"]), query)
+
+
+# ------------------------------------------------------------------------------------------------
+# A non-identity network: the checkpoint's weights perturbed with a seed
+# ------------------------------------------------------------------------------------------------
+
+def perturbed_checkpoint(directory, seed=0, std=0.02, temperature=None, **config) -> str:
+    """A SeFM checkpoint whose weights are moved by N(0, std) (seeded) so that it changes its input; the
+    output bias is zeroed (the change depends on the content, not a constant shift) and ``temperature``,
+    when given, sharpens the attention (more weight on the demonstration cells)."""
+    torch.manual_seed(seed)
+    net = SeFM(SeFMConfig(**{**TINY, **config}))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.endswith("temperature") and temperature is not None:
+                param.fill_(temperature)
+            else:
+                param.add_(torch.randn(param.shape, generator=gen) * std)
+        net.out.bias.zero_()
+    net.save_pretrained(str(directory))
+    return str(directory)
+
+
+def _watermarked_queries(seed=7, sizes=((40, 56), (64, 48))):
+    from pseudolabel.jobs.demo_data import add_watermark, render_scene
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for h, w in sizes:
+        clean = cv.resize(render_scene(rng, max(h, w), shadow_prob=0.0, watermark_prob=0.0).clean, h, w)
+        out.append(add_watermark(clean, rng)[0])
+    return out
+
+
+def _sefm(weights, demo_in, demo_out, dtype="auto", **params):
+    spec = LabelerSpec(name="incontext", weights=weights, dtype=dtype,
+                       params={"backend": "sefm", "demo_in": demo_in, "demo_out": demo_out, **params})
+    return labeler_class("incontext")(spec)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_sefm_runs_in_the_requested_dtype(tmp_path, dtype):
+    ck = perturbed_checkpoint(tmp_path / "ck")
+    demo_in, demo_out = _demo_pair(tmp_path)
+    queries = _watermarked_queries()
+    reference = [o.layers["clean"] for o in _sefm(ck, demo_in, demo_out, dtype="float32")(queries)]
+    lab = _sefm(ck, demo_in, demo_out, dtype=dtype)
+    assert {p.dtype for p in lab.net.parameters()} == {getattr(torch, dtype)}
+    outs = lab(queries)
+    for q, ref, out in zip(queries, reference, outs):
+        clean, comp = out.layers["clean"], out.layers["component"]
+        assert clean.shape == comp.shape == q.shape and clean.dtype == comp.dtype == np.uint8
+        np.testing.assert_array_equal(decode_query(clean, comp), q)
+        assert np.abs(ref.astype(int) - q.astype(int)).mean() > 2  # the network does change the query...
+        err = np.abs(clean.astype(int) - ref.astype(int))
+        assert err.mean() < 1.0 and err.max() <= 8, (err.mean(), err.max())  # ...and about as in float32
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_identity_network_is_exact_in_half_precision(tmp_path, dtype):
+    """The change is measured against the query as the network saw it (rounded to its dtype)."""
+    demo_in, demo_out = _demo_pair(tmp_path)
+    lab = _sefm(None, demo_in, demo_out, dtype=dtype, allow_untrained=True, cell=32)
+    assert next(lab.net.parameters()).dtype == getattr(torch, dtype)
+    queries = _watermarked_queries()
+    for q, out in zip(queries, lab(queries)):
+        np.testing.assert_array_equal(out.layers["clean"], q)
+        assert out.instances == []
+
+
+def test_sefm_auto_dtype_on_cpu_is_float32(tmp_path):
+    ck = perturbed_checkpoint(tmp_path / "ck")
+    demo_in, demo_out = _demo_pair(tmp_path)
+    queries = _watermarked_queries(sizes=((40, 40),))
+    auto = _sefm(ck, demo_in, demo_out, dtype="auto")
+    assert {p.dtype for p in auto.net.parameters()} == {torch.float32}
+    fp32 = _sefm(ck, demo_in, demo_out, dtype="float32")
+    np.testing.assert_array_equal(auto(queries)[0].layers["clean"], fp32(queries)[0].layers["clean"])
+
+
+def test_several_pairs_give_the_mean_of_single_pair_results(tmp_path):
+    from pseudolabel.jobs.demo_data import add_watermark, render_scene
+
+    ck = perturbed_checkpoint(tmp_path / "ck", std=0.05, temperature=10.0)
+    a_in, a_out = _demo_pair(tmp_path, seed=0)
+    # a second, different pair: another scene, a bold red watermark
+    rng = np.random.default_rng(21)
+    clean = render_scene(rng, 48, shadow_prob=0.0, watermark_prob=0.0).clean
+    marked = add_watermark(clean, rng, text="XY", opacity=0.9, color=(250, 30, 30))[0]
+    b_in, b_out = _write_png(tmp_path / "b_in.png", marked), _write_png(tmp_path / "b_out.png", clean)
+    queries = _watermarked_queries()
+    only_a = _sefm(ck, a_in, a_out)(queries)
+    only_b = _sefm(ck, b_in, b_out)(queries)
+    both = _sefm(ck, [a_in, b_in], [a_out, b_out])(queries)
+    for q, oa, ob, o2 in zip(queries, only_a, only_b, both):
+        ca, cb, c2 = (o.layers["clean"].astype(np.float64) for o in (oa, ob, o2))
+        # the pairs lead to different answers, so the combination is not trivially either one
+        assert np.abs(ca - cb).mean() > 1.0 and np.abs(ca - cb).max() >= 8
+        # mean of the per-pair clean images, rounded once (each single result was rounded once too)
+        assert np.abs(c2 - (ca + cb) / 2).max() <= 1.0
+        assert np.abs(c2 - ca).max() >= 3 and np.abs(c2 - cb).max() >= 3
+        np.testing.assert_array_equal(decode_query(o2.layers["clean"], o2.layers["component"]), q)
+
+
+def test_sefm_mask_is_where_clean_differs_by_more_than_change_threshold(tmp_path):
+    from pseudolabel.models.incontext.component import clean_mask
+
+    ck = perturbed_checkpoint(tmp_path / "ck", seed=1)
+    demo_in, demo_out = _demo_pair(tmp_path)
+    queries = _watermarked_queries()
+    # the clean images do not depend on the threshold: pick thresholds inside the range of changes
+    cleans = [o.layers["clean"] for o in _sefm(ck, demo_in, demo_out)(queries)]
+    diffs = [np.abs(q.astype(int) - c.astype(int)).max(axis=2) for q, c in zip(queries, cleans)]
+    low, high = (int(np.percentile(np.concatenate([d.ravel() for d in diffs]), pc)) for pc in (25, 75))
+    assert low < high
+    masks = {}
+    for thr in (low, high):
+        # without clean-up the mask is exactly the thresholded difference
+        lab = _sefm(ck, demo_in, demo_out, change_threshold=thr, mask_open_radius=0, mask_close_radius=0, min_area=0)
+        for i, (q, out) in enumerate(zip(queries, lab(queries))):
+            np.testing.assert_array_equal(out.layers["clean"], cleans[i])
+            expected = diffs[i] > thr
+            assert 0 < expected.sum() < expected.size  # some pixels on each side of the threshold
+            assert len(out.instances) == 1
+            inst = out.instances[0]
+            assert inst.category == "component" and inst.category_id == 1
+            np.testing.assert_array_equal(inst.mask, expected)
+            masks[thr, i] = inst.mask
+    for i in range(len(queries)):  # a higher threshold keeps a subset
+        assert masks[high, i].sum() < masks[low, i].sum() and not (masks[high, i] & ~masks[low, i]).any()
+    # with the default clean-up: the cleaned thresholded difference
+    lab = _sefm(ck, demo_in, demo_out, change_threshold=low)
+    p = lab.params
+    for q, d, out in zip(queries, diffs, lab(queries)):
+        expected = clean_mask(d > low, p.mask_open_radius, p.mask_close_radius, p.min_area)
+        assert expected.any()
+        np.testing.assert_array_equal(out.instances[0].mask, expected)

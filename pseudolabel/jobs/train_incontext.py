@@ -15,6 +15,11 @@ pixels (plain L1 when 0). Usage::
 
 or ``train_incontext({...})`` from Python; the checkpoint directory (local or s3://) holds
 ``config.json`` + ``model.safetensors``.
+
+Fine-tuning: ``init_from`` a checkpoint trains that network, with the checkpoint's configuration. A
+``model`` given as well must agree with it on every field it sets (it may be left out); a field that
+disagrees is an error naming both (``SpecError``), never silently dropped. At least one step always
+runs, whatever ``time_budget_s`` says.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pseudolabel import storage as st
 from pseudolabel.models.incontext import canvas as cv
 from pseudolabel.models.incontext.sefm import SeFM, SeFMConfig
-from pseudolabel.schemas.spec import StorageSpec, validate_spec
+from pseudolabel.schemas.spec import SpecError, StorageSpec, validate_spec
 
 Component = Literal["watermark", "shadow"]
 
@@ -48,8 +53,10 @@ class TrainSpec(BaseModel):
 
     output: str = Field(description="checkpoint directory: local path or s3:// prefix")
     storage: StorageSpec = Field(default_factory=StorageSpec)
-    model: SeFMConfig = Field(default_factory=small_config, description="network size; cell and layout included")
-    init_from: str | None = Field(None, description="start from this checkpoint directory (local)")
+    model: SeFMConfig = Field(default_factory=small_config, description="network size; cell and layout included "
+                                                                      "(with init_from: the checkpoint's)")
+    init_from: str | None = Field(None, description="start from this checkpoint directory (local); a model given "
+                                                    "too must agree with the checkpoint on every field it sets")
     components: list[Component] = Field(default_factory=lambda: ["watermark"],
                                          description="component types to learn to separate")
     image_size: int = Field(64, ge=32, description="side of the rendered demo scenes (px)")
@@ -64,7 +71,8 @@ class TrainSpec(BaseModel):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(20, ge=0)
-    time_budget_s: float | None = Field(None, gt=0, description="stop early after this many seconds")
+    time_budget_s: float | None = Field(None, gt=0, description="stop early after this many seconds "
+                                                               "(at least one step runs)")
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
     device: str = "cpu"
@@ -160,6 +168,33 @@ def save_checkpoint(net: SeFM, uri: str, storage: StorageSpec | None = None) -> 
     return uri
 
 
+def _model_fields_given(original: Any, spec: TrainSpec, overrides: dict[str, Any]) -> set[str]:
+    """The ``model`` fields the user set (as opposed to defaults), from the spec and the overrides."""
+    if isinstance(original, TrainSpec):  # validate_spec re-validates its full dump: ask the instance
+        given = set(original.model.model_fields_set) if "model" in original.model_fields_set else set()
+    else:
+        given = set(spec.model.model_fields_set) if "model" in spec.model_fields_set else set()
+    for key, value in overrides.items():
+        if key == "model":
+            given |= set(value) if isinstance(value, dict) else set(SeFMConfig.model_fields)
+        elif key.startswith("model."):
+            given.add(key.split(".")[1])
+    return given
+
+
+def load_init(spec: TrainSpec, given: set[str]) -> SeFM:
+    """The ``init_from`` checkpoint, after checking that the fields set in ``model`` agree with it."""
+    net = SeFM.from_pretrained(spec.init_from)
+    have, want = net.config.model_dump(), spec.model.model_dump()
+    bad = [k for k in sorted(given) if k in have and want[k] != have[k]]
+    if bad:
+        raise SpecError("init_from and model disagree: " + "; ".join(
+            f"model.{k} is {want[k]!r} but the checkpoint at init_from ({spec.init_from}) has {have[k]!r}"
+            for k in bad) + ". Leave model out to train the checkpoint's network, or drop init_from to train "
+                            "a new one of that size")
+    return net
+
+
 def train_incontext(spec: "TrainSpec | dict | str | Path", **overrides: Any) -> dict:
     """Train SeFM on synthesised in-context pairs and save the checkpoint.
 
@@ -171,13 +206,13 @@ def train_incontext(spec: "TrainSpec | dict | str | Path", **overrides: Any) -> 
         ``log_every`` steps), losses (per step), parameters.
     """
     # 1. spec, seeds, network
+    original = spec
     spec = validate_spec(TrainSpec, spec, overrides)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
-    cfg = spec.model
-    net = SeFM.from_pretrained(spec.init_from) if spec.init_from else SeFM(cfg)
+    net = load_init(spec, _model_fields_given(original, spec, overrides)) if spec.init_from else SeFM(spec.model)
     net.to(spec.device).train()
     layout, cell = net.config.layout, net.config.cell
     # 2. data
@@ -193,11 +228,11 @@ def train_incontext(spec: "TrainSpec | dict | str | Path", **overrides: Any) -> 
         return spec.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
     # 4. loop
-    t0 = time.time()
+    t0 = time.perf_counter()
     losses: list[float] = []
     for step in range(spec.steps):
-        if spec.time_budget_s and time.time() - t0 > spec.time_budget_s:
-            break
+        if step > 0 and spec.time_budget_s and time.perf_counter() - t0 > spec.time_budget_s:
+            break  # never before the first step: a run always has a loss to report
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         if fixed is None:
@@ -213,11 +248,11 @@ def train_incontext(spec: "TrainSpec | dict | str | Path", **overrides: Any) -> 
         losses.append(float(loss.detach()))
         if (step + 1) % spec.log_every == 0:
             print(f"step {step + 1}/{spec.steps} l1 {np.mean(losses[-spec.log_every:]):.4f} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
     # 5. save
     net.eval()
     save_checkpoint(net.cpu(), spec.output, spec.storage)
     k = max(1, min(spec.log_every, len(losses) // 2))
-    return {"output": spec.output, "steps": len(losses), "seconds": round(time.time() - t0, 2),
+    return {"output": spec.output, "steps": len(losses), "seconds": round(time.perf_counter() - t0, 2),
             "first_loss": float(np.mean(losses[:k])), "last_loss": float(np.mean(losses[-k:])),
             "losses": losses, "parameters": int(sum(p.numel() for p in net.parameters()))}

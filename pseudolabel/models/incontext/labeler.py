@@ -15,7 +15,11 @@ Backends:
 - ``sefm``: the SeFM network on the 2×2 in-context canvas. **No public SeFM weights exist**: pass a
   checkpoint trained with ``pseudolabel.jobs.train_incontext`` as ``weights`` (local dir or s3://).
   The answer cell's change is transferred to the full-resolution query (``canvas.transfer_residual``);
-  several pairs are averaged. The mask is where clean and query differ.
+  with several pairs, the clean image is the mean of the per-pair clean images (each in [0, 1],
+  rounded to uint8 once, after averaging). The mask is where clean and query differ by more than
+  ``change_threshold`` (max over RGB), cleaned like the demo masks. The network runs in ``spec.dtype``
+  (``auto``: float16 on CUDA, float32 on CPU); its change is measured against the query cell as the
+  network saw it (in that dtype), so a network that changes nothing gives back the query exactly.
 - ``seggpt+inpaint`` (public weights, default ``BAAI/seggpt-vit-large``): the demo mask is where the
   pair differs; SegGPT finds the same component in the query; OpenCV (or a diffusers pipeline given
   as ``inpaint_weights``) inpaints it.
@@ -64,6 +68,8 @@ class InContextParams(LabelerParams):
                                                           "default: OpenCV inpainting, weight-free")
     inpaint_prompt: str = Field("", description="prompt for the diffusion inpainting pipeline")
     inpaint_steps: int = Field(25, ge=1, description="diffusion inpainting steps")
+    inpaint_resolution: int = Field(512, ge=64, multiple_of=8,
+                                    description="side (px) the diffusion inpainting pipeline runs at")
 
     @field_validator("demo_in", "demo_out", mode="before")
     @classmethod
@@ -86,6 +92,7 @@ def decode_image(data: bytes) -> np.ndarray:
 
 
 def _torch_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto``: float16 on CUDA, float32 elsewhere; a name: that dtype (on any device, as asked)."""
     if dtype == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
     return getattr(torch, dtype)
@@ -139,7 +146,8 @@ class InContextSeparator(Labeler):
         else:
             raise ValueError("incontext backend 'sefm' needs weights: SeFM has no public weights; train a "
                              "checkpoint with `pseudolabel train-incontext` and pass its directory as weights")
-        self.net.to(self.device)
+        self.dtype = _torch_dtype(self.spec.dtype, self.device)
+        self.net.to(device=self.device, dtype=self.dtype).eval()
         self.cell = p.cell or self.net.config.cell
         self.layout = p.layout or self.net.config.layout
         expected = 3 if self.layout == "grid" else 6
@@ -153,16 +161,18 @@ class InContextSeparator(Labeler):
         f = [im.astype(np.float32) / 255.0 for im in images]
         demos = [(a.astype(np.float32) / 255.0, b.astype(np.float32) / 255.0) for a, b in self.pairs]
         canvases = [cv.stitch(a, b, q, self.cell, self.layout) for q in f for a, b in demos]
-        x = torch.from_numpy(np.stack(canvases)).permute(0, 3, 1, 2).to(self.device)
-        # 2. SeFM, answer cells
+        x = torch.from_numpy(np.stack(canvases)).permute(0, 3, 1, 2).to(self.device, self.dtype)
+        # 2. SeFM; the answer cells, and the query cells as the network saw them (the last 3 input
+        #    channels hold the query in the answer box, cast to the network's dtype)
         out = self.net(x).float().permute(0, 2, 3, 1).cpu().numpy()
+        seen = x[:, -3:].float().permute(0, 2, 3, 1).cpu().numpy()
         # 3. transfer each answer's change to the full-resolution query, average over pairs
         results, k = [], 0
         for q in f:
-            q_cell = cv.to_cell(q, self.cell)
             acc = np.zeros_like(q)
             for _ in self.pairs:
-                acc += cv.transfer_residual(q, q_cell, cv.crop_answer(out[k], self.layout))
+                acc += cv.transfer_residual(q, cv.crop_answer(seen[k], self.layout),
+                                            cv.crop_answer(out[k], self.layout))
                 k += 1
             results.append(np.clip(np.rint(acc / len(self.pairs) * 255.0), 0, 255).astype(np.uint8))
         return results
@@ -188,7 +198,8 @@ class InContextSeparator(Labeler):
             from pseudolabel.models.inpainting import DiffusionInpainter
 
             self.inpainter = DiffusionInpainter(resolve_weights(p.inpaint_weights, self.storage), device=self.device,
-                                                dtype=self.spec.dtype, prompt=p.inpaint_prompt, steps=p.inpaint_steps)
+                                                dtype=self.spec.dtype, prompt=p.inpaint_prompt, steps=p.inpaint_steps,
+                                                resolution=p.inpaint_resolution)
 
     def _seggpt_masks(self, images: list[np.ndarray]) -> tuple[list[np.ndarray], list[float]]:
         """Per query: (H, W) bool component mask and its mean foreground probability."""

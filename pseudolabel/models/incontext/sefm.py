@@ -50,7 +50,8 @@ class SeFMConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    in_channels: int = Field(3, description="3 for the grid canvas, 6 for the vertical (image|target) canvas")
+    in_channels: int | None = Field(None, description="3 for the grid canvas, 6 for the vertical (image|target) "
+                                                      "canvas; default: the layout's")
     width: int = Field(48, ge=4, description="channels at full resolution")
     enc_blocks: list[int] = Field(default_factory=lambda: [4, 6, 6, 8],
                                   description="attention blocks per encoder level; the last level is the bottleneck")
@@ -76,6 +77,12 @@ class SeFMConfig(BaseModel):
                 raise ValueError(f"level {i}: {self.width * 2 ** i} channels not divisible by {h} heads")
         if self.layout not in ("grid", "vertical"):
             raise ValueError("layout must be grid or vertical")
+        channels = 3 if self.layout == "grid" else 6
+        if self.in_channels is None:
+            self.in_channels = channels
+        elif self.in_channels != channels:
+            raise ValueError(f"layout {self.layout!r} stitches {channels}-channel canvases; in_channels is "
+                             f"{self.in_channels} (leave it out to follow the layout)")
         return self
 
     @property
