@@ -15,6 +15,7 @@ from pseudolabel.models.attention import (
     grid_for_length,
     load_sd_components,
     noisy_unet_pass,
+    per_row_noise,
 )
 
 
@@ -160,6 +161,47 @@ def test_noisy_pass_seeded(sd, inputs):
     with torch.inference_mode():
         manual = sd.unet(sd.scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=emb).sample
     assert torch.allclose(a, manual, atol=1e-5)
+
+
+def test_per_row_noise_does_not_depend_on_the_batch():
+    shape = (4, 3, 5)
+    batch = per_row_noise(3, shape, seed=7, count=2)
+    alone = per_row_noise(1, shape, seed=7, count=2)
+    assert [n.shape for n in batch] == [(3, *shape)] * 2 and batch[0].dtype == torch.float32
+    for k in range(2):
+        for j in range(3):
+            assert torch.equal(batch[k][j], alone[k][0])  # any position = alone
+    assert not torch.allclose(batch[0], batch[1])  # successive draws differ
+    g = torch.Generator().manual_seed(7)
+    assert torch.equal(alone[0][0], torch.randn(shape, generator=g))
+    assert torch.equal(alone[1][0], torch.randn(shape, generator=g))
+    assert not torch.allclose(per_row_noise(1, shape, seed=8)[0], alone[0])
+    assert per_row_noise(0, shape, seed=7)[0].shape == (0, *shape)
+
+
+def test_head_average_accumulates_in_float32_without_a_float32_copy_of_all_heads():
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(0)
+    heads, lq, lk = 8, 256, 128
+    probs32 = torch.rand(2, heads, lq, lk, generator=g).softmax(-1)
+    # float32 results are unchanged: the plain mean over heads
+    store = AttentionStore()
+    store.record("a", "self", (16, 16), 1, probs32)
+    assert store.maps["a"].probs.dtype == torch.float32
+    assert torch.equal(store.maps["a"].probs, probs32.mean(1))
+    # half precision: float32 accumulation (exact up to float32 rounding of the sum)
+    probs16 = probs32.half()
+    exact = probs16.double().mean(1)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        store.record("b", "self", (16, 16), 1, probs16)
+    out = store.maps["b"].probs
+    assert out.dtype == torch.float32 and out.shape == (2, lq, lk)
+    assert (out.double() - exact).abs().max() < 1e-7
+    # no allocation as large as a float32 copy of all heads (one head's worth is allowed)
+    full_copy = probs16.numel() * 4
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < largest < full_copy / 2, (largest, full_copy)
 
 
 def test_load_from_s3(sd_dir, s3_bucket, sd, tmp_path, monkeypatch):

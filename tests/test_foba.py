@@ -220,3 +220,109 @@ def test_labeler_loads_from_s3(tiny_sd, s3_bucket, tmp_path, monkeypatch):
     images = _images()[:1]
     outs = lab(images)
     _check_outputs(outs, images)
+
+
+# -- wiring of the mask steps -----------------------------------------------------------------------
+
+def test_preliminary_mask_is_majority_filtered_gmm_of_the_step_mean(tiny_sd, monkeypatch):
+    """attention_steps=2: the maps seen at each pass, averaged over steps and layers, GMM-thresholded and
+    majority-filtered, give exactly the preliminary masks."""
+    import torch.nn.functional as F
+
+    import pseudolabel.models.foba as foba_module
+    from pseudolabel.models.attention import AttentionStore
+    from pseudolabel.models.foba import resize_image
+    from pseudolabel.models.masks import gmm_mask, majority_filter
+
+    spec = LabelerSpec(name="foba", weights=tiny_sd, params={**FAST, "attention_steps": 2},
+                       ontology=[{"category": "zebra"}])
+    lab = FoBa(spec)
+    passes: list[dict] = []
+    real_pass = foba_module.noisy_unet_pass
+
+    def pass_spy(unet, scheduler, latents, timestep, *args, **kwargs):
+        passes.append({"t": int(timestep), "maps": {}})
+        return real_pass(unet, scheduler, latents, timestep, *args, **kwargs)
+
+    class RecordingStore(AttentionStore):
+        def record(self, name, kind, hw, factor, probs):
+            passes[-1]["maps"][name] = (tuple(hw), probs.float().mean(1).clone())
+            super().record(name, kind, hw, factor, probs)
+
+    monkeypatch.setattr(foba_module, "noisy_unet_pass", pass_spy)
+    monkeypatch.setattr(foba_module, "AttentionStore", RecordingStore)
+    inputs = np.stack([resize_image(im, 64) for im in _images(3)])
+    with torch.inference_mode():
+        latents = encode_image(lab.sd.vae, inputs)
+        att, masks = lab.preliminary(latents, "zebra")
+    assert [p["t"] for p in passes] == [781, 581]
+    token_idx = class_token_indices(lab.sd.tokenizer, "a photo of a zebra", "zebra")
+
+    per_step = []
+    for p in passes:
+        assert p["maps"] and all(name.endswith("attn2") for name in p["maps"])
+        layer_maps = []
+        for hw, probs in p["maps"].values():
+            m = probs[..., token_idx].mean(-1).reshape(probs.shape[0], 1, *hw)
+            layer_maps.append(F.interpolate(m, size=(8, 8), mode="nearest")[:, 0])
+        per_step.append(torch.stack(layer_maps).mean(0).numpy())
+    mean = np.mean(per_step, axis=0)
+    assert not np.allclose(per_step[0], per_step[1], atol=1e-4)  # the steps differ, so averaging matters
+    np.testing.assert_allclose(att, mean, atol=1e-6)
+    expected = np.stack([majority_filter(gmm_mask(a), lab.params.majority_size) for a in mean])
+    assert np.array_equal(masks, expected)
+    assert not np.array_equal(masks, np.stack([gmm_mask(a) for a in mean]))  # the filter changed something
+    assert not np.array_equal(masks, np.stack([majority_filter(gmm_mask(a), 3) for a in per_step[-1]]))
+
+
+def test_refined_mask_is_the_closed_filled_and_of_difference_and_preliminary_masks(labeler, monkeypatch):
+    """The refined mask = close_and_fill(gmm_mask(|reconstruction - plate|) & preliminary, radius), from the
+    refinement's own plate, and the labeler's foreground mask is that at image size."""
+    import cv2
+
+    import pseudolabel.models.foba as foba_module
+    from pseudolabel.models.attention import decode_latents
+    from pseudolabel.models.foba import difference_map, resize_image, resize_mask
+    from pseudolabel.models.masks import close_and_fill, gmm_mask
+
+    decoded = []
+    real_decode = foba_module.decode_latents
+
+    def decode_spy(vae, latents):
+        out = real_decode(vae, latents)
+        decoded.append(out.copy())
+        return out
+
+    monkeypatch.setattr(foba_module, "decode_latents", decode_spy)
+    images = _images(1)
+    outs = labeler(images)
+    assert len(decoded) == 2
+    plates, reference = decoded   # the plate, then the reconstruction it is compared with
+    inputs = np.stack([resize_image(im, 64) for im in images])
+    with torch.inference_mode():
+        latents = encode_image(labeler.sd.vae, inputs)
+        _, prelim = labeler.preliminary(latents, "cat")
+        assert np.array_equal(reference, decode_latents(labeler.sd.vae, latents))
+    diff = difference_map(reference, plates)
+    radius = labeler.params.closing_radius
+    and_mattered = closing_mattered = False
+    for j, (out, image) in enumerate(zip(outs, images)):
+        region = resize_mask(prelim[j], (64, 64))
+        raw = gmm_mask(diff[j])
+        expected = close_and_fill(raw & region, radius)
+        and_mattered |= bool((raw & ~region).any())
+        closing_mattered |= not np.array_equal(expected, raw & region)
+        hw = image.shape[:2]
+        assert np.array_equal(out.layers["foreground_mask"] > 0, resize_mask(expected, hw))
+        # the plate seen is the one composited into the background layer
+        plate = cv2.resize(plates[j], (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
+        big = resize_mask(prelim[j], hw)
+        assert np.array_equal(out.layers["background"][big], plate[big])
+    assert and_mattered, "the difference mask never left the preliminary mask: the AND is untested"
+    assert closing_mattered, "closing and hole filling changed nothing: they are untested"
+    # the refinement step alone returns the same masks at the working resolution
+    with torch.inference_mode():
+        _, refined = labeler.refine(latents, inputs, prelim)
+    expected = np.stack([close_and_fill(gmm_mask(d) & resize_mask(pm, (64, 64)), radius)
+                         for d, pm in zip(diff, prelim)])
+    assert np.array_equal(refined, expected)

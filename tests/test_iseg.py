@@ -351,3 +351,99 @@ def test_run_through_ray_on_demo_data(sd_dir, ray_cluster, tmp_path):
     res = tmp_path / "results.json"
     export(str(tmp_path / "out"), "coco-results", str(res))
     assert len(coco.loadRes(str(res)).getAnnIds()) == len(coco.getAnnIds())
+
+
+# ------------------------------------------------------------------------------- audit checks
+
+@pytest.fixture(scope="module")
+def lab(sd_dir):
+    return ISeg(_spec(sd_dir))
+
+
+def _batch_mates():
+    rng = np.random.default_rng(11)
+    a = rng.integers(0, 256, (80, 56, 3), dtype=np.uint8)
+    b = np.full((64, 64, 3), 120, np.uint8)
+    b[16:48, 8:40] = (30, 200, 90)
+    return [a, b]
+
+
+def _same_labels(a, b):
+    """Identical masks, categories and semantic layer; scores equal up to float32 batch arithmetic."""
+    assert [(i.category, i.prompt) for i in a.instances] == [(i.category, i.prompt) for i in b.instances]
+    for x, y in zip(a.instances, b.instances):
+        assert np.array_equal(x.mask, y.mask)
+        assert x.score == pytest.approx(y.score, abs=1e-5)
+    assert np.array_equal(a.layers["semantic"], b.layers["semantic"])
+
+
+def test_labels_do_not_depend_on_the_batch_or_position(lab):
+    """The engine retries a failed batch one image at a time: an image labelled alone must get exactly
+    the masks it got at position 2 of a batch of 3 (the noise is per row, not one draw for the batch)."""
+    target = _images()[0]
+    mates = _batch_mates()
+    for prompt in (None, {"points_xy": [[10, 30]], "boxes_xyxy": [[50, 5, 90, 60]]}):
+        alone = lab([target], [prompt])[0]
+        batched = lab(mates + [target], [None, {"categories": ["sky"]}, prompt])[2]
+        assert alone.instances
+        _same_labels(batched, alone)
+
+
+def test_class_token_embeddings_are_scaled_before_the_pass(lab, monkeypatch):
+    from pseudolabel.models import attention
+
+    real = attention.noisy_unet_pass
+    seen = []
+
+    def spy(unet, scheduler, latents, timestep, text_embeddings, *args, **kwargs):
+        seen.append(text_embeddings.clone())
+        return real(unet, scheduler, latents, timestep, text_embeddings, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "noisy_unet_pass", spy)
+    lab(_images(), [None, {"categories": ["zebra"]}])
+    assert len(seen) == 1 and lab.params.text_scale == pytest.approx(1.6)
+    (emb,) = seen
+    tok, te = lab.sd.tokenizer, lab.sd.text_encoder
+    bg = lab.params.background_words
+    plans = [plan_prompts(tok, [["cat"], ["zebra", "striped horse"], ["sky"]], bg)[0],
+             plan_prompts(tok, [["zebra", "striped horse"]], bg)[0]]
+    with torch.inference_mode():
+        base, _ = attention.encode_text(tok, te, [pl.text for pl in plans])
+    assert emb.shape == base.shape
+    for row, pl in enumerate(plans):
+        pos = sorted({t for ids in pl.token_ids for t in ids})
+        rest = [t for t in range(base.shape[1]) if t not in pos]
+        assert len(pos) >= 3
+        assert torch.allclose(emb[row, pos], 1.6 * base[row, pos], rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(emb[row, pos], base[row, pos])
+        assert torch.equal(emb[row, rest], base[row, rest])
+
+
+def test_mask_score_is_the_mean_map_value_inside_the_mask(lab, monkeypatch):
+    import pseudolabel.models.iseg as iseg_module
+
+    real = iseg_module.grid_to_image
+    maps_seen = []
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        maps_seen.append(out.clone())
+        return out
+
+    monkeypatch.setattr(iseg_module, "grid_to_image", spy)
+    images = _images()
+    prompts = [None, {"points_xy": [[5, 5]], "boxes_xyxy": [[30, 30, 60, 62]]}]
+    outs = lab(images, prompts)
+    assert len(maps_seen) == 2
+    checked = 0
+    for out, maps, channels in zip(outs, maps_seen, (["cat", "zebra", "sky"], ["point", "box"])):
+        maps = maps.numpy()
+        assert maps.shape[0] == len(channels)
+        for inst in out.instances:
+            k = channels.index(inst.category if out is outs[0] else inst.prompt)
+            expected = float(maps[k][inst.mask].mean())
+            assert inst.score == pytest.approx(expected, abs=1e-6)
+            # not some other statistic of the map
+            assert abs(expected - float(maps[k].mean())) > 1e-3 and abs(expected - float(maps[k][inst.mask].max())) > 1e-3
+            checked += 1
+    assert checked >= 2

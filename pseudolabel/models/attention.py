@@ -17,6 +17,9 @@ Loading and encoding:
 - ``noisy_unet_pass(unet, scheduler, latents, timestep, text_embeddings, generator=None, noise=None)
   -> noise prediction (B, 4, h, w)``: one UNet pass on ``scheduler.add_noise(latents, noise, t)``, no
   classifier-free guidance. Gradients are not disabled here; wrap in ``torch.inference_mode()``.
+- ``per_row_noise(batch, shape, seed, count=1) -> [noise (batch, *shape), ...]``: float32 CPU noise where
+  every row is drawn from its own generator seeded with ``seed``, so an image's noise does not depend on
+  the batch it is in or its position there (pass it as ``noisy_unet_pass(..., noise=...)``).
 
 Capture:
 - ``AttentionStore(layers=None, kind="both", resolutions=None, factors=None, per_head=False,
@@ -172,7 +175,9 @@ def noisy_unet_pass(unet, scheduler, latents: torch.Tensor, timestep: "int | tor
         latents: (B, C, h, w) clean latents (``encode_image`` output).
         timestep: int in [0, num_train_timesteps) or a 0-d / (B,) tensor.
         text_embeddings: (B, T, D) or (1, T, D) (broadcast over the batch).
-        generator: seeds the noise (a CPU generator works for any device).
+        generator: seeds the noise (a CPU generator works for any device). The draw is one (B, C, h, w)
+            tensor, so a row's noise depends on its position in the batch; use ``per_row_noise`` when
+            results must not depend on the batch.
         noise: explicit noise (B, C, h, w) instead of drawing it.
 
     Returns:
@@ -192,6 +197,20 @@ def noisy_unet_pass(unet, scheduler, latents: torch.Tensor, timestep: "int | tor
     if cond.shape[0] == 1 and latents.shape[0] > 1:
         cond = cond.expand(latents.shape[0], -1, -1)
     return unet(noisy, t, encoder_hidden_states=cond).sample
+
+
+def per_row_noise(batch: int, shape: "Iterable[int]", seed: int, count: int = 1) -> list[torch.Tensor]:
+    """``count`` standard-normal tensors (batch, *shape), float32 on the CPU, batch-independent.
+
+    Each row has its own CPU generator seeded with ``seed`` and draws its ``count`` samples in order, so
+    row j of the k-th tensor is the same for every batch size and position: an image labelled alone, or
+    retried on its own after a failed batch, sees exactly the noise it saw inside the batch.
+    """
+    shape = tuple(int(s) for s in shape)
+    if batch <= 0:
+        return [torch.zeros((0, *shape)) for _ in range(count)]
+    gens = [torch.Generator().manual_seed(int(seed)) for _ in range(batch)]
+    return [torch.stack([torch.randn(shape, generator=g) for g in gens]) for _ in range(count)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,7 +304,7 @@ class AttentionStore:
     # -- recording --------------------------------------------------------------------------------
     def record(self, name: str, kind: str, hw: tuple[int, int], factor: int, probs: torch.Tensor) -> None:
         """Add one pass of ``probs`` (B, heads, Lq, Lk) for layer ``name``."""
-        probs = probs.float() if self.per_head else probs.float().mean(1)
+        probs = probs.float() if self.per_head else head_mean(probs)
         if self.device is not None:
             probs = probs.to(self.device)
         old = self.maps.get(name)
@@ -331,6 +350,22 @@ class AttentionStore:
             stacked = [r.probs.mean(1) if r.probs.ndim == 4 else r.probs for r in recs]
             out[hw] = torch.stack(stacked).mean(0)
         return out
+
+
+def head_mean(probs: torch.Tensor) -> torch.Tensor:
+    """(B, heads, Lq, Lk) -> (B, Lq, Lk) float32 mean over heads, accumulated in float32.
+
+    No float32 copy of all heads is made: float32 input and CUDA half/bfloat16 input reduce directly
+    (CUDA reads the low-precision values into a float32 accumulator); other low-precision input (e.g.
+    float16 on the CPU, where a dtype-changing reduction would cast the whole tensor first) is summed one
+    head at a time, so the extra memory is one head's map.
+    """
+    if probs.dtype == torch.float32 or (probs.is_cuda and probs.dtype in (torch.float16, torch.bfloat16)):
+        return probs.mean(1, dtype=torch.float32)
+    acc = probs[:, 0].float()
+    for h in range(1, probs.shape[1]):
+        acc.add_(probs[:, h])
+    return acc.div_(probs.shape[1])
 
 
 class AttentionCaptureProcessor:

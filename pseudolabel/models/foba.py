@@ -39,6 +39,7 @@ from pseudolabel.models.attention import (
     encode_text,
     load_sd_components,
     noisy_unet_pass,
+    per_row_noise,
 )
 from pseudolabel.models.base import Instance, LabelerParams, LabelOutput, Labeler
 from pseudolabel.models.masks import close_and_fill, gmm_mask, majority_filter
@@ -241,8 +242,7 @@ class FoBa(Labeler):
 
     def _noise(self, n: int, shape: tuple[int, ...], count: int) -> list[torch.Tensor]:
         """``count`` noise tensors (n, *shape), image j's noise depending only on the seed."""
-        gens = [torch.Generator().manual_seed(self.params.seed) for _ in range(n)]
-        return [torch.stack([torch.randn(shape, generator=g) for g in gens]) for _ in range(count)]
+        return per_row_noise(n, shape, self.params.seed, count)
 
     # -- the algorithm ----------------------------------------------------------------------------
     @torch.inference_mode()

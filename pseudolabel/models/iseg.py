@@ -1,6 +1,6 @@
 """iSeg: training-free segmentation from Stable Diffusion attention (linsun449/iseg.code).
 
-One UNet pass on the VAE latent noised to ``timestep`` (seeded, no CFG) yields cross-attention
+One UNet pass on the VAE latent noised to ``timestep`` (seeded per image, no CFG) yields cross-attention
 (class tokens -> pixels) and self-attention (pixel -> pixel). The self-attention is sharpened by the
 entropy-reduction step and applied N times to the cross-attention; the refined per-class maps are
 turned into a label map and per-class masks. Points, boxes and lines ("seeds") can replace the text.
@@ -383,7 +383,7 @@ class ISegParams(LabelerParams):
                                         description="words after 'background,' in the prompt")
     seed_threshold: float = Field(0.4, ge=0, le=1, description="background level for point/box/line seeds")
     clip_box_seeds: bool = Field(True, description="keep a box seed's mask inside its box")
-    seed: int = Field(0, description="noise seed")
+    seed: int = Field(0, description="noise seed; every image gets the same noise whatever its batch")
     resolution: int = Field(512, ge=64, description="SD input size (square), multiple of 8")
     semantic_layer: bool = Field(False, description="add a 'semantic' layer: (H, W) category ids, 0 = background")
     min_area: int = Field(1, ge=1, description="drop masks with fewer pixels")
@@ -437,7 +437,13 @@ class ISeg(Labeler):
     def _attention(self, latents: torch.Tensor, texts: list[str], token_ids: list[list[int]]):
         """One noisy pass on ``latents`` (B rows) with per-row ``texts``; returns
         (self-attention (B, L, L), grid (h, w), fused cross-attention (B, L, T))."""
-        from pseudolabel.models.attention import AttentionStore, capture_attention, encode_text, noisy_unet_pass
+        from pseudolabel.models.attention import (
+            AttentionStore,
+            capture_attention,
+            encode_text,
+            noisy_unet_pass,
+            per_row_noise,
+        )
 
         p = self.params
         emb, _ = encode_text(self.sd.tokenizer, self.sd.text_encoder, texts)
@@ -447,9 +453,10 @@ class ISeg(Labeler):
                 emb[i, ids] = emb[i, ids] * p.text_scale
         cross_store = AttentionStore(kind="cross", factors=[f for f, w in p.res_weights.items() if w])
         self_store = AttentionStore(layers=p.self_layers, kind="self", per_head=p.self_heads is not None)
-        gen = torch.Generator().manual_seed(p.seed)
+        # every row gets the noise it would get alone, whatever the batch and its position in it
+        noise = per_row_noise(latents.shape[0], latents.shape[1:], p.seed)[0]
         with capture_attention(self.sd.unet, cross_store), capture_attention(self.sd.unet, self_store):
-            noisy_unet_pass(self.sd.unet, self.sd.scheduler, latents, p.timestep, emb, generator=gen)
+            noisy_unet_pass(self.sd.unet, self.sd.scheduler, latents, p.timestep, emb, noise=noise)
         if not self_store.maps:
             raise ValueError(f"iseg: no self-attention layer matches {p.self_layers}")
         grid = max((r.hw for r in self_store.maps.values()), key=lambda hw: hw[0] * hw[1])
