@@ -50,7 +50,8 @@ def _storage(args):
 def cmd_export(args) -> int:
     from pseudolabel.jobs.export import export
 
-    info = export(args.output, args.format, args.out, storage=_storage(args), gt_json=args.gt)
+    info = export(args.output, args.format, args.out, storage=_storage(args), gt_json=args.gt,
+                  labeler=args.labeler or None)
     print(json.dumps(info, indent=2, default=str))
     return 0
 
@@ -63,6 +64,8 @@ def cmd_evaluate(args) -> int:
         kwargs["gt_semantic_root"] = args.semantic_root
     if args.curve:
         kwargs["curve_png"] = args.curve
+    if args.labeler:
+        kwargs["labeler"] = args.labeler
     for name in ("precision_tol", "recall_tol", "border"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
@@ -144,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=["coco", "coco-results", "panoptic"], default="coco")
     e.add_argument("--out", required=True, help="JSON path (panoptic: PNGs go beside it)")
     e.add_argument("--gt", default=None, help="ground-truth COCO JSON to match image ids by file name")
+    e.add_argument("--labeler", action="append", default=[], metavar="NAME",
+                   help="panoptic: only this token labeler's tokens (repeat for several; default: all)")
     e.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: the AWS environment)")
     e.set_defaults(fn=cmd_export)
 
@@ -159,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens: pixel tolerance of boundary precision (default 2)")
     v.add_argument("--recall-tol", type=float, default=None, help="tokens: pixel tolerance of boundary recall (default 5)")
     v.add_argument("--border", type=int, default=None, help="tokens: ignored band at the image border, pixels (default 5)")
+    v.add_argument("--labeler", action="append", default=[], metavar="NAME",
+                   help="tokens: score only this labeler's tokens (repeat for several; default: all)")
     v.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: the AWS environment)")
     v.set_defaults(fn=cmd_evaluate)
 

@@ -71,3 +71,42 @@ def test_every_shipped_example_is_a_valid_spec():
         else:
             job = load_spec(path)
             assert job.labelers[0].name in (stem, "classical_grabcut")
+
+
+def test_export_panoptic_with_labeler_filter(tmp_path, capsys):
+    from test_export import write_two_labeler_run
+
+    from pseudolabel.jobs.export import read_panoptic
+
+    run = write_two_labeler_run(tmp_path / "run")
+    path = str(tmp_path / "pan" / "panoptic.json")
+    assert main(["export", run, "--format", "panoptic", "--out", path, "--labeler", "test"]) == 0
+    info = _json_out(capsys)
+    assert info["format"] == "panoptic" and info["images"] == 3 and info["labelers"] == ["test"]
+    assert info["dropped_tokens"] == 0 and len(read_panoptic(path)) == 3
+    assert main(["export", run, "--format", "panoptic", "--out", path]) == 0
+    assert _json_out(capsys)["labelers"] == "all"
+    gt = tmp_path / "gt.json"
+    from labels_fixtures import gt_coco
+
+    gt.write_text(json.dumps(gt_coco()))
+    assert main(["evaluate", run, "--gt", str(gt), "--task", "tokens", "--labeler", "test"]) == 0
+    scores = _json_out(capsys)
+    assert scores["labelers"] == ["test"] and scores["asa"] == 1.0
+
+
+def test_train_directsam_through_the_command_line(demo_root, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    monkeypatch.setenv("PSEUDOLABEL_CACHE", str(tmp_path / "cache"))
+    job = tmp_path / "train.yaml"
+    job.write_text(yaml.safe_dump({"data": demo_root, "model_size": "tiny", "output": str(tmp_path / "ft"),
+                                   "resolution": 32, "steps": 500, "batch_size": 2, "limit": 4}))
+    assert main(["train-directsam", str(job), "--set", "steps=2"]) == 0
+    text = capsys.readouterr().out  # progress lines ("step 1/2 loss ..."), then the result as JSON
+    assert text.startswith("step 1/2 loss")
+    result = json.loads(text[text.index("\n{") + 1:])
+    assert result["steps"] == 2 and result["images"] == 4 and result["output"] == str(tmp_path / "ft")
+    assert "loss_first" in result and "loss_last" in result
+    assert os.path.exists(tmp_path / "ft" / "config.json")
+    assert os.path.exists(tmp_path / "ft" / "preprocessor_config.json")

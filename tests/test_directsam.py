@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from directsam_tiny import blocks_image, noise_image, save_tiny_segformer, tiny_segformer
+from directsam_tiny import (
+    blocks_image,
+    hub_cache_snapshot,
+    noise_image,
+    save_tiny_segformer,
+    tiny_dinov2,
+    tiny_segformer,
+)
 from pseudolabel.models.directsam_pyramid import (
     border_weights,
     crop_boxes,
@@ -216,7 +223,7 @@ def test_labeler_simple_leaves_boundary_unassigned(model_dir):
     assert lm.max() >= 2
     np.testing.assert_array_equal(lm == 0, prob >= thr)
     assert 0.3 < (lm == 0).mean() < 0.7
-    assert out.layers["boundary"].dtype == np.uint8 and out.layers["boundary"].shape == lm.shape
+    assert out.layers["boundary"].dtype == np.uint16 and out.layers["boundary"].shape == lm.shape
     assert ((out.tokens.boundary_score >= 0) & (out.tokens.boundary_score <= 1)).all()
 
 
@@ -260,12 +267,9 @@ def test_mask_pool_matches_direct_average():
 
 
 def test_labeler_token_embeddings_from_dinov2_backbone(model_dir, tmp_path):
-    from transformers import Dinov2Backbone, Dinov2Config
+    from scipy import ndimage
 
-    torch.manual_seed(0)
-    cfg = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                       patch_size=14, image_size=56, out_features=["stage2"])
-    Dinov2Backbone(cfg).save_pretrained(tmp_path / "dino")
+    tiny_dinov2(str(tmp_path / "dino"), hidden_size=16, image_size=56)
     images = [noise_image(80, 112), noise_image(64, 64, seed=5)]
     thr = median_threshold(model_dir, images)
     plain = make(model_dir, threshold=thr)(images)
@@ -273,7 +277,80 @@ def test_labeler_token_embeddings_from_dinov2_backbone(model_dir, tmp_path):
     out = make(model_dir, threshold=thr, embedding_weights=str(tmp_path / "dino"), embedding_resolution=56)(images)
     for o, p in zip(out, plain):
         np.testing.assert_array_equal(o.tokens.label_map, p.tokens.label_map)
-        k = int(o.tokens.label_map.max())
+        lm = o.tokens.label_map
+        k = int(lm.max())
         emb = o.tokens.embeddings
-        assert emb.shape == (k, 16) and emb.dtype == np.float32 and np.isfinite(emb).all()
-        assert np.abs(emb[0] - emb[-1]).max() > 0  # tokens at different places pool different features
+        # 16 pooled backbone channels, then the normalised box [x0/W, y0/H, x1/W, y1/H]
+        assert emb.shape == (k, 16 + 4) and emb.dtype == np.float32 and np.isfinite(emb).all()
+        assert np.abs(emb[0, :16] - emb[-1, :16]).max() > 0  # tokens at different places pool different features
+        h, w = lm.shape
+        for t, (sy, sx) in enumerate(ndimage.find_objects(lm)):
+            expected = [sx.start / w, sy.start / h, sx.stop / w, sy.stop / h]
+            np.testing.assert_allclose(emb[t, 16:], expected, rtol=1e-6)
+
+
+# --- checkpoint preprocessing config from the hub, boundary layer precision --------------------------
+
+def test_hub_id_resolution_from_checkpoint_preprocessor_at_revision(tmp_path, monkeypatch):
+    """A hub id reads the checkpoint's preprocessor_config.json (at the spec's revision) like a local dir
+    does: the offline hub cache holds a tiny checkpoint under the default id with an 1800 px processor."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from pseudolabel.models.directsam import DirectSAM
+
+    repo = DirectSAM.default_weights  # chendelong/DirectSAM-1800px-0424
+    files = save_tiny_segformer(str(tmp_path / "files"), resolution=1800)
+    hub_cache_snapshot(str(tmp_path / "hub"), repo, files, revision="v1")
+    bare = str(tmp_path / "bare")  # the same checkpoint without its preprocessor_config.json
+    save_tiny_segformer(bare)
+    os.remove(os.path.join(bare, "preprocessor_config.json"))
+    hub_cache_snapshot(str(tmp_path / "hub"), "someone/bare-directsam", bare, revision="main")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    calls = []
+    real = huggingface_hub.hf_hub_download
+
+    def spy(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename, kwargs.get("revision")))
+        return real(repo_id, filename, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
+    lab = DirectSAM(LabelerSpec(name="directsam", revision="v1", dtype="float32"), device="cpu")
+    assert lab.resolution == 1800
+    assert calls == [(repo, "preprocessor_config.json", "v1")]
+    # a hub checkpoint whose processor config cannot be had: an error unless the resolution is given
+    with pytest.raises(ValueError, match="resolution"):
+        make("someone/bare-directsam")
+    assert make("someone/bare-directsam", resolution=96).resolution == 96
+
+
+def test_boundary_layer_is_uint16_and_keeps_low_threshold_tokens():
+    """The saved ``boundary`` layer, stored as the engine stores it and read back as evaluate reads it,
+    gives the tokens of the float map at threshold 0.03 (8 bits would move values by up to 1/510)."""
+    import tempfile
+
+    from pseudolabel.engine.encode import encode_output
+    from pseudolabel.jobs.evaluate import _boundary_layer
+    from pseudolabel.jobs.metrics import asa
+    from pseudolabel.models.tokens import boundary_to_tokens
+
+    with tempfile.TemporaryDirectory() as d:  # map centred near 0.03, like a calibrated model's
+        weights = save_tiny_segformer(d, resolution=128, bias=math.log(0.03 / 0.97) + 0.3)
+        lab = make(weights, mode="simple", threshold=0.03, max_tokens=None, save_boundary=True)
+        images = [noise_image(80, 112), noise_image(64, 64, seed=5)]
+        outs = lab(images)
+        probs = [m.numpy() for m in lab.boundary_maps(images)]
+    for out, prob in zip(outs, probs):
+        assert out.layers["boundary"].dtype == np.uint16
+        h, w = prob.shape
+        row = {"layers": encode_output(out, "directsam", h, w)["layers"]}
+        decoded, labeler = _boundary_layer(row)
+        assert labeler == "directsam" and decoded.shape == prob.shape
+        assert float(np.abs(decoded - prob).max()) <= 0.5 / 65535 + 1e-7
+        near = np.abs(prob - 0.03) < 2e-3
+        assert near.mean() > 0.05  # many pixels within 8-bit rounding of the threshold
+        ref = boundary_to_tokens(prob, 0.03, "simple").label_map
+        got = boundary_to_tokens(decoded, 0.03, "simple").label_map
+        assert ((ref == 0) != (got == 0)).mean() < 0.005  # the same boundary pixels but a few
+        assert abs(int(ref.max()) - int(got.max())) <= 1
+        assert asa(got, ref) > 0.99 and asa(ref, got) > 0.99

@@ -1,10 +1,12 @@
-"""directsam end to end: demo data through Ray with a tiny random Segformer, tokens in the labels table,
-then the panoptic export round-trips to the same masks."""
+"""directsam end to end: demo data through Ray with a tiny random Segformer (and a tiny DINOv2 for token
+embeddings), tokens in the labels table, the panoptic export round-trips to the same masks, and the
+uint16 boundary layer is stored."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from directsam_tiny import save_tiny_segformer
+from directsam_tiny import save_tiny_segformer, tiny_dinov2
 
 
 def test_directsam_through_ray_on_demo_data(ray_cluster, tmp_path, monkeypatch):
@@ -12,12 +14,15 @@ def test_directsam_through_ray_on_demo_data(ray_cluster, tmp_path, monkeypatch):
     from pseudolabel.jobs.demo_data import generate
     from pseudolabel.jobs.export import export, read_panoptic
     from pseudolabel.jobs.labels_io import read_labels
+    from pycocotools import mask as mask_utils
+
     from pseudolabel.models.directsam import DirectSAM
     from pseudolabel.schemas.coco import rle_to_mask
     from pseudolabel.schemas.spec import LabelerSpec
 
     monkeypatch.setenv("PSEUDOLABEL_CACHE", str(tmp_path / "cache"))
     model_dir = save_tiny_segformer(str(tmp_path / "tiny"), resolution=64)
+    dino = tiny_dinov2(str(tmp_path / "dino"), hidden_size=16, image_size=56)
     data = tmp_path / "demo"
     generate(str(data), images=3, shards=1, size=64, progress=False)
 
@@ -35,7 +40,8 @@ def test_directsam_through_ray_on_demo_data(ray_cluster, tmp_path, monkeypatch):
         "input": {"uri": str(data / "images"), "format": "folder"},
         "output": {"uri": str(tmp_path / "out")},
         "labelers": [{"name": "directsam", "weights": model_dir, "dtype": "float32",
-                      "params": {"threshold": thr, "mode": "partition", "pyramid_layers": 1, "max_tokens": 64}}],
+                      "params": {"threshold": thr, "mode": "partition", "pyramid_layers": 1, "max_tokens": 64,
+                                 "save_boundary": True, "embedding_weights": dino, "embedding_resolution": 56}}],
         "resources": {"actors": 1, "batch_size": 2},
     }
     summary = pseudolabel.run(job, progress=False)
@@ -51,6 +57,14 @@ def test_directsam_through_ray_on_demo_data(ray_cluster, tmp_path, monkeypatch):
         assert (masks.sum(0) == 1).all()  # partition: every pixel in exactly one token
         assert [t["area"] for t in toks] == sorted((t["area"] for t in toks), reverse=True)
         assert all(0 <= t["boundary_score"] <= 1 for t in toks)
+        # embedding = 16 pooled DINOv2 channels + the box [x0/W, y0/H, x1/W, y1/H]; bbox = the RLE's box
+        h, w = row["height"], row["width"]
+        for t in toks:
+            rle = {"size": t["segmentation"]["size"], "counts": t["segmentation"]["counts"].encode()}
+            x, y, bw, bh = mask_utils.toBbox(rle).tolist()
+            assert t["bbox"] == [x, y, bw, bh]
+            assert len(t["embedding"]) == 16 + 4
+            assert t["embedding"][-4:] == pytest.approx([x / w, y / h, (x + bw) / w, (y + bh) / h], rel=1e-6)
         tokens_by_id[row["image_id"]] = masks
 
     out_json = tmp_path / "panoptic.json"
@@ -65,3 +79,9 @@ def test_directsam_through_ray_on_demo_data(ray_cluster, tmp_path, monkeypatch):
         assert got.shape == expected.shape
         # same set of masks (order may be renumbered by the export)
         assert sorted(m.tobytes() for m in got) == sorted(m.tobytes() for m in expected)
+
+    # the boundary layer went into the table as 16-bit PNG
+    from pseudolabel.engine.encode import decode_png
+
+    layers = [layer for row in rows for layer in row["layers"] if layer["name"] == "boundary"]
+    assert len(layers) == 3 and all(decode_png(layer["png"]).dtype == np.uint16 for layer in layers)

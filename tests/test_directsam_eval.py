@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pytest
 
 from pseudolabel.jobs.directsam_eval import token_recall_curve
 
@@ -35,3 +36,22 @@ def test_token_recall_curve(tmp_path):
     assert low["tokens"] > mid["tokens"] and low["precision"] < mid["precision"]
     img = cv2.imread(str(out))
     assert img is not None and img.shape[0] > 100 and img.std() > 0
+
+
+def test_curve_points_score_with_the_given_tolerances_and_border():
+    from pseudolabel.jobs.directsam_eval import curve_points
+    from pseudolabel.jobs.metrics import boundary_prf
+    from pseudolabel.models.tokens import boundary_to_tokens
+
+    prob, gt = _scene(0)
+    shifted = [np.roll(prob, (3, 3), axis=(0, 1))]  # every predicted edge 3 px off the GT edge
+    default = curve_points(shifted, [gt], thresholds=[0.3])[0]
+    strict = curve_points(shifted, [gt], thresholds=[0.3], precision_tol=1, recall_tol=1)[0]
+    assert default["recall"] > 0.9  # 3 px is within the default recall tolerance of 5
+    assert strict["recall"] < 0.2 and strict["precision"] < 0.2  # but not within 1 px
+    # every setting reaches boundary_prf: the same numbers as scoring the tokens directly
+    lm = boundary_to_tokens(shifted[0], 0.3, "simple", None, 0).label_map
+    for kw in ({"precision_tol": 4, "recall_tol": 1, "border": 12}, {"precision_tol": 1, "recall_tol": 8, "border": 0}):
+        row = curve_points(shifted, [gt], thresholds=[0.3], mode="simple", **kw)[0]
+        direct = boundary_prf(lm, gt, **kw)
+        assert (row["precision"], row["recall"]) == pytest.approx((direct["precision"], direct["recall"]))

@@ -54,3 +54,83 @@ def test_train_few_steps_lowers_loss_and_loads_as_labeler(tmp_path, monkeypatch)
     again = train_directsam({"data": demo, "weights": out, "output": str(tmp_path / "ft2"), "resolution": 64,
                              "steps": 2, "lr": 1e-4, "batch_size": 2, "log_every": 100})
     assert abs(again["losses"][0] - np.mean(losses[-5:])) < 0.5 * np.mean(losses[:5])
+
+
+def test_training_data_is_uint8_and_its_cache_bounded(demo_root):
+    import torch
+
+    from pseudolabel.jobs.train_directsam import CocoBoundaryData, TrainSpec
+
+    spec = TrainSpec(data=demo_root, output="unused", resolution=48, cache_examples=3, limit=8)
+    data = CocoBoundaryData(spec)
+    assert len(data) == 8
+    first_pixels, first_labels = data.batch([0, 1])
+    assert first_pixels.shape == (2, 3, 48, 48) and first_pixels.dtype == torch.uint8
+    assert first_labels.shape == (2, 48, 48) and first_labels.dtype == torch.uint8
+    assert set(torch.unique(first_labels).tolist()) == {0, 1}
+    for start in range(0, 8, 2):  # every image once, then again in another order
+        data.batch([start, start + 1, start])
+        assert len(data._cache) <= 3
+    for i in (7, 0, 5, 5, 2):
+        data.example(i)
+        assert len(data._cache) <= 3
+    assert list(data._cache) == [0, 5, 2]  # least recently used dropped first
+    # what comes back does not depend on the cache
+    again = CocoBoundaryData(spec.model_copy(update={"cache_examples": 0}))
+    pixels, labels = again.batch([0, 1])
+    assert torch.equal(pixels, first_pixels) and torch.equal(labels, first_labels)
+    assert len(again._cache) == 0
+
+
+def test_train_from_the_coco_export_of_a_webdataset_run(ray_cluster, tmp_path, monkeypatch):
+    """COCO file names of a WebDataset run are "<shard>.tar/<member>": training reads the tar members."""
+    import io
+    import json
+    import tarfile
+
+    import torch
+    from PIL import Image
+
+    import pseudolabel
+    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.jobs.export import export
+    from pseudolabel.jobs.train_directsam import CocoBoundaryData, TrainSpec
+    from pseudolabel.models.directsam_pyramid import resize_uint8
+
+    monkeypatch.setenv("PSEUDOLABEL_CACHE", str(tmp_path / "cache"))
+    demo = str(tmp_path / "demo")
+    generate(demo, images=4, shards=2, size=64, layout="webdataset", progress=False)
+    out = str(tmp_path / "run")
+    pseudolabel.run({"input": {"uri": f"{demo}/images", "format": "webdataset"}, "output": {"uri": out},
+                     "labelers": [{"name": "classical_grabcut", "ontology": [{"category": "shape"}]}],
+                     "resources": {"actors": 1, "cpus_per_actor": 0.25, "batch_size": 4}}, progress=False)
+    coco_json = str(tmp_path / "coco.json")
+    assert export(out, "coco", coco_json)["images"] == 4
+    coco = json.loads(open(coco_json).read())
+    assert all(".tar/" in img["file_name"] for img in coco["images"]) and coco["annotations"]
+
+    spec = {"data": f"{demo}/images", "coco_json": coco_json, "model_size": "tiny", "output": str(tmp_path / "ft"),
+            "resolution": 32, "steps": 2, "batch_size": 2, "log_every": 100}
+    result = train_directsam(spec)
+    assert result["images"] == 4 and len(result["losses"]) == 2 and np.isfinite(result["losses"]).all()
+    assert (tmp_path / "ft" / "config.json").exists()
+    # the pixels trained on are the tar member's
+    data = CocoBoundaryData(TrainSpec(**spec))
+    shard, member = coco["images"][0]["file_name"].split("/", 1)
+    with tarfile.open(f"{demo}/images/{shard}") as tar:
+        rgb = np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
+    images = sorted(coco["images"], key=lambda im: im["id"])
+    i = [im["file_name"] for im in images].index(coco["images"][0]["file_name"])
+    expected = resize_uint8(torch.from_numpy(rgb).permute(2, 0, 1)[None], 32)[0].to(torch.uint8)
+    assert torch.equal(data.example(i)[0], expected)
+    assert data._tar_index  # members fetched by ranged reads from an index of the shard's headers
+
+
+def test_split_file_name_finds_tar_and_parquet_containers():
+    from pseudolabel.jobs.train_directsam import split_file_name
+
+    assert split_file_name("a/shard-0.tar/x/000.png") == ("a/shard-0.tar", "x/000.png")
+    assert split_file_name("p.parquet/row:3") == ("p.parquet", "row:3")
+    assert split_file_name("d/p.parquet/img.png") == ("d/p.parquet/img.png", None)
+    assert split_file_name("00000/img.png") == ("00000/img.png", None)
+    assert split_file_name("x.tar") == ("x.tar", None)

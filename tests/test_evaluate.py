@@ -164,25 +164,77 @@ def test_evaluate_class_agnostic(tmp_path, gt_path):
     assert agn["AP"] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_evaluate_semantic(tmp_path, gt_path):
+IGNORE_BAND = 4  # the top rows of every GT semantic PNG are 255 (ignored); every shape lies below them
+
+
+def _write_semantic_pngs(root, band: int = IGNORE_BAND):
+    """GT class-map PNGs of the three images under ``root``, rows [0, band) set to the ignore index 255."""
     import cv2
 
+    for img in gt_coco()["images"]:
+        sem = np.zeros((img["height"], img["width"]), np.uint8)
+        for (cat, _), m in zip(GT_SHAPES[img["id"] - 1], shape_masks(img["id"])):
+            sem[m] = cat
+        sem[:band] = 255
+        (root / img["file_name"]).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / img["file_name"]), sem)
+    return root
+
+
+def _run_with_extra_mask(out, mask: np.ndarray, category_id: int):
+    """The perfect run plus one annotation of ``category_id`` on ``mask`` in image 1 (top score)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from labels_fixtures import CATEGORIES, label_rows
+    from pseudolabel.schemas.coco import mask_to_rle, rle_area, rle_bbox_xywh
+    from pseudolabel.schemas.tables import LABELS_SCHEMA
+
+    rows = label_rows("perfect")
+    rle = mask_to_rle(mask)
+    rows[0]["annotations"].append({
+        "id": 99, "segmentation": rle, "area": float(rle_area([rle])[0]),
+        "bbox": [float(v) for v in rle_bbox_xywh([rle])[0]], "iscrowd": 0, "category_id": category_id,
+        "category": CATEGORIES[category_id - 1]["name"], "score": 0.99, "labeler": "test", "prompt": None})
+    (out / "labels").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=LABELS_SCHEMA), out / "labels" / "p.parquet")
+    return str(out)
+
+
+def test_evaluate_semantic_ignores_wrong_predictions_in_the_ignore_band(tmp_path, gt_path):
+    from labels_fixtures import H, W
+    from pseudolabel.jobs.evaluate import evaluate
+
+    root = str(_write_semantic_pngs(tmp_path / "sem"))
+    for img in gt_coco()["images"]:  # the band holds only background in the GT shapes
+        assert not np.any(np.stack(shape_masks(img["id"]))[:, :IGNORE_BAND + 4])
+    inside = np.zeros((H, W), bool)
+    inside[:IGNORE_BAND, 10:40] = True            # class 3 where the GT says "ignore"
+    outside = np.zeros((H, W), bool)
+    outside[IGNORE_BAND:IGNORE_BAND + 4, 10:40] = True  # the same error just below the band
+    perfect = evaluate(write_run(tmp_path / "perfect", mode="perfect"), gt_path, task="semantic",
+                       gt_semantic_root=root)
+    in_band = evaluate(_run_with_extra_mask(tmp_path / "in", inside, 3), gt_path, task="semantic",
+                       gt_semantic_root=root)
+    below = evaluate(_run_with_extra_mask(tmp_path / "below", outside, 3), gt_path, task="semantic",
+                     gt_semantic_root=root)
+    assert perfect["miou"] == pytest.approx(1.0)
+    assert in_band["miou"] == perfect["miou"] and in_band["iou"] == perfect["iou"]
+    assert below["miou"] < 0.99 and below["iou"]["wedge"] < 1.0 and below["iou"]["background"] < 1.0
+    # without the ignore band the in-band error counts too
+    no_band = str(_write_semantic_pngs(tmp_path / "sem0", band=0))
+    counted = evaluate(str(tmp_path / "in"), gt_path, task="semantic", gt_semantic_root=no_band)
+    assert counted["miou"] < 0.99
+
+
+def test_evaluate_semantic(tmp_path, gt_path):
     from pseudolabel.jobs.evaluate import evaluate
 
     out = write_run(tmp_path / "run", mode="perfect")
     r = evaluate(out, gt_path, task="semantic")
     assert r["miou"] == pytest.approx(1.0)
-    # from PNG label maps, with an ignore region and one wrong class region
-    root = tmp_path / "sem"
-    gt = gt_coco()
-    for img in gt["images"]:
-        masks = shape_masks(img["id"])
-        sem = np.zeros((img["height"], img["width"]), np.uint8)
-        for (cat, _), m in zip(GT_SHAPES[img["id"] - 1], masks):
-            sem[m] = cat
-        sem[:4] = 255
-        (root / img["file_name"]).parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(root / img["file_name"]), sem)
+    # from PNG label maps with an ignore band
+    root = _write_semantic_pngs(tmp_path / "sem")
     r2 = evaluate(out, gt_path, task="semantic", gt_semantic_root=str(root))
     assert r2["miou"] == pytest.approx(1.0)
     rnd = evaluate(write_run(tmp_path / "rnd", mode="random"), gt_path, task="semantic")
@@ -272,3 +324,93 @@ def test_evaluate_tokens_curve_from_boundary_layers(tmp_path, gt_path):
         evaluate(write_run(tmp_path / "plain"), gt_path, task="tokens", curve_png=curve)
     with pytest.raises(ValueError, match="tokens"):
         evaluate(str(tmp_path / "run"), gt_path, task="instances", curve_png=curve)
+
+
+# ---------------------------------------------------------------- tokens: curve settings, labeler filter
+
+def _write_rows(out, rows, job: dict | None = None) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pseudolabel.schemas.tables import LABELS_SCHEMA
+
+    (out / "labels").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=LABELS_SCHEMA), out / "labels" / "p.parquet")
+    if job is not None:
+        (out / "job.json").write_text(json.dumps(job))
+    return str(out)
+
+
+def _shifted_boundary_rows(shift: int = 3):
+    """Perfect rows whose uint16 ``boundary`` layer (labeler ``directsam``) has every GT edge ``shift`` px
+    off (down and right)."""
+    import cv2
+
+    from labels_fixtures import label_rows, png
+
+    rows = label_rows("perfect")
+    for r in rows[:3]:
+        gt_map = M.masks_to_label_map(np.stack(shape_masks(int(r["image_id"]))))
+        edges = cv2.dilate(M.label_boundaries(gt_map).astype(np.uint8), np.ones((3, 3), np.uint8))
+        prob = np.roll(edges.astype(np.uint16) * 50000, (shift, shift), axis=(0, 1))
+        r["layers"].append({"name": "boundary", "labeler": "directsam", "png": png(prob)})
+    return rows
+
+
+def test_evaluate_tokens_curve_uses_tolerances_and_the_runs_settings(tmp_path, gt_path):
+    from pseudolabel.jobs.evaluate import evaluate
+
+    curve = str(tmp_path / "curve.png")
+    # a run without job.json: partition, no token cap
+    plain = _write_rows(tmp_path / "plain", _shifted_boundary_rows())
+    loose = evaluate(plain, gt_path, task="tokens", curve_png=curve)
+    strict = evaluate(plain, gt_path, task="tokens", curve_png=curve, precision_tol=1, recall_tol=1, border=0)
+    assert loose["curve_settings"] == {"mode": "partition", "max_tokens": None, "min_area": 0}
+    # the edges are 3 px off: within the default recall tolerance (5 px), not within 1 px
+    assert max(p["recall"] for p in loose["curve"]) > 0.9
+    assert max(p["recall"] for p in strict["curve"]) < 0.35
+    assert (strict["precision_tol"], strict["recall_tol"], strict["border"]) == (1, 1, 0)
+    # the directsam labeler's post-processing from the run's job.json (min_area at its default)
+    job = {"labelers": [{"name": "classical_tokens", "params": {"mode": "partition"}},
+                        {"name": "directsam", "params": {"mode": "simple", "max_tokens": 2}}]}
+    capped = evaluate(_write_rows(tmp_path / "run", _shifted_boundary_rows(), job), gt_path, task="tokens",
+                      curve_png=curve)
+    assert capped["curve_settings"] == {"mode": "simple", "max_tokens": 2, "min_area": 0}
+    assert max(p["tokens"] for p in loose["curve"]) > 2
+    assert max(p["tokens"] for p in capped["curve"]) == 2
+
+
+def _two_labeler_rows():
+    """Perfect rows (tokens of labeler ``test`` = the GT partition) with the tokens of a second labeler
+    ``other`` (image quadrants) stored first, so merging both changes every score."""
+    from labels_fixtures import H, W, label_rows
+    from pseudolabel.schemas.coco import mask_to_rle
+
+    rows = label_rows("perfect")
+    quads = np.zeros((H, W), np.int32)
+    quads[H // 2:, :] += 2
+    quads[:, W // 2:] += 1
+    for r in rows[:3]:
+        other = [{"id": 100 + q, "segmentation": mask_to_rle(quads == q), "bbox": [0.0, 0.0, 1.0, 1.0],
+                  "area": float((quads == q).sum()), "boundary_score": 0.5, "labeler": "other", "embedding": None}
+                 for q in range(4)]
+        r["subobjects"] = other + r["subobjects"]
+    return rows
+
+
+def test_evaluate_tokens_labeler_filter(tmp_path, gt_path):
+    from pseudolabel.jobs.evaluate import evaluate
+
+    out = _write_rows(tmp_path / "run", _two_labeler_rows())
+    merged = evaluate(out, gt_path, task="tokens")
+    only_test = evaluate(out, gt_path, task="tokens", labeler="test")
+    only_other = evaluate(out, gt_path, task="tokens", labeler=["other"])
+    assert merged["labelers"] == "all" and only_test["labelers"] == ["test"]
+    assert only_test["asa"] == pytest.approx(1.0) and only_test["boundary_precision"] == pytest.approx(1.0)
+    assert only_test["mean_tokens"] == pytest.approx(np.mean([len(s) + 1 for s in GT_SHAPES]))
+    assert only_other["mean_tokens"] == 4 and only_other["asa"] < 0.95
+    assert merged["asa"] < 0.95 and merged["boundary_precision"] < 0.9
+    both = evaluate(out, gt_path, task="tokens", labeler=["test", "other"])
+    assert both["asa"] == merged["asa"] and both["mean_tokens"] == merged["mean_tokens"]
+    with pytest.raises(ValueError, match="tokens"):
+        evaluate(out, gt_path, task="instances", labeler="test")

@@ -216,3 +216,41 @@ def test_rles_to_label_map_matches_dense_painting():
         rles = [mask_to_rle(m) for m in masks]
         assert np.array_equal(labels_io.rles_to_label_map(rles, (h, w)), masks_to_label_map(masks))
     assert labels_io.rles_to_label_map([], (3, 4)).shape == (3, 4)
+
+
+# ---------------------------------------------------------------- labeler filter
+
+def write_two_labeler_run(out) -> str:
+    """A run (hand-built labels table) whose rows hold the tokens of two labelers: ``other`` (the image
+    quadrants, stored first) and ``test`` (the GT partition)."""
+    rows = label_rows()
+    quads = np.zeros((H, W), np.int32)
+    quads[H // 2:, :] += 2
+    quads[:, W // 2:] += 1
+    for r in rows[:3]:
+        other = [{"id": 100 + q, "segmentation": mask_to_rle(quads == q), "bbox": [0.0, 0.0, 1.0, 1.0],
+                  "area": float((quads == q).sum()), "boundary_score": 0.5, "labeler": "other", "embedding": None}
+                 for q in range(4)]
+        r["subobjects"] = other + r["subobjects"]
+    (out / "labels").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=LABELS_SCHEMA), out / "labels" / "p.parquet")
+    return str(out)
+
+
+def test_panoptic_labeler_filter(tmp_path):
+    out = write_two_labeler_run(tmp_path / "run")
+    rows = {int(r["image_id"]): r for r in label_rows()[:3]}
+    merged = export(out, "panoptic", str(tmp_path / "all.json"))
+    assert merged["labelers"] == "all"
+    # the quadrants come first and tile the image: every GT token is hidden
+    assert merged["segments"] == 12 and merged["dropped_tokens"] == sum(len(s) + 1 for s in GT_SHAPES)
+    only = export(out, "panoptic", str(tmp_path / "test.json"), labeler="test")
+    assert only["labelers"] == ["test"] and only["dropped_tokens"] == 0
+    for img_id, entry in read_panoptic(only["path"]).items():
+        expect = [rle_to_mask(t["segmentation"]).astype(bool) for t in rows[img_id]["subobjects"]]
+        assert len(entry["masks"]) == len(expect)
+        assert all(np.array_equal(a, b) for a, b in zip(entry["masks"], expect))
+    quads = export(out, "panoptic", str(tmp_path / "other.json"), labeler=["other"])
+    assert quads["segments"] == 12 and quads["dropped_tokens"] == 0
+    with pytest.raises(ValueError, match="panoptic"):
+        export(out, "coco", str(tmp_path / "coco.json"), labeler="test")

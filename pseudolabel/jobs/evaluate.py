@@ -12,6 +12,8 @@ Tasks (``evaluate(..., task=...)``):
   tokens (first token wins where tokens overlap): boundary precision/recall/F1 with the reference
   tolerances (pseudolabel.jobs.metrics), ASA and token count. Boundary scores are micro-averaged over
   pixels of all images (``boundary_*``) and also averaged per image (``mean_image_boundary_*``).
+  A row holds the tokens of every token labeler of the run; ``labeler`` (a name or a list, default
+  all) scores only those labelers' tokens (and, for the curve, their ``boundary`` layers).
 - ``semantic``: mIoU of the annotations painted as a class map (higher score on top, 0 = background)
   against PNG label maps under ``gt_semantic_root`` (``<root>/<GT file_name with .png extension>``, values
   = GT category ids, 0 = background, 255 = ignore) or, without it, the GT instances rasterised by
@@ -27,14 +29,23 @@ import io
 import math
 import posixpath
 from collections import defaultdict
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
 
 from pseudolabel import storage as st
 from pseudolabel.jobs import metrics as M
-from pseudolabel.jobs.export import _INSTANCE_COLUMNS, coco_results, gt_file_index, load_json, match_gt_image
-from pseudolabel.jobs.labels_io import read_labels, rles_to_label_map
+from pseudolabel.jobs.export import (
+    _INSTANCE_COLUMNS,
+    coco_results,
+    gt_file_index,
+    labeler_filter,
+    load_json,
+    match_gt_image,
+    select_tokens,
+)
+from pseudolabel.jobs.labels_io import read_job, read_labels, rles_to_label_map
 from pseudolabel.schemas.spec import StorageSpec
 from pseudolabel.schemas.tables import STATUS_OK
 
@@ -138,27 +149,53 @@ def _matched_rows(output_uri: str, storage, gt: dict, columns: list[str]) -> tup
     return pairs, unmatched, errors
 
 
-def _boundary_layer(row: dict) -> np.ndarray | None:
-    """The row's ``boundary`` layer as an (H, W) float32 probability map in [0, 1], or None."""
+def _boundary_layer(row: dict, names: set[str] | None = None) -> tuple[np.ndarray | None, str | None]:
+    """The row's first ``boundary`` layer (of the labelers in ``names``; any when None) as an (H, W)
+    float32 probability map in [0, 1] (uint16 layers / 65535, uint8 / 255) and its labeler; (None, None)
+    when there is none."""
     for layer in row.get("layers") or []:
-        if layer.get("name") == "boundary" and layer.get("png"):
-            m = cv2.imdecode(np.frombuffer(layer["png"], np.uint8), cv2.IMREAD_UNCHANGED)
-            if m is None:
-                return None
-            m = m if m.ndim == 2 else m[..., 0]
-            return m.astype(np.float32) / (65535.0 if m.dtype == np.uint16 else 255.0)
-    return None
+        if layer.get("name") != "boundary" or not layer.get("png"):
+            continue
+        if names is not None and layer.get("labeler") not in names:
+            continue
+        m = cv2.imdecode(np.frombuffer(layer["png"], np.uint8), cv2.IMREAD_UNCHANGED)
+        if m is None:
+            return None, None
+        m = m if m.ndim == 2 else m[..., 0]
+        return m.astype(np.float32) / (65535.0 if m.dtype == np.uint16 else 255.0), layer.get("labeler")
+    return None, None
+
+
+def curve_settings(output_uri: str, storage, labeler: str | None) -> dict:
+    """Post-processing of the recall-vs-token-count curve: the ``mode``, ``max_tokens`` and ``min_area``
+    the run's ``labeler`` used (its params in the run's ``job.json``, unset ones at the ``directsam``
+    defaults), so the curve's point at the run's threshold reproduces the run's tokens. Without a
+    ``job.json`` entry for it: partition, no token cap, no minimum area."""
+    settings = {"mode": "partition", "max_tokens": None, "min_area": 0}
+    specs = [lab for lab in read_job(output_uri, storage).get("labelers") or [] if lab.get("name") == labeler]
+    if specs:
+        from pseudolabel.models.directsam import DirectSAMParams
+
+        defaults = DirectSAMParams()
+        params = specs[0].get("params") or {}
+        settings = {k: params.get(k, getattr(defaults, k)) for k in settings}
+    return settings
 
 
 def evaluate_tokens(output_uri: str, gt: dict, storage: StorageSpec | None = None,
                     precision_tol: float = M.PRECISION_TOL, recall_tol: float = M.RECALL_TOL,
-                    border: int = M.BORDER, curve_png: str | None = None) -> dict:
+                    border: int = M.BORDER, curve_png: str | None = None,
+                    labeler: str | Sequence[str] | None = None) -> dict:
     """Boundary P/R/F1, ASA and token count of the run's subobject tokens (see the module docstring).
 
+    ``labeler``: score only the tokens of this labeler (or these labelers); None = all of them.
+
     With ``curve_png``, the rows' ``boundary`` layers (DirectSAM ``save_boundary: true``) are re-tokenised
-    over thresholds and the recall-vs-token-count curve is written there (pseudolabel.jobs.directsam_eval);
-    the points are returned under ``curve``.
+    over thresholds and the recall-vs-token-count curve is written there (pseudolabel.jobs.directsam_eval),
+    scored with the same ``precision_tol``/``recall_tol``/``border`` and tokenised with the post-processing
+    the layers' labeler used in the run (``curve_settings``); the points are returned under ``curve``.
     """
+    names = labeler_filter(labeler)
     cols = ["image_id", "uri", "member", "file_name", "width", "height", "status", "subobjects"]
     if curve_png:
         cols.append("layers")
@@ -166,7 +203,7 @@ def evaluate_tokens(output_uri: str, gt: dict, storage: StorageSpec | None = Non
     coco_gt = _coco(gt)
     totals = defaultdict(int)
     per_image = defaultdict(list)
-    probs, gt_maps = [], []
+    probs, gt_maps, layer_labelers = [], [], set()
     skipped = 0
     for r, gid in pairs:
         img = coco_gt.imgs[gid]
@@ -179,12 +216,13 @@ def evaluate_tokens(output_uri: str, gt: dict, storage: StorageSpec | None = Non
         for k, m in enumerate(_gt_instance_masks(coco_gt, gid)[0], start=1):
             gt_map[m] = k
         if curve_png:
-            prob = _boundary_layer(r)
+            prob, layer_labeler = _boundary_layer(r, names)
             if prob is not None and prob.shape == (h, w):
                 probs.append(prob)
                 gt_maps.append(gt_map)
+                layer_labelers.add(layer_labeler)
         # 2. predicted token label map (0 = unassigned)
-        toks = r["subobjects"] or []
+        toks = select_tokens(r["subobjects"], names)
         pred = rles_to_label_map([t["segmentation"] for t in toks], (h, w))
         # 3. metrics
         b = M.boundary_prf(pred, gt_map, precision_tol=precision_tol, recall_tol=recall_tol, border=border)
@@ -202,6 +240,7 @@ def evaluate_tokens(output_uri: str, gt: dict, storage: StorageSpec | None = Non
     out = {
         "task": "tokens", "images_evaluated": n, "unmatched_images": unmatched, "size_mismatch": skipped,
         "errors": errors, "precision_tol": precision_tol, "recall_tol": recall_tol, "border": border,
+        "labelers": sorted(names) if names is not None else "all",
         "boundary_precision": micro["precision"] if n else float("nan"),
         "boundary_recall": micro["recall"] if n else float("nan"),
         "boundary_f1": micro["f1"] if n else float("nan"),
@@ -217,9 +256,15 @@ def evaluate_tokens(output_uri: str, gt: dict, storage: StorageSpec | None = Non
         if not probs:
             raise ValueError("no 'boundary' layers in the run: the recall-vs-token-count curve needs the "
                              "boundary maps (run the directsam labeler with params.save_boundary: true)")
+        if len(layer_labelers) > 1:
+            raise ValueError(f"boundary layers of several labelers ({', '.join(sorted(map(str, layer_labelers)))}): "
+                             "choose one with labeler=")
         from pseudolabel.jobs.directsam_eval import token_recall_curve
 
-        out["curve"] = token_recall_curve(probs, gt_maps, curve_png, storage=storage)
+        settings = curve_settings(output_uri, storage, next(iter(layer_labelers)))
+        out["curve"] = token_recall_curve(probs, gt_maps, curve_png, storage=storage, precision_tol=precision_tol,
+                                          recall_tol=recall_tol, border=border, **settings)
+        out["curve_settings"] = settings
         out["curve_png"] = curve_png
         out["curve_images"] = len(probs)
     return _clean(out)
@@ -289,7 +334,8 @@ def evaluate_semantic(output_uri: str, gt: dict, storage: StorageSpec | None = N
 def evaluate(output_uri: str, gt_json: str, storage: StorageSpec | None = None, class_agnostic: bool = False,
              task: str = "instances", max_dets: int = 100, gt_semantic_root: str | None = None,
              precision_tol: float = M.PRECISION_TOL, recall_tol: float = M.RECALL_TOL,
-             border: int = M.BORDER, curve_png: str | None = None) -> dict:
+             border: int = M.BORDER, curve_png: str | None = None,
+             labeler: str | Sequence[str] | None = None) -> dict:
     """Evaluate a run against a COCO ground truth.
 
     Args:
@@ -304,6 +350,7 @@ def evaluate(output_uri: str, gt_json: str, storage: StorageSpec | None = None, 
         precision_tol, recall_tol, border: tokens only: boundary tolerances in pixels (2, 5, 5).
         curve_png: tokens only: write the recall-vs-token-count curve over thresholds here (PNG, local
             or s3://); needs the rows' ``boundary`` layers (directsam ``save_boundary: true``).
+        labeler: tokens only: the token labeler name(s) to score; None = every labeler's tokens.
 
     Returns:
         a JSON-serialisable dict of metrics and counts (see the module docstring).
@@ -312,10 +359,12 @@ def evaluate(output_uri: str, gt_json: str, storage: StorageSpec | None = None, 
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if curve_png and task != "tokens":
         raise ValueError("curve_png applies to task='tokens' only")
+    if labeler is not None and task != "tokens":
+        raise ValueError("labeler applies to task='tokens' only")
     output_uri = str(output_uri)
     gt = load_json(gt_json, storage)
     if task == "instances":
         return evaluate_instances(output_uri, gt, storage, class_agnostic, max_dets)
     if task == "tokens":
-        return evaluate_tokens(output_uri, gt, storage, precision_tol, recall_tol, border, curve_png)
+        return evaluate_tokens(output_uri, gt, storage, precision_tol, recall_tol, border, curve_png, labeler)
     return evaluate_semantic(output_uri, gt, storage, gt_semantic_root)

@@ -19,7 +19,9 @@ Formats (``export(output_uri, fmt, out_path)``):
   segments of it; COCO panoptic allows one segment per stuff category per image). Segments never
   overlap: tokens are painted in stored order and a later token never overwrites an earlier one
   (partition-mode tokens tile the image and never overlap anyway); ``area``/``bbox`` are those of the
-  visible segment, and tokens left with no visible pixel are dropped.
+  visible segment, and tokens left with no visible pixel are dropped. A row holds the tokens of every
+  token labeler of the run; ``labeler`` (a name or a list of names, default: all) keeps only those
+  labelers' tokens.
 
 Local paths and s3:// work the same (pseudolabel.storage).
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections.abc import Sequence
 from typing import Any
 
 import cv2
@@ -75,6 +78,22 @@ def row_file_name(row: dict) -> str:
     if member and not member.startswith("row:"):
         return member
     return posixpath.basename(str(row.get("uri") or row["image_id"]))
+
+
+def labeler_filter(labeler: str | Sequence[str] | None) -> set[str] | None:
+    """The set of labeler names a ``labeler`` argument selects (None = every labeler)."""
+    if labeler is None:
+        return None
+    names = {labeler} if isinstance(labeler, str) else set(labeler)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"labeler: expected a labeler name or a list of names, got {labeler!r}")
+    return names
+
+
+def select_tokens(tokens: list[dict] | None, names: set[str] | None) -> list[dict]:
+    """The row's subobject tokens of the selected labelers (all when ``names`` is None), in stored order."""
+    tokens = tokens or []
+    return tokens if names is None else [t for t in tokens if t.get("labeler") in names]
 
 
 def _rle(seg: dict) -> dict:
@@ -249,8 +268,13 @@ def _panoptic_folder(out_path: str) -> str:
     return base
 
 
-def panoptic(output_uri: str, out_path: str, storage: StorageSpec | None = None) -> dict:
-    """Write the COCO panoptic export of the run's tokens (see the module docstring); returns counts."""
+def panoptic(output_uri: str, out_path: str, storage: StorageSpec | None = None,
+             labeler: str | Sequence[str] | None = None) -> dict:
+    """Write the COCO panoptic export of the run's tokens (see the module docstring); returns counts.
+
+    ``labeler``: export only the tokens of this labeler (or these labelers); None = all.
+    """
+    names = labeler_filter(labeler)
     table = read_labels(output_uri, storage,
                         columns=["image_id", "uri", "member", "file_name", "width", "height", "status", "subobjects"])
     ok, err = _ok_rows(table)
@@ -265,7 +289,7 @@ def panoptic(output_uri: str, out_path: str, storage: StorageSpec | None = None)
             img["image_key"] = r["image_id"]
         images.append(img)
         # 1. paint tokens first-wins into a label map of token indices (1-based)
-        toks = r["subobjects"] or []
+        toks = select_tokens(r["subobjects"], names)
         label = rles_to_label_map([_rle(t["segmentation"]) for t in toks], (h, w))
         # 2. visible area and box of each painted token
         areas = np.bincount(label.ravel(), minlength=len(toks) + 1)
@@ -294,7 +318,8 @@ def panoptic(output_uri: str, out_path: str, storage: StorageSpec | None = None)
                "images": images, "annotations": annotations, "categories": [dict(SUBOBJECT_CATEGORY)]}
     st.write_bytes(out_path, json.dumps(dataset).encode(), storage)
     return {"format": "panoptic", "path": out_path, "png_folder": folder, "images": len(images),
-            "segments": n_segments, "dropped_tokens": dropped, "errors": len(err)}
+            "segments": n_segments, "dropped_tokens": dropped, "errors": len(err),
+            "labelers": sorted(names) if names is not None else "all"}
 
 
 def read_panoptic(json_path: str, storage: StorageSpec | None = None) -> dict[int, dict]:
@@ -323,7 +348,7 @@ def read_panoptic(json_path: str, storage: StorageSpec | None = None) -> dict[in
 # ----------------------------------------------------------------------------- entry point
 
 def export(output_uri: str, fmt: str, out_path: str, storage: StorageSpec | None = None,
-           gt_json: str | None = None) -> dict:
+           gt_json: str | None = None, labeler: str | Sequence[str] | None = None) -> dict:
     """Export a run's labels.
 
     Args:
@@ -332,6 +357,7 @@ def export(output_uri: str, fmt: str, out_path: str, storage: StorageSpec | None
         out_path: the JSON to write (local path or s3://); panoptic PNGs go next to it.
         storage: endpoint/credentials for s3:// (used for reading the run and writing the export).
         gt_json: for ``coco-results`` only: a COCO ground truth to match image/category ids against.
+        labeler: for ``panoptic`` only: the token labeler name(s) whose tokens are exported; None = all.
 
     Returns:
         JSON-serialisable counts: {"format", "path", "images", "annotations" | "results" | "segments",
@@ -340,8 +366,10 @@ def export(output_uri: str, fmt: str, out_path: str, storage: StorageSpec | None
     output_uri, out_path = str(output_uri), str(out_path)
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if labeler is not None and fmt != "panoptic":
+        raise ValueError("labeler applies to the panoptic format only")
     if fmt == "panoptic":
-        return panoptic(output_uri, out_path, storage)
+        return panoptic(output_uri, out_path, storage, labeler)
     if fmt == "coco":
         dataset, counts = coco_instances(output_uri, storage)
         st.write_bytes(out_path, json.dumps(dataset).encode(), storage)

@@ -9,7 +9,11 @@ A plain torch loop (AdamW) replaces the Hugging Face Trainer.
 
 Data: a COCO instances JSON (polygons, RLE with str/bytes counts, or uncompressed RLE) and the image
 root its ``file_name`` values are relative to; a demo-data directory (``pseudolabel demo-data OUT``)
-works as is (``OUT/annotations/instances.json`` + ``OUT/images``). Local paths or s3:// URIs.
+works as is (``OUT/annotations/instances.json`` + ``OUT/images``). Local paths or s3:// URIs. Images are
+read the way the engine reads them, so the COCO export of any run trains as is: a ``file_name`` of
+``<shard>.tar/<member>`` is a member of a WebDataset shard, ``<file>.parquet/row:<i>`` a row of a Parquet
+input, anything else a plain file. Examples are decoded when a batch needs them; at most
+``cache_examples`` of them stay in memory (uint8 image and label, 4 R^2 bytes each).
 
 The result is saved with ``save_pretrained`` together with a Segformer image-processor config of the
 training resolution, so ``directsam`` loads it as its ``weights`` and uses that resolution by default.
@@ -27,7 +31,9 @@ from __future__ import annotations
 
 import json
 import posixpath
+import tarfile
 import time
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,6 +76,10 @@ class TrainSpec(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
     log_every: int = Field(25, ge=1)
     limit: int | None = Field(None, ge=1, description="use only the first N images of the JSON")
+    cache_examples: int = Field(64, ge=0, description="decoded examples kept in memory (least recently used "
+                                                      "dropped first; 4 * resolution^2 bytes each); 0 = decode "
+                                                      "every batch from the source")
+    max_pixels: int = Field(89_478_485, gt=0, description="images with more pixels are refused (as input.max_pixels)")
 
     @model_validator(mode="after")
     def _default_json(self):
@@ -138,11 +148,31 @@ def annotation_masks(anns: list[dict], height: int, width: int) -> np.ndarray:
 # Data
 # ----------------------------------------------------------------------------------------------
 
-class CocoBoundaryData:
-    """Images of a COCO JSON with their boundary labels, at the training resolution.
+def split_file_name(file_name: str) -> tuple[str, str | None]:
+    """(container path, member) of a COCO ``file_name``, as the engine's sources write them.
 
-    ``example(i)`` -> (pixels (3, R, R) uint8 tensor, label (R, R) int64 tensor in {0, 1}); decoded
-    examples are kept in memory after first use.
+    ``a/shard-0.tar/x/000.png`` -> (``a/shard-0.tar``, ``x/000.png``); ``p.parquet/row:3`` ->
+    (``p.parquet``, ``row:3``); a plain ``dir/img.png`` -> (``dir/img.png``, None). The first path
+    component ending in ``.tar`` (or ``.parquet`` followed by ``row:<i>``) is the container.
+    """
+    parts = file_name.split("/")
+    for i, part in enumerate(parts[:-1]):
+        lower = part.lower()
+        member = "/".join(parts[i + 1:])
+        if lower.endswith(".tar") or (lower.endswith(".parquet") and member.startswith("row:")):
+            return "/".join(parts[: i + 1]), member
+    return file_name, None
+
+
+class CocoBoundaryData:
+    """Images of a COCO JSON with their boundary labels, at the training resolution, read on demand.
+
+    ``batch(indices)`` -> (pixels (B, 3, R, R) uint8, labels (B, R, R) uint8 in {0, 1}). The bytes come
+    from the same sources the engine reads, with its fetch and decode helpers
+    (``pseudolabel.engine.decode``): plain files, members of ``.tar`` shards (fetched by ranged reads once
+    a shard's member offsets are indexed) and rows of Parquet files; all examples of one file in a batch
+    are fetched with one call. At most ``spec.cache_examples`` decoded examples are kept (least recently
+    used dropped first).
     """
 
     def __init__(self, spec: TrainSpec):
@@ -155,35 +185,113 @@ class CocoBoundaryData:
         if not self.images:
             raise FileNotFoundError(f"no images in {spec.coco_json}")
         self.fs, self.root = st.filesystem(spec.data, spec.storage)
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._is_container: dict[str, bool] = {}
+        self._tar_index: dict[str, dict[str, tuple[int, int]]] = {}
 
     def __len__(self) -> int:
         return len(self.images)
 
     def example(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if i not in self._cache:
-            self._cache[i] = self._load(i)
-        return self._cache[i]
+        """(pixels (3, R, R) uint8, label (R, R) uint8) of image ``i``."""
+        pixels, labels = self.batch([i])
+        return pixels[0], labels[0]
 
-    def _load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked (pixels (B, 3, R, R) uint8, labels (B, R, R) uint8) of images ``indices``."""
+        missing = sorted({i for i in indices if i not in self._cache})
+        fresh = dict(zip(missing, self._load_many(missing))) if missing else {}
+        out = []
+        for i in indices:
+            ex = fresh.get(i)
+            if ex is None:
+                ex = self._cache[i]
+                self._cache.move_to_end(i)
+            out.append(ex)
+        for i, ex in fresh.items():
+            self._remember(i, ex)
+        return torch.stack([p for p, _ in out]), torch.stack([lab for _, lab in out])
+
+    def _remember(self, i: int, example: tuple[torch.Tensor, torch.Tensor]) -> None:
+        if self.spec.cache_examples <= 0:
+            return
+        self._cache[i] = example
+        self._cache.move_to_end(i)
+        while len(self._cache) > self.spec.cache_examples:
+            self._cache.popitem(last=False)
+
+    # 1. fetch ------------------------------------------------------------------------------
+
+    def _locate(self, file_name: str) -> tuple[str, str | None]:
+        """(path in ``self.fs``, member) of a ``file_name``; a ``x.tar`` that is a folder stays a folder."""
+        container, member = split_file_name(file_name)
+        if member is not None:
+            path = posixpath.join(self.root, container)
+            if path not in self._is_container:
+                self._is_container[path] = self.fs.isfile(path)
+            if self._is_container[path]:
+                return path, member
+        return posixpath.join(self.root, file_name), None
+
+    def _spans(self, path: str, members: list[str]) -> list[tuple[int, int] | None]:
+        """(offset, size) of tar members, from an index of the shard's headers built once per shard."""
+        if not path.lower().endswith(".tar"):
+            return [None] * len(members)
+        if path not in self._tar_index:
+            index = {}
+            with self.fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                for info in tar:  # seeks over the data: only headers are read
+                    if info.isfile():
+                        index[info.name] = (info.offset_data, info.size)
+            self._tar_index[path] = index
+        return [self._tar_index[path].get(m) for m in members]
+
+    def _fetch(self, indices: list[int]) -> list[bytes]:
+        """Encoded bytes of images ``indices``: one ``_fetch_group`` call per source file."""
+        from pseudolabel.engine.decode import _fetch_group
+
+        groups: dict[str, list[tuple[int, str | None]]] = defaultdict(list)
+        for i in indices:
+            path, member = self._locate(self.images[i]["file_name"])
+            groups[path].append((i, member))
+        got: dict[int, bytes] = {}
+        for path, items in groups.items():
+            members = [m for _, m in items]
+            spans = self._spans(path, members) if members[0] is not None else None
+            for (i, _), data in zip(items, _fetch_group(self.fs, path, members, spans=spans)):
+                if isinstance(data, Exception):
+                    raise ValueError(f"cannot read image {self.images[i]['file_name']!r} under {self.spec.data}: "
+                                     f"{type(data).__name__}: {data}") from data
+                got[i] = data
+        return [got[i] for i in indices]
+
+    # 2. decode and label ------------------------------------------------------------------
+
+    def _load_many(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        from pseudolabel.engine.decode import ImageError, decode_image
+
+        out = []
+        for i, data in zip(indices, self._fetch(indices)):
+            try:
+                rgb = decode_image(data, self.spec.max_pixels)
+            except ImageError as err:
+                raise ValueError(f"image {self.images[i]['file_name']!r}: {err}") from None
+            out.append(self._example(i, rgb))
+        return out
+
+    def _example(self, i: int, rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         from pseudolabel.models.directsam_pyramid import resize_uint8
 
         info = self.images[i]
-        # 1. decode
-        with self.fs.open(posixpath.join(self.root, info["file_name"]), "rb") as f:
-            bgr = cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise ValueError(f"undecodable image {info['file_name']}")
-        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         h, w = rgb.shape[:2]
-        # 2. label at the original size, then nearest-resized (like the image processor does)
+        # 1. label at the original size, then nearest-resized (like the image processor does)
         segments = masks_to_segments(annotation_masks(self.anns.get(info["id"], []), h, w))
         label = boundary_label(segments, self.spec.line_thickness)
         r = self.spec.resolution
         label = cv2.resize(label, (r, r), interpolation=cv2.INTER_NEAREST)
-        # 3. image resized like the labeler's preprocessing (kept uint8, normalised per batch)
+        # 2. image resized like the labeler's preprocessing (kept uint8, normalised per batch)
         pixels = resize_uint8(torch.from_numpy(rgb).permute(2, 0, 1)[None], r)[0].to(torch.uint8)
-        return pixels, torch.from_numpy(label.astype(np.int64))
+        return pixels, torch.from_numpy(np.ascontiguousarray(label, dtype=np.uint8))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +302,7 @@ def init_model(spec: TrainSpec):
     """(model, preprocessor dict) from ``spec.weights`` or a random ``spec.model_size`` Segformer."""
     from transformers import SegformerForSemanticSegmentation
 
-    from pseudolabel.models.directsam import read_preprocessor, segformer_config
+    from pseudolabel.models.directsam import load_preprocessor, segformer_config
     from pseudolabel.models.weights import resolve_weights
 
     torch.manual_seed(spec.seed)
@@ -202,7 +310,7 @@ def init_model(spec: TrainSpec):
         local = resolve_weights(spec.weights, spec.storage, spec.revision)
         model = SegformerForSemanticSegmentation.from_pretrained(
             local, revision=spec.revision, num_labels=1, ignore_mismatched_sizes=True)
-        return model, read_preprocessor(local)
+        return model, load_preprocessor(local, spec.revision, needed=False)
     return SegformerForSemanticSegmentation(segformer_config(spec.model_size)), {}
 
 
@@ -253,10 +361,9 @@ def train_directsam(spec: "TrainSpec | dict | str | Path", **overrides: Any) -> 
     losses: list[float] = []
     for step in range(spec.steps):
         idx = torch.randint(0, len(data), (min(spec.batch_size, len(data)),), generator=gen).tolist()
-        batch = [data.example(i) for i in idx]
-        pixels = torch.stack([b[0] for b in batch]).to(spec.device).float()
-        pixels = normalize(pixels, mean, std)
-        labels = torch.stack([b[1] for b in batch]).to(spec.device)
+        pixels, labels = data.batch(idx)
+        pixels = normalize(pixels.to(spec.device).float(), mean, std)
+        labels = labels.to(spec.device).long()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             loss = model(pixel_values=pixels, labels=labels).loss
         opt.zero_grad(set_to_none=True)

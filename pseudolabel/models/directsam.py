@@ -3,13 +3,18 @@
 A SegformerForSemanticSegmentation with one output channel predicts, for every pixel, the probability
 that it lies on a subobject boundary. The pyramid (``directsam_pyramid``) turns a batch of images into
 boundary maps; the shared post-processing (``tokens.boundary_to_tokens``) turns each map into tokens.
-Optionally each token gets an embedding: the features of a transformers backbone (e.g. DINOv2
-``AutoBackbone``) averaged over the token's mask.
+Optionally each token gets an embedding (see ``DirectSAM.embed``): the features of a transformers
+backbone (e.g. DINOv2 ``AutoBackbone``) averaged over the token's mask, followed by the token's box
+normalised by the image size, ``[x0 / W, y0 / H, x1 / W, y1 / H]``.
+
+The checkpoint's ``preprocessor_config.json`` (input size, mean, std) is read wherever the weights come
+from: a local directory, an s3:// prefix (copied with the weights) or a hub id (downloaded at the spec's
+``revision`` with ``huggingface_hub.hf_hub_download``).
 """
 from __future__ import annotations
 
 import json
-import os
+import logging
 from typing import Any, Literal
 
 import numpy as np
@@ -19,9 +24,13 @@ from pydantic import Field
 from pseudolabel.models.base import Labeler, LabelerParams, LabelOutput
 from pseudolabel.models.directsam_pyramid import IMAGENET_MEAN, IMAGENET_STD, preprocess, pyramid_probs
 from pseudolabel.models.tokens import boundary_to_tokens
-from pseudolabel.models.weights import resolve_weights
+from pseudolabel.models.weights import checkpoint_file, resolve_weights
 
 DEFAULT_RESOLUTION = 1024
+#: number of box coordinates appended to every token embedding
+BOX_DIMS = 4
+
+log = logging.getLogger(__name__)
 
 
 class DirectSAMParams(LabelerParams):
@@ -38,10 +47,12 @@ class DirectSAMParams(LabelerParams):
     max_tokens: int | None = Field(256, ge=1, description="keep at most this many tokens, largest first")
     min_area: int = Field(0, ge=0, description="drop seed regions smaller than this many px")
     batch_size: int = Field(8, ge=1, description="views (whole images and crops) per forward pass")
-    save_boundary: bool = Field(False, description="also output the boundary map as a uint8 layer 'boundary'")
+    save_boundary: bool = Field(False, description="also output the boundary map as a uint16 layer 'boundary' "
+                                                   "(value / 65535 = probability)")
     embedding_weights: str | None = Field(
         None, description="transformers backbone (hub id, local dir or s3://, e.g. a DINOv2 AutoBackbone) for "
-                          "mask-pooled token embeddings; None = no embeddings")
+                          "token embeddings: mask-pooled features (C values) followed by the token's box "
+                          "[x0/W, y0/H, x1/W, y1/H]; None = no embeddings")
     embedding_resolution: int = Field(448, ge=14, description="square input side of the embedding backbone")
 
 
@@ -74,13 +85,53 @@ def segformer_config(size: str = "b0", **overrides: Any):
     return SegformerConfig(**{**SEGFORMER_SIZES[size], "num_labels": 1, **overrides})
 
 
-def read_preprocessor(local_dir: str) -> dict[str, Any]:
-    """The checkpoint's ``preprocessor_config.json`` as a dict ({} when absent or not a local dir)."""
-    path = os.path.join(local_dir, "preprocessor_config.json")
-    if not os.path.isfile(path):
+def read_preprocessor(source: str, revision: str | None = None) -> dict[str, Any]:
+    """The checkpoint's ``preprocessor_config.json`` as a dict, {} when the checkpoint has none.
+
+    ``source``: a local directory (s3:// prefixes resolved with ``resolve_weights`` first) or a hub id,
+    whose file is downloaded at ``revision``. A hub file that cannot be fetched (offline and not in
+    the hub cache) raises ``huggingface_hub.errors.LocalEntryNotFoundError``.
+    """
+    path = checkpoint_file(source, "preprocessor_config.json", revision)
+    if path is None:
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+def load_preprocessor(source: str, revision: str | None, needed: bool) -> dict[str, Any]:
+    """``read_preprocessor``; when the hub file cannot be fetched, {} if the caller can do without it
+    (logged), else an error naming the way out."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return read_preprocessor(source, revision)
+    except LocalEntryNotFoundError as err:
+        if needed:
+            raise ValueError(f"{source}: cannot fetch preprocessor_config.json ({err}); it sets the input "
+                             "resolution: make it reachable or set params.resolution") from err
+        log.warning("%s: preprocessor_config.json unavailable (%s); using ImageNet mean/std", source, err)
+        return {}
+
+
+def token_boxes(label_map: np.ndarray, n_tokens: int) -> np.ndarray:
+    """Normalised boxes of tokens 1..K of a label map.
+
+    Returns:
+        (K, 4) float32 ``[x0 / W, y0 / H, x1 / W, y1 / H]`` with x1, y1 exclusive, i.e. the COCO box
+        ``[x, y, w, h]`` of the token's mask (pycocotools ``toBbox``) as ``[x, y, x + w, y + h]``
+        divided by the image width and height. An empty token gets zeros.
+    """
+    from scipy import ndimage
+
+    height, width = label_map.shape
+    out = np.zeros((n_tokens, BOX_DIMS), np.float32)
+    scale = np.array([width, height, width, height], np.float64)
+    for k, sl in enumerate(ndimage.find_objects(label_map, max_label=n_tokens)):
+        if sl is not None:
+            sy, sx = sl
+            out[k] = np.array([sx.start, sy.start, sx.stop, sy.stop], np.float64) / scale
+    return out
 
 
 def load_segformer(weights: str, device: str, dtype: torch.dtype, revision: str | None = None):
@@ -136,6 +187,16 @@ def mask_pool(features: torch.Tensor, label_map: torch.Tensor, n_tokens: int) ->
     return (cover @ feats.T) / cover.sum(1, keepdim=True).clamp_min(1.0)
 
 
+def boundary_layer(prob: np.ndarray) -> np.ndarray:
+    """(H, W) float probabilities -> the uint16 ``boundary`` layer, value = round(prob * 65535).
+
+    16 bits keep low thresholds (0.02-0.03, the README's setting for high resolutions) exact to
+    1/131070 when the layer is re-tokenised later (``evaluate --curve``); 8 bits would move them by up
+    to 1/510.
+    """
+    return np.clip(np.rint(np.asarray(prob, np.float64) * 65535), 0, 65535).astype(np.uint16)
+
+
 class DirectSAM(Labeler):
     name = "directsam"
     Params = DirectSAMParams
@@ -150,7 +211,7 @@ class DirectSAM(Labeler):
         self.dtype = resolve_dtype(spec.dtype, device)
         self.model = load_segformer(local, device, self.dtype, spec.revision)
         # 2. preprocessing constants from the checkpoint's processor config, ImageNet otherwise
-        pre = read_preprocessor(local)
+        pre = load_preprocessor(local, spec.revision, needed=p.resolution is None)
         size = pre.get("size") or {}
         self.resolution = int(p.resolution or size.get("height") or DEFAULT_RESOLUTION)
         self.mean = tuple(pre.get("image_mean") or IMAGENET_MEAN)
@@ -160,7 +221,7 @@ class DirectSAM(Labeler):
         if p.embedding_weights:
             emb_local = resolve_weights(p.embedding_weights, self.storage)
             self.backbone = load_backbone(emb_local).to(device=device, dtype=self.dtype).eval()
-            emb_pre = read_preprocessor(emb_local)
+            emb_pre = load_preprocessor(emb_local, None, needed=False)
             self.emb_mean = tuple(emb_pre.get("image_mean") or IMAGENET_MEAN)
             self.emb_std = tuple(emb_pre.get("image_std") or IMAGENET_STD)
 
@@ -175,7 +236,13 @@ class DirectSAM(Labeler):
                                  p.batch_size, self.device, self.mean, self.std)
 
     def embed(self, images: list[np.ndarray], label_maps: list[np.ndarray]) -> list[np.ndarray]:
-        """Mask-pooled backbone features per token: N label maps (H, W) -> N arrays (K, C) float32."""
+        """Token embeddings: N label maps (H, W) with tokens 1..K -> N arrays (K, C + 4) float32.
+
+        Row k - 1 (token k) is ``[f_1 .. f_C, x0 / W, y0 / H, x1 / W, y1 / H]``: the last feature map of
+        the backbone (C channels) at ``embedding_resolution`` averaged over the token's mask
+        (``mask_pool``), then the token's box normalised by the image size (``token_boxes``; x1, y1
+        exclusive, so ``[x0, y0, x1 - x0, y1 - y0]`` in px is the token's COCO ``bbox``).
+        """
         res = self.params.embedding_resolution
         out = []
         with torch.inference_mode():
@@ -184,10 +251,11 @@ class DirectSAM(Labeler):
             for fmap, lm in zip(fmaps, label_maps):
                 k = int(lm.max()) if lm.size else 0
                 if k == 0:
-                    out.append(np.zeros((0, fmap.shape[0]), np.float32))
+                    out.append(np.zeros((0, fmap.shape[0] + BOX_DIMS), np.float32))
                     continue
                 labels = torch.from_numpy(lm.astype(np.int64)).to(fmap.device)
-                out.append(mask_pool(fmap, labels, k).cpu().numpy().astype(np.float32))
+                pooled = mask_pool(fmap, labels, k).cpu().numpy().astype(np.float32)
+                out.append(np.concatenate([pooled, token_boxes(lm, k)], axis=1))
         return out
 
     def label(self, images: list[np.ndarray], prompts: list[Any]) -> list[LabelOutput]:
@@ -202,6 +270,6 @@ class DirectSAM(Labeler):
                 tok.embeddings = emb
         outputs = []
         for prob, tok in zip(probs, tokens):
-            layers = {"boundary": np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8)} if p.save_boundary else {}
+            layers = {"boundary": boundary_layer(prob)} if p.save_boundary else {}
             outputs.append(LabelOutput(tokens=tok, layers=layers))
         return outputs

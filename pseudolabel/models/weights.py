@@ -54,3 +54,45 @@ def resolve_weights(weights: str, storage: StorageSpec | None = None, revision: 
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return str(target)
+
+
+def is_hub_id(weights: str) -> bool:
+    """True when ``weights`` names a hub repository: not a URI and not an existing local path."""
+    if protocol_of(weights) != "file" or os.path.exists(os.path.expanduser(weights)):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(weights)
+    except HFValidationError:
+        return False
+    return True
+
+
+def checkpoint_file(source: str, filename: str, revision: str | None = None) -> str | None:
+    """Local path of one file of a checkpoint, or None when the checkpoint has no such file.
+
+    Args:
+        source: a local directory (what ``resolve_weights`` returns for local paths and s3:// prefixes)
+            or a hub id (returned unchanged by ``resolve_weights``).
+        filename: the file inside the checkpoint, e.g. ``preprocessor_config.json``.
+        revision: hub revision (branch, tag or commit); ignored for local directories.
+
+    A hub file is fetched with ``huggingface_hub.hf_hub_download`` (from the local hub cache when offline).
+    It returns None only when the hub says the repository lacks the file; a file that cannot be fetched
+    (offline and not cached, no network) raises, so a caller never silently falls back to defaults.
+    """
+    if os.path.isdir(source):
+        path = os.path.join(source, filename)
+        return path if os.path.isfile(path) else None
+    if not is_hub_id(source):
+        return None
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return huggingface_hub.hf_hub_download(source, filename, revision=revision)
+    except LocalEntryNotFoundError:
+        raise
+    except EntryNotFoundError:  # the repository (at that revision) has no such file
+        return None
