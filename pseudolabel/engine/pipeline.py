@@ -150,9 +150,9 @@ CHECKPOINT_FILTER_CPUS = 1.0
 
 
 def cpus_needed(job: JobSpec, resuming: bool) -> float:
-    """CPUs the plan reserves at once: labeler actors, one read/decode task, the resume filter."""
+    """CPUs the plan reserves at once: labeler actors, one read/decode and one write task, the resume filter."""
     res = job.resources
-    return (res.actors * res.cpus_per_actor * len(job.labelers) + res.decode_cpus
+    return (res.actors * res.cpus_per_actor * len(job.labelers) + 2 * res.decode_cpus
             + (CHECKPOINT_FILTER_CPUS if resuming else 0))
 
 
@@ -167,7 +167,7 @@ def check_capacity(job: JobSpec, resuming: bool) -> None:
     if need > cpus:
         raise ResourceError(
             f"resources: {len(job.labelers)} labeler(s) x actors {res.actors} x cpus_per_actor {res.cpus_per_actor:g}"
-            f" + decode_cpus {res.decode_cpus:g}" + (" + 1 for the resume filter" if resuming else "")
+            f" + 2 x decode_cpus {res.decode_cpus:g} (decode, write)" + (" + 1 for the resume filter" if resuming else "")
             + f" = {need:g} CPUs, more than the cluster's {cpus:g}; lower resources.actors or resources.cpus_per_actor")
     if res.gpus_per_actor and res.gpus_per_actor * (res.min_actors or 1) > gpus:
         raise ResourceError(f"resources.gpus_per_actor: {res.gpus_per_actor:g} GPUs per actor asked for, "
@@ -246,6 +246,9 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, run_id: str
             )
         # 4. Write; the checkpoint makes this exactly-once across re-runs.
         lab_fs, lab_path = arrow_filesystem(join(out, LABELS), st)
-        ds.write_parquet(lab_path, filesystem=lab_fs, max_rows_per_file=res.rows_per_file)
+        # Write tasks reserve decode_cpus too: at Ray's default of 1 CPU they would wait on a small
+        # machine until decoding is done, and no labels would be committed until the very end.
+        ds.write_parquet(lab_path, filesystem=lab_fs, max_rows_per_file=res.rows_per_file,
+                         ray_remote_args={"num_cpus": res.decode_cpus})
     finally:
         ctx.checkpoint_config = None

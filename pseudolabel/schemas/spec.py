@@ -114,7 +114,7 @@ class ResourcesSpec(_Strict):
     cpus_per_actor: float = Field(1, gt=0)
     batch_size: int = Field(8, ge=1)
     decode_batch_size: int = Field(16, ge=1)
-    decode_cpus: float = Field(0.25, gt=0, description="CPUs reserved by each read/fetch+decode task")
+    decode_cpus: float = Field(0.25, gt=0, description="CPUs reserved by each read, fetch+decode and write task")
     rows_per_file: int | None = Field(None, ge=1, description="at most this many rows per output Parquet file")
 
 
