@@ -180,3 +180,18 @@ def write_run(out, mode: str = "perfect", wrong_categories: bool = False, image_
     st.write_bytes(st.join(out, "summary.json"), json.dumps(summary).encode(), storage)
     st.write_bytes(st.join(out, "job.json"), json.dumps({"name": "test"}).encode(), storage)
     return out
+
+
+def two_labeler_rows(mode: str = "perfect") -> list[dict]:
+    """``label_rows(mode)`` whose first three rows also hold the tokens of a second labeler ``other``
+    (the image quadrants), stored before the ``test`` labeler's tokens: merging both changes every score."""
+    rows = label_rows(mode)
+    quads = np.zeros((H, W), np.int32)
+    quads[H // 2:, :] += 2
+    quads[:, W // 2:] += 1
+    for r in rows[:3]:
+        other = [{"id": 100 + q, "segmentation": mask_to_rle(quads == q), "bbox": [0.0, 0.0, 1.0, 1.0],
+                  "area": float((quads == q).sum()), "boundary_score": 0.5, "labeler": "other", "embedding": None}
+                 for q in range(4)]
+        r["subobjects"] = other + r["subobjects"]
+    return rows

@@ -381,21 +381,9 @@ def test_evaluate_tokens_curve_uses_tolerances_and_the_runs_settings(tmp_path, g
 
 
 def _two_labeler_rows():
-    """Perfect rows (tokens of labeler ``test`` = the GT partition) with the tokens of a second labeler
-    ``other`` (image quadrants) stored first, so merging both changes every score."""
-    from labels_fixtures import H, W, label_rows
-    from pseudolabel.schemas.coco import mask_to_rle
+    from labels_fixtures import two_labeler_rows
 
-    rows = label_rows("perfect")
-    quads = np.zeros((H, W), np.int32)
-    quads[H // 2:, :] += 2
-    quads[:, W // 2:] += 1
-    for r in rows[:3]:
-        other = [{"id": 100 + q, "segmentation": mask_to_rle(quads == q), "bbox": [0.0, 0.0, 1.0, 1.0],
-                  "area": float((quads == q).sum()), "boundary_score": 0.5, "labeler": "other", "embedding": None}
-                 for q in range(4)]
-        r["subobjects"] = other + r["subobjects"]
-    return rows
+    return two_labeler_rows("perfect")
 
 
 def test_evaluate_tokens_labeler_filter(tmp_path, gt_path):

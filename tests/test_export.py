@@ -12,7 +12,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from labels_fixtures import CATEGORIES, FILE_NAMES, GT_SHAPES, H, W, gt_coco, label_rows, render_image, shape_masks, write_run
+from labels_fixtures import CATEGORIES, FILE_NAMES, GT_SHAPES, H, W, gt_coco, label_rows, render_image, shape_masks, two_labeler_rows, write_run
 from pseudolabel import storage as st
 from pseudolabel.jobs import labels_io
 from pseudolabel.jobs.export import decode_panoptic_ids, encode_panoptic_ids, export, integer_image_ids, read_panoptic
@@ -223,15 +223,7 @@ def test_rles_to_label_map_matches_dense_painting():
 def write_two_labeler_run(out) -> str:
     """A run (hand-built labels table) whose rows hold the tokens of two labelers: ``other`` (the image
     quadrants, stored first) and ``test`` (the GT partition)."""
-    rows = label_rows()
-    quads = np.zeros((H, W), np.int32)
-    quads[H // 2:, :] += 2
-    quads[:, W // 2:] += 1
-    for r in rows[:3]:
-        other = [{"id": 100 + q, "segmentation": mask_to_rle(quads == q), "bbox": [0.0, 0.0, 1.0, 1.0],
-                  "area": float((quads == q).sum()), "boundary_score": 0.5, "labeler": "other", "embedding": None}
-                 for q in range(4)]
-        r["subobjects"] = other + r["subobjects"]
+    rows = two_labeler_rows()
     (out / "labels").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=LABELS_SCHEMA), out / "labels" / "p.parquet")
     return str(out)
