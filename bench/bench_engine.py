@@ -12,7 +12,6 @@ Prints one table:
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import socket
 import subprocess
@@ -21,7 +20,6 @@ import tempfile
 import threading
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
