@@ -64,6 +64,13 @@ def _list_files(fs, root: str) -> dict[str, int | None]:
     return {p: found[p].get("size") for p in sorted(found) if not posixpath.basename(p).startswith(".")}
 
 
+def tar_members(fs, path: str) -> list[tarfile.TarInfo]:
+    """The regular-file members of a tar shard in order, read from their headers (the data is seeked
+    over); each has ``name``, ``size`` and ``offset_data`` (where its bytes start, for ranged reads)."""
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        return [info for info in tar if info.isfile()]
+
+
 def image_column_of(schema: pa.Schema, wanted: str | None) -> str:
     if wanted:
         if wanted not in schema.names:
@@ -99,10 +106,8 @@ def list_input(spec: InputSpec, storage: StorageSpec | None = None) -> pa.Table:
         shards = [f for f in files if f.lower().endswith(".tar")]
         for shard, f in enumerate(shards):
             rel = _rel(f, root)
-            with fs.open(f, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
-                for info in tar:
-                    if not info.isfile() or not info.name.lower().endswith(exts):
-                        continue
+            for info in tar_members(fs, f):
+                if info.name.lower().endswith(exts):
                     rows.append(dict(image_id=stable_image_id(rel, info.name), uri=to_uri(fs, f), member=info.name,
                                      shard=shard, size=info.size, offset=info.offset_data,
                                      file_name=f"{rel}/{info.name}", prompts=None))

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-import tarfile
 import time
 from collections import OrderedDict, defaultdict
 from pathlib import Path
@@ -238,12 +237,9 @@ class CocoBoundaryData:
         if not path.lower().endswith(".tar"):
             return [None] * len(members)
         if path not in self._tar_index:
-            index = {}
-            with self.fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-                for info in tar:  # seeks over the data: only headers are read
-                    if info.isfile():
-                        index[info.name] = (info.offset_data, info.size)
-            self._tar_index[path] = index
+            from pseudolabel.engine.sources import tar_members
+
+            self._tar_index[path] = {i.name: (i.offset_data, i.size) for i in tar_members(self.fs, path)}
         return [self._tar_index[path].get(m) for m in members]
 
     def _fetch(self, indices: list[int]) -> list[bytes]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 from pathlib import Path
 
 from pseudolabel.schemas.spec import StorageSpec
@@ -56,9 +57,22 @@ def resolve_weights(weights: str, storage: StorageSpec | None = None, revision: 
     return str(target)
 
 
+#: a hub repository id, ``owner/name``
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def looks_like_local_path(weights: str) -> bool:
+    """True for what can only be meant as a local path: absolute, ``./``, ``../``, ``~``, ``file://``, or
+    with a path separator but not of the hub's ``owner/name`` form."""
+    if weights.startswith(("/", "./", "../", "~", "file://")):
+        return True
+    return any(sep and sep in weights for sep in (os.sep, os.altsep)) and not _HUB_ID.match(weights)
+
+
 def is_hub_id(weights: str) -> bool:
-    """True when ``weights`` names a hub repository: not a URI and not an existing local path."""
-    if protocol_of(weights) != "file" or os.path.exists(os.path.expanduser(weights)):
+    """True when ``weights`` names a hub repository: not a URI, not an existing or evident local path."""
+    if (protocol_of(weights) != "file" or os.path.exists(os.path.expanduser(weights))
+            or looks_like_local_path(weights)):
         return False
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 

@@ -18,7 +18,7 @@ from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutpu
 from pseudolabel.models.evf_sam.model import load_evf_sam, load_tokenizer
 from pseudolabel.models.evf_sam.postprocess import select_instances
 from pseudolabel.models.evf_sam.preprocess import beit3_pixels, masks_to_original, prompt_text, sam_pixels
-from pseudolabel.models.weights import resolve_weights
+from pseudolabel.models.weights import looks_like_local_path, resolve_weights
 
 
 class EvfSamParams(LabelerParams):
@@ -44,18 +44,6 @@ def _torch_dtype(dtype: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
-#: a hub repository id, ``owner/name``
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-
-
-def _looks_like_path(weights: str) -> bool:
-    """True for what can only be meant as a local path: absolute, ``./``, ``../``, ``~``, ``file://``, or
-    with a path separator but not of the hub's ``owner/name`` form."""
-    if weights.startswith(("/", "./", "../", "~", "file://")):
-        return True
-    return any(sep and sep in weights for sep in (os.sep, os.altsep)) and not _HUB_ID.match(weights)
-
-
 def _local_checkpoint(weights: str, storage, revision: str | None) -> str:
     """A local directory for a local path, an s3:// prefix or a hub id.
 
@@ -64,7 +52,7 @@ def _local_checkpoint(weights: str, storage, revision: str | None) -> str:
     local = resolve_weights(weights, storage, revision)
     if os.path.isdir(local):
         return local
-    if _looks_like_path(weights):
+    if looks_like_local_path(weights):
         raise FileNotFoundError(f"evf_sam weights {weights!r}: no such checkpoint directory "
                                 "(a hub id has the form owner/name)")
     from huggingface_hub import snapshot_download
