@@ -30,7 +30,8 @@ from pseudolabel.engine.cluster import connect
 from pseudolabel.engine.decode import fetch_decode
 from pseudolabel.engine.errors import OutputConflictError, ResourceError
 from pseudolabel.engine.sources import list_input
-from pseudolabel.engine.stage import LabelerStage
+from pseudolabel.engine.stage import DeviceStage, host_stage
+from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import JobSpec
 from pseudolabel.schemas.tables import MANIFEST_SCHEMA
 from pseudolabel.engine.manifest import ManifestDatasource
@@ -48,7 +49,7 @@ CHECKPOINTS = "_checkpoints"
 
 def labelers_fingerprint(job: JobSpec) -> str:
     """Hash of what decides the labels (labelers, weights, params, ontology): equal means resumable."""
-    data = [lab.model_dump(exclude={"device"}) for lab in job.labelers]
+    data = [lab.model_dump(exclude={"device", "compile"}) for lab in job.labelers]
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -149,15 +150,28 @@ def _count_labels(job: JobSpec, run_id: str | None = None) -> dict:
 CHECKPOINT_FILTER_CPUS = 1.0
 
 
+def actor_stages(job: JobSpec) -> list[int]:
+    """Indices of the labelers that get an actor pool: those with a device half, those that only
+    implement ``label``, and every labeler when ``resources.host`` is ``actor``."""
+    from pseudolabel.models.registry import labeler_class
+
+    out = []
+    for i, lab in enumerate(job.labelers):
+        cls = labeler_class(lab.name)
+        if job.resources.host == "actor" or not cls.splits() or cls.has_device_half():
+            out.append(i)
+    return out
+
+
 def cpus_needed(job: JobSpec, resuming: bool) -> float:
-    """CPUs the plan reserves at once: labeler actors, one read/decode and one write task, the resume filter."""
+    """CPUs the plan reserves at once: labeler actors, one read/decode and one host task, the resume filter."""
     res = job.resources
-    return (res.actors * res.cpus_per_actor * len(job.labelers) + 2 * res.decode_cpus
+    return (res.actors * res.cpus_per_actor * len(actor_stages(job)) + res.decode_cpus + res.host_cpus
             + (CHECKPOINT_FILTER_CPUS if resuming else 0))
 
 
 def check_capacity(job: JobSpec, resuming: bool) -> None:
-    """Refuse a plan whose actors would take every CPU: read/decode tasks would never run and the job hangs."""
+    """Refuse a plan whose actors would take every CPU: read/decode and host tasks would never run."""
     import ray
 
     res = job.resources
@@ -166,10 +180,11 @@ def check_capacity(job: JobSpec, resuming: bool) -> None:
     need = cpus_needed(job, resuming)
     if need > cpus:
         raise ResourceError(
-            f"resources: {len(job.labelers)} labeler(s) x actors {res.actors} x cpus_per_actor {res.cpus_per_actor:g}"
-            f" + 2 x decode_cpus {res.decode_cpus:g} (decode, write)" + (" + 1 for the resume filter" if resuming else "")
+            f"resources: {len(actor_stages(job))} labeler actor pool(s) x actors {res.actors} x cpus_per_actor "
+            f"{res.cpus_per_actor:g} + decode_cpus {res.decode_cpus:g} + host_cpus {res.host_cpus:g}"
+            + (" + 1 for the resume filter" if resuming else "")
             + f" = {need:g} CPUs, more than the cluster's {cpus:g}; lower resources.actors or resources.cpus_per_actor")
-    if res.gpus_per_actor and res.gpus_per_actor * (res.min_actors or 1) > gpus:
+    if actor_stages(job) and res.gpus_per_actor and res.gpus_per_actor * (res.min_actors or 1) > gpus:
         raise ResourceError(f"resources.gpus_per_actor: {res.gpus_per_actor:g} GPUs per actor asked for, "
                             f"the cluster has {gpus:g}")
 
@@ -222,7 +237,7 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, run_id: str
     ctx.checkpoint_config = CheckpointConfig(id_column="image_id", checkpoint_path=ckpt_path,
                                              override_filesystem=ckpt_fs, delete_checkpoint_on_success=False)
     try:
-        # 3. Build the streaming plan: read manifest -> fetch+decode tasks -> labeler actor pools.
+        # 3. Build the streaming plan: read manifest -> fetch+decode tasks -> device halves -> host tasks.
         parts, rows = manifest_parts(job)
         ds = ray.data.read_datasource(ManifestDatasource(parts, rows, st), num_cpus=res.decode_cpus)
         ds = ds.map_batches(fetch_decode, batch_format="pyarrow", batch_size=res.decode_batch_size,
@@ -234,21 +249,30 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, run_id: str
             "revisions": [lab.revision or "" for lab in job.labelers],
             "params_hash": labelers_fingerprint(job), "engine_version": __version__, "run_id": run_id,
         }
-        for i, lab in enumerate(job.labelers):
-            final = i == len(job.labelers) - 1
+        # device halves: one actor pool per labeler with a model (only its forward pass runs there)
+        on_actors = actor_stages(job)
+        for i in on_actors:
             ds = ds.map_batches(
-                LabelerStage, batch_format="pyarrow", batch_size=res.batch_size,
+                DeviceStage, batch_format="pyarrow", batch_size=res.batch_size,
                 compute=ActorPoolStrategy(min_size=res.min_actors or 1, max_size=res.actors),
                 num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor,
-                fn_constructor_kwargs=dict(spec=lab.model_dump(mode="json"), storage=st.model_dump(),
-                                           gpus_per_actor=res.gpus_per_actor, final=final,
-                                           provenance=provenance if final else None),
+                fn_constructor_kwargs=dict(spec=job.labelers[i].model_dump(mode="json"), index=i,
+                                           storage=st.model_dump(), gpus_per_actor=res.gpus_per_actor,
+                                           whole=res.host == "actor"),
             )
-        # 4. Write; the checkpoint makes this exactly-once across re-runs.
+        # host halves of every labeler + encoding, in CPU tasks (as many at once as the CPUs allow)
+        sources = []
+        for i, lab in enumerate(job.labelers):
+            cls = labeler_class(lab.name)
+            whole = i in on_actors and (res.host == "actor" or not cls.splits())
+            sources.append({"spec": lab.model_dump(mode="json"),
+                            "source": "record" if whole else "payload" if i in on_actors else "host"})
+        ds = ds.map_batches(host_stage, batch_format="pyarrow", batch_size=None, num_cpus=res.host_cpus,
+                            fn_kwargs=dict(labelers=sources, storage=st.model_dump(), provenance=provenance))
+        # 4. Write; the checkpoint makes this exactly-once across re-runs. Write tasks reserve what host
+        # tasks do, so each host task writes its own rows (labels are committed from the first batch on).
         lab_fs, lab_path = arrow_filesystem(join(out, LABELS), st)
-        # Write tasks reserve decode_cpus too: at Ray's default of 1 CPU they would wait on a small
-        # machine until decoding is done, and no labels would be committed until the very end.
         ds.write_parquet(lab_path, filesystem=lab_fs, max_rows_per_file=res.rows_per_file,
-                         ray_remote_args={"num_cpus": res.decode_cpus})
+                         ray_remote_args={"num_cpus": res.host_cpus})
     finally:
         ctx.checkpoint_config = None

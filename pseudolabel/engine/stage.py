@@ -1,18 +1,35 @@
-"""The labeler stage: a callable class that Ray Data runs in an actor pool.
+"""The labeler stages Ray Data runs: a device stage per labeler (actors), one host stage (tasks).
 
-The model is built once per actor; each call maps one batch. A failure of the whole batch is retried
-image by image, and an image that still fails becomes an error row: a batch is never dropped.
+    fetch+decode tasks ─▶ DeviceStage(labeler 1) ─▶ … ─▶ DeviceStage(labeler n) ─▶ host_stage tasks ─▶ write
+                          actor pool, model loaded once                          postprocess + encode,
+                          per actor: only ``forward``                            all labelers, in job order
+
+In-flight columns, one per labeler ``i`` that has an actor stage:
+
+- ``_payload_i`` (large_binary): the device half's payload for the row (``engine.payload``), for
+  labelers that split (``Labeler.splits()``); the host stage runs ``postprocess`` + ``encode_output``.
+- ``_record_i`` (struct of the three list columns): the row's encoded records, for labelers that run
+  whole in their actor (a custom labeler with only ``label``, or every labeler with
+  ``resources.host: actor``).
+
+Labelers with no device half (the classical baselines) have no actor stage: the host stage runs them
+whole. The host stage assembles every labeler's records in job order (annotation ids 1..n per row),
+drops the in-flight columns and casts to the `labels` schema. A failure of a whole device batch is
+retried image by image; an image that still fails, or whose host half fails, becomes an error row
+(``status: error``, no labels): a batch is never dropped.
 """
 from __future__ import annotations
 
 import json
 import logging
 import traceback
+from typing import Any
 
 import pyarrow as pa
 
 from pseudolabel.engine.decode import pixels_to_image
 from pseudolabel.engine.encode import encode_output
+from pseudolabel.engine.payload import pack_payload, unpack_payload
 from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import LabelerSpec, StorageSpec
 from pseudolabel.schemas.tables import (ANNOTATION_TYPE, LABELS_SCHEMA, LAYER_TYPE, PROVENANCE_TYPE, STATUS_ERROR,
@@ -20,8 +37,17 @@ from pseudolabel.schemas.tables import (ANNOTATION_TYPE, LABELS_SCHEMA, LAYER_TY
 
 log = logging.getLogger(__name__)
 
-_LIST_COLUMNS = {"annotations": pa.list_(ANNOTATION_TYPE), "subobjects": pa.list_(SUBOBJECT_TYPE),
-                 "layers": pa.list_(LAYER_TYPE)}
+LIST_COLUMNS = {"annotations": pa.list_(ANNOTATION_TYPE), "subobjects": pa.list_(SUBOBJECT_TYPE),
+                "layers": pa.list_(LAYER_TYPE)}
+RECORD_TYPE = pa.struct(list(LIST_COLUMNS.items()))
+
+
+def payload_column(index: int) -> str:
+    return f"_payload_{index}"
+
+
+def record_column(index: int) -> str:
+    return f"_record_{index}"
 
 
 def resolve_device(requested: str, gpus_per_actor: float) -> str:
@@ -45,39 +71,65 @@ def parse_prompts(text: str | None):
         return {"text": text}
 
 
-def _error_message(labeler: str, err: BaseException) -> str:
+def error_message(labeler: str, err: BaseException) -> str:
     return f"{labeler}: {type(err).__name__}: {err}"
 
 
-class LabelerStage:
-    """map_batches class: adds one labeler's records to each ok row.
+class _Rows:
+    """The ok rows of a batch as images + prompts, and the batch's status/error columns to update."""
+
+    def __init__(self, batch: pa.Table):
+        n = batch.num_rows
+        self.status = batch.column("status").to_pylist()
+        self.errors = batch.column("error").to_pylist()
+        self.ok = [i for i in range(n) if self.status[i] == STATUS_OK]
+        widths = batch.column("width").to_pylist()
+        heights = batch.column("height").to_pylist()
+        pixels = batch.column("pixels")
+        prompt_col = batch.column("prompts").to_pylist() if "prompts" in batch.column_names else [None] * n
+        self.images = {i: pixels_to_image(pixels[i].as_buffer(), heights[i], widths[i]) for i in self.ok}
+        self.prompts = {i: parse_prompts(prompt_col[i]) for i in self.ok}
+
+    def fail(self, i: int, labeler: str, err: BaseException) -> None:
+        self.status[i], self.errors[i] = STATUS_ERROR, error_message(labeler, err)
+
+    def with_status(self, table: pa.Table) -> pa.Table:
+        table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(self.status, pa.string()))
+        return table.set_column(table.schema.get_field_index("error"), "error", pa.array(self.errors, pa.string()))
+
+
+class DeviceStage:
+    """map_batches class (actor pool) for labeler ``index``: loads the model once, runs ``forward``
+    (or, for labelers that do not split or when ``whole`` is set, ``label`` + encoding).
 
     Args:
         spec: the labeler's spec (as a dict, so it pickles simply).
+        index: the labeler's position in the job (names its in-flight column).
         storage: storage settings for weights on s3://.
         gpus_per_actor: GPUs Ray gave each actor (decides ``device: auto``).
-        final: the last stage drops the pixels and casts to the `labels` schema.
-        provenance: the struct written into every row (final stage only).
+        whole: run the whole labeler here (``resources.host: actor``) even when it splits.
     """
 
-    def __init__(self, spec: dict, storage: dict | None, gpus_per_actor: float, final: bool,
-                 provenance: dict | None = None):
+    def __init__(self, spec: dict, index: int, storage: dict | None, gpus_per_actor: float, whole: bool = False):
         self.spec = LabelerSpec.model_validate(spec)
         self.name = self.spec.name
         device = resolve_device(self.spec.device, gpus_per_actor)
         cls = labeler_class(self.name)
         self.labeler = cls(self.spec, device=device, storage=StorageSpec.model_validate(storage or {}))
-        self.final = final
-        self.provenance = provenance
+        self.whole = whole or not cls.splits()
+        self.column = record_column(index) if self.whole else payload_column(index)
         self.batch_failures = 0
 
-    def _label(self, images, prompts) -> list:
-        """Outputs or exceptions, one per image."""
+    def _run(self, images: list, prompts: list) -> list:
+        return self.labeler(images, prompts) if self.whole else self.labeler.forward(images, prompts)
+
+    def _results(self, images: list, prompts: list) -> list:
+        """Outputs (payloads or LabelOutputs) or exceptions, one per image."""
         try:
-            outputs = self.labeler(images, prompts)
+            outputs = list(self._run(images, prompts))
             if len(outputs) != len(images):
                 raise RuntimeError(f"returned {len(outputs)} outputs for {len(images)} images")
-            return list(outputs)
+            return outputs
         except Exception as err:  # retry one by one so one bad image costs only itself
             self.batch_failures += 1
             if self.batch_failures == 1:  # once per actor with the traceback, then one line each
@@ -89,45 +141,90 @@ class LabelerStage:
             results = []
             for image, prompt in zip(images, prompts):
                 try:
-                    results.append(self.labeler([image], [prompt])[0])
+                    results.append(self._run([image], [prompt])[0])
                 except Exception as err:
                     results.append(err)
             return results
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
-        status = batch.column("status").to_pylist()
-        errors = batch.column("error").to_pylist()
-        cols = {name: (batch.column(name).to_pylist() if name in batch.column_names else [[] for _ in range(n)])
-                for name in _LIST_COLUMNS}
-        ok = [i for i in range(n) if status[i] == STATUS_OK]
-        if ok:
-            widths = batch.column("width").to_pylist()
-            heights = batch.column("height").to_pylist()
-            pixels = batch.column("pixels")
-            prompt_col = batch.column("prompts").to_pylist() if "prompts" in batch.column_names else [None] * n
-            images = [pixels_to_image(pixels[i].as_buffer(), heights[i], widths[i]) for i in ok]
-            prompts = [parse_prompts(prompt_col[i]) for i in ok]
-            for i, result in zip(ok, self._label(images, prompts)):
+        rows = _Rows(batch)
+        values: list[Any] = [None] * batch.num_rows
+        if rows.ok:
+            results = self._results([rows.images[i] for i in rows.ok], [rows.prompts[i] for i in rows.ok])
+            for i, result in zip(rows.ok, results):
                 try:
                     if isinstance(result, BaseException):
                         raise result
-                    rec = encode_output(result, self.name, heights[i], widths[i],
-                                        first_id=len(cols["annotations"][i]) + 1)
+                    if self.whole:
+                        h, w = rows.images[i].shape[:2]
+                        values[i] = encode_output(result, self.name, h, w)
+                    else:
+                        values[i] = pack_payload(result)
                 except Exception as err:
-                    status[i], errors[i] = STATUS_ERROR, _error_message(self.name, err)
+                    rows.fail(i, self.name, err)
+                    values[i] = None
+        column = pa.array(values, RECORD_TYPE if self.whole else pa.large_binary())
+        return rows.with_status(batch).append_column(self.column, column)
+
+
+#: host halves built in this worker process, by spec (Ray reuses task workers, so each labeler's host
+#: half is set up once per process, not once per batch)
+_HOST_HALVES: dict[str, Any] = {}
+
+
+def _host_half(spec: dict, storage: dict | None):
+    key = json.dumps([spec, storage], sort_keys=True, default=str)
+    if key not in _HOST_HALVES:
+        lab_spec = LabelerSpec.model_validate(spec)
+        cls = labeler_class(lab_spec.name)
+        _HOST_HALVES[key] = cls.host_half(lab_spec, StorageSpec.model_validate(storage or {}))
+    return _HOST_HALVES[key]
+
+
+def host_stage(batch: pa.Table, labelers: list[dict], storage: dict | None, provenance: dict) -> pa.Table:
+    """map_batches task: every labeler's records for every ok row, in job order -> the `labels` table.
+
+    ``labelers``: per labeler in job order, ``{"spec": dict, "source": "payload" | "record" | "host"}``:
+    where its records come from (its ``_payload_i`` column through ``postprocess``, its ``_record_i``
+    column, or ``postprocess`` with no payload for labelers without a device half).
+    """
+    rows = _Rows(batch)
+    n = batch.num_rows
+    in_flight = {}
+    for k, lab in enumerate(labelers):
+        if lab["source"] == "payload":
+            in_flight[k] = batch.column(payload_column(k))
+        elif lab["source"] == "record":
+            in_flight[k] = batch.column(record_column(k))
+    cols: dict[str, list] = {name: [[] for _ in range(n)] for name in LIST_COLUMNS}
+    for i in rows.ok:
+        image, prompt = rows.images[i], rows.prompts[i]
+        h, w = image.shape[:2]
+        records = []
+        for k, lab in enumerate(labelers):
+            name = lab["spec"]["name"]
+            try:
+                if lab["source"] == "record":
+                    records.append(in_flight[k][i].as_py())
                     continue
-                for name in _LIST_COLUMNS:
-                    cols[name][i] = list(cols[name][i]) + rec[name]
-        keep = [c for c in batch.column_names if c not in _LIST_COLUMNS and c not in ("status", "error")]
-        table = batch.select(keep)
-        table = table.append_column("status", pa.array(status, pa.string()))
-        table = table.append_column("error", pa.array(errors, pa.string()))
-        for name, typ in _LIST_COLUMNS.items():
-            table = table.append_column(name, pa.array(cols[name], typ))
-        if self.final:
-            table = finalize(table, self.provenance)
-        return table
+                payload = unpack_payload(in_flight[k][i].as_py()) if lab["source"] == "payload" else None
+                output = _host_half(lab["spec"], storage).postprocess(image, prompt, payload)
+                records.append(encode_output(output, name, h, w))
+            except Exception as err:
+                rows.fail(i, name, err)
+                break
+        else:
+            next_id = 1
+            for rec in records:
+                for ann in rec["annotations"]:
+                    ann["id"] = next_id
+                    next_id += 1
+                for name in LIST_COLUMNS:
+                    cols[name][i] += rec[name]
+    table = rows.with_status(batch)
+    for name, typ in LIST_COLUMNS.items():
+        table = table.append_column(name, pa.array(cols[name], typ))
+    return finalize(table, provenance)
 
 
 def finalize(table: pa.Table, provenance: dict | None) -> pa.Table:

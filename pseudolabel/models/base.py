@@ -9,6 +9,22 @@ A labeler is built once per actor from its `LabelerSpec` and then called on batc
 - ``prompts``: list (same length) of per-row hints or None, e.g. ``{"boxes_xyxy": [[x0, y0, x1, y1], ...],
   "points_xy": [[x, y], ...], "categories": [...]}`` from the input (COCO boxes, a Parquet column).
 
+Two halves. A labeler may split its work so the GPU never waits for the host:
+
+- ``forward(images, prompts) -> payloads``: the **device half**, run in the actor that holds the
+  model. Only the network and what shrinks its output (GPU-side resize, threshold, top-k) belong here.
+  One payload per image: a ``dict[str, np.ndarray]`` of compact host arrays (uint8/uint16/float16
+  where that is enough), which the engine ships between stages without pickling.
+- ``postprocess(image, prompt, payload) -> LabelOutput``: the **host half**, one image at a time, run
+  by the engine in parallel CPU tasks on an instance built by ``host_half`` (no weights loaded). It
+  may use ``self.params``, ``self.ontology``, ``self.spec`` and what ``setup_host`` sets, nothing the
+  model constructor made.
+
+``label`` (and so ``__call__``) is their composition, so ``labeler(images)`` gives the same outputs
+in-process as the two engine stages. A labeler without a network implements ``postprocess`` only
+(its payloads are None and the engine runs it entirely in CPU tasks). A labeler that implements only
+``label`` still works: the engine then runs it whole in its actor (single-call path).
+
 Labelers return masks as arrays; the engine encodes them (RLE, PNG) so every labeler shares one
 encoder. A labeler raises for a failure that concerns the whole batch; the engine then retries image
 by image and turns a failure of one image into an error row.
@@ -71,8 +87,13 @@ class LabelOutput:
     layers: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+#: what the device half hands the host half for one image: named host arrays, or None
+Payload = dict[str, np.ndarray] | None
+
+
 class Labeler:
-    """Base class of every labeler. Subclasses set ``name``, ``Params`` and implement ``label``."""
+    """Base class of every labeler. Subclasses set ``name``, ``Params`` and implement either
+    ``postprocess`` (with ``forward`` when there is a network), or ``label`` alone."""
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[LabelerParams]] = LabelerParams
@@ -89,9 +110,47 @@ class Labeler:
         self.device = device
         self.storage = storage or StorageSpec()
         self.ontology: list[OntologyEntry] = list(spec.ontology)
+        self.setup_host()
+
+    # -- the two halves --------------------------------------------------------------------------------
+
+    def setup_host(self) -> None:
+        """Host-side state derived from the spec alone (category tables, ...); runs in every instance,
+        before a subclass constructor loads its model, and in ``host_half`` instances."""
+
+    def forward(self, images: list[np.ndarray], prompts: list[Any]) -> list[Payload]:
+        """Device half: N images -> N payloads. The default (no network) gives None for each image."""
+        return [None] * len(images)
+
+    def postprocess(self, image: np.ndarray, prompt: Any, payload: Payload) -> LabelOutput:
+        """Host half for one image: its (H, W, 3) uint8 RGB pixels, prompt and payload -> LabelOutput."""
+        raise NotImplementedError
 
     def label(self, images: list[np.ndarray], prompts: list[Any]) -> list[LabelOutput]:
-        raise NotImplementedError
+        """Both halves, in-process (the single-call path). Labelers that do not split override this."""
+        if not self.splits():
+            raise NotImplementedError(f"{type(self).__name__} implements neither label nor postprocess")
+        payloads = self.forward(images, prompts)
+        if len(payloads) != len(images):
+            raise RuntimeError(f"forward returned {len(payloads)} payloads for {len(images)} images")
+        return [self.postprocess(im, pr, pl) for im, pr, pl in zip(images, prompts, payloads)]
+
+    @classmethod
+    def splits(cls) -> bool:
+        """True when the labeler has a host half the engine can run in CPU tasks."""
+        return cls.postprocess is not Labeler.postprocess
+
+    @classmethod
+    def has_device_half(cls) -> bool:
+        """True when ``forward`` is the labeler's own (a model to hold in an actor)."""
+        return cls.forward is not Labeler.forward
+
+    @classmethod
+    def host_half(cls, spec: LabelerSpec, storage: StorageSpec | None = None) -> "Labeler":
+        """An instance for ``postprocess`` only: the base constructor and ``setup_host``, no model."""
+        obj = cls.__new__(cls)
+        Labeler.__init__(obj, spec, device="cpu", storage=storage)
+        return obj
 
     def __call__(self, images: list[np.ndarray], prompts: list[Any] | None = None) -> list[LabelOutput]:
         if prompts is None:

@@ -280,14 +280,12 @@ class EdgeTokens(Labeler):
         return edge_boundary_map(image, median=p.median, blur_sigma=p.blur_sigma, percentile=p.percentile,
                                  norm_floor=p.norm_floor, canny=p.canny, max_side=p.max_side)
 
-    def label(self, images: list[np.ndarray], prompts: list[Any]) -> list[LabelOutput]:
+    def postprocess(self, image: np.ndarray, prompt: Any, payload: None) -> LabelOutput:
+        """Host only (no network): edge map -> tokens."""
         p = self.params
-        outputs = []
-        for image in images:
-            tokens: Tokens = boundary_to_tokens(self.boundary_map(image), p.threshold, p.mode,
-                                                max_tokens=p.max_tokens, min_area=p.min_area)
-            outputs.append(LabelOutput(tokens=tokens))
-        return outputs
+        tokens: Tokens = boundary_to_tokens(self.boundary_map(image), p.threshold, p.mode,
+                                            max_tokens=p.max_tokens, min_area=p.min_area)
+        return LabelOutput(tokens=tokens)
 
 
 class GrabCutParams(LabelerParams):
@@ -414,25 +412,22 @@ class GrabCutForeground(Labeler):
         return Instance(mask=full, category_id=category[0], category=category[1],
                         score=margin_score(bgr, comp, fgd, bgd), prompt=prompt)
 
-    def label(self, images: list[np.ndarray], prompts: list[Any]) -> list[LabelOutput]:
-        outputs = []
-        for image, prompt in zip(images, prompts):
-            boxes = (prompt or {}).get("boxes_xyxy") if isinstance(prompt, dict) else None
-            if not boxes:
-                outputs.append(LabelOutput(instances=self.label_whole_image(image)))
+    def postprocess(self, image: np.ndarray, prompt: Any, payload: None) -> LabelOutput:
+        """Host only (no network): GrabCut per box prompt, or on the whole image without prompts."""
+        boxes = (prompt or {}).get("boxes_xyxy") if isinstance(prompt, dict) else None
+        if not boxes:
+            return LabelOutput(instances=self.label_whole_image(image))
+        names = list(prompt.get("categories") or [])
+        instances = []
+        for i, box in enumerate(boxes):
+            name = names[i] if i < len(names) else None
+            category = self.resolve_category(name)
+            if category is None:
                 continue
-            names = list(prompt.get("categories") or [])
-            instances = []
-            for i, box in enumerate(boxes):
-                name = names[i] if i < len(names) else None
-                category = self.resolve_category(name)
-                if category is None:
-                    continue
-                inst = self.label_box(image, box, category, prompt=name)
-                if inst is not None:
-                    instances.append(inst)
-            outputs.append(LabelOutput(instances=instances))
-        return outputs
+            inst = self.label_box(image, box, category, prompt=name)
+            if inst is not None:
+                instances.append(inst)
+        return LabelOutput(instances=instances)
 
 
 class ClassicalInpaintParams(GrabCutParams):
@@ -455,21 +450,20 @@ class ClassicalInpaint(GrabCutForeground):
     summary: ClassVar[str] = "baseline: GrabCut foreground + OpenCV inpainting -> background plate (no weights)"
     baseline: ClassVar[bool] = True
 
-    def label(self, images: list[np.ndarray], prompts: list[Any]) -> list[LabelOutput]:
+    def postprocess(self, image: np.ndarray, prompt: Any, payload: None) -> LabelOutput:
         from pseudolabel.models.inpainting import inpaint_opencv
 
         p = self.params
-        outputs = super().label(images, prompts)
-        for image, out in zip(images, outputs):
-            # 1. union of the instances, grown a little so soft edges and halos are filled too
-            fg = np.zeros(image.shape[:2], bool)
-            for inst in out.instances:
-                fg |= inst.mask
-            if p.dilate and fg.any():
-                size = 2 * p.dilate + 1
-                kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
-                fg = cv2.dilate(fg.astype(np.uint8), kernel).astype(bool)
-            # 2. fill it from the surroundings
-            out.layers["background"] = inpaint_opencv(image, fg, radius=p.radius, method=p.method)
-            out.layers["foreground_mask"] = fg.astype(np.uint8) * 255
-        return outputs
+        out = super().postprocess(image, prompt, payload)
+        # 1. union of the instances, grown a little so soft edges and halos are filled too
+        fg = np.zeros(image.shape[:2], bool)
+        for inst in out.instances:
+            fg |= inst.mask
+        if p.dilate and fg.any():
+            size = 2 * p.dilate + 1
+            kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+            fg = cv2.dilate(fg.astype(np.uint8), kernel).astype(bool)
+        # 2. fill it from the surroundings
+        out.layers["background"] = inpaint_opencv(image, fg, radius=p.radius, method=p.method)
+        out.layers["foreground_mask"] = fg.astype(np.uint8) * 255
+        return out

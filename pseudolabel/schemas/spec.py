@@ -86,6 +86,8 @@ class LabelerSpec(_Strict):
     ontology: list[OntologyEntry] = Field(default_factory=list)
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    compile: bool = Field(False, description="torch.compile the labeler's network (worth it on a GPU for long "
+                                             "runs); falls back to eager with a warning when compilation fails")
 
     @model_validator(mode="after")
     def _ontology_ids(self):
@@ -114,7 +116,14 @@ class ResourcesSpec(_Strict):
     cpus_per_actor: float = Field(1, gt=0)
     batch_size: int = Field(8, ge=1)
     decode_batch_size: int = Field(16, ge=1)
-    decode_cpus: float = Field(0.25, gt=0, description="CPUs reserved by each read, fetch+decode and write task")
+    decode_cpus: float = Field(0.25, gt=0, description="CPUs reserved by each read and fetch+decode task")
+    host_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each host task (labelers' post-processing, "
+                                                    "encoding and the write): they run as many at once as the "
+                                                    "CPUs the actors leave allow")
+    host: Literal["tasks", "actor"] = Field(
+        "tasks", description="where labelers' host halves (tokens, masks, encoding) run: parallel CPU tasks, so the "
+                             "GPU never waits for them; or 'actor': inside the labeler's actor after its forward "
+                             "pass (one call, as a labeler that only implements label)")
     rows_per_file: int | None = Field(None, ge=1, description="at most this many rows per output Parquet file")
 
 
