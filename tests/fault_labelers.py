@@ -31,3 +31,31 @@ class Flaky(Labeler):
             mask = im.mean(-1) > np.median(im.mean(-1))
             outs.append(LabelOutput(instances=[Instance(mask=mask, category_id=1, category="bright", score=0.5)]))
         return outs
+
+
+class SplitFlakyParams(LabelerParams):
+    forward_fail_width: int = 97  # forward raises for an image of this width (the whole batch fails)
+    host_fail_width: int = 61  # postprocess raises for an image of this width
+
+
+class SplitFlaky(Labeler):
+    """A two-half labeler: forward thresholds the image at its median (uint8 mask payload), postprocess
+    turns the mask into one instance. Each half raises for images of its own fail width."""
+
+    name = "split_flaky"
+    Params = SplitFlakyParams
+
+    def forward(self, images, prompts):
+        out = []
+        for im in images:
+            if im.shape[1] == self.params.forward_fail_width:
+                raise ValueError(f"forward boom on width {im.shape[1]}")
+            grey = im.mean(-1)
+            out.append({"mask": (grey > np.median(grey)).astype(np.uint8)})
+        return out
+
+    def postprocess(self, image, prompt, payload):
+        if image.shape[1] == self.params.host_fail_width:
+            raise ValueError(f"host boom on width {image.shape[1]}")
+        return LabelOutput(instances=[Instance(mask=payload["mask"].astype(bool), category_id=1,
+                                               category="bright", score=0.5)])

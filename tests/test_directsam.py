@@ -221,7 +221,10 @@ def test_labeler_simple_leaves_boundary_unassigned(model_dir):
     prob = lab.boundary_maps(images)[0].numpy()
     lm = out.tokens.label_map
     assert lm.max() >= 2
-    np.testing.assert_array_equal(lm == 0, prob >= thr)
+    # tokens come from the map as the boundary layer stores it (uint16): within 1/65535 of the float map
+    stored = out.layers["boundary"].astype(np.float32) / np.float32(65535)
+    assert np.abs(stored - prob).max() <= 0.5 / 65535 + 1e-7
+    np.testing.assert_array_equal(lm == 0, stored >= thr)
     assert 0.3 < (lm == 0).mean() < 0.7
     assert out.layers["boundary"].dtype == np.uint16 and out.layers["boundary"].shape == lm.shape
     assert ((out.tokens.boundary_score >= 0) & (out.tokens.boundary_score <= 1)).all()
@@ -354,3 +357,30 @@ def test_boundary_layer_is_uint16_and_keeps_low_threshold_tokens():
         assert ((ref == 0) != (got == 0)).mean() < 0.005  # the same boundary pixels but a few
         assert abs(int(ref.max()) - int(got.max())) <= 1
         assert asa(got, ref) > 0.99 and asa(ref, got) > 0.99
+
+
+# --- the two halves --------------------------------------------------------------------------------
+
+def test_split_halves_compose_to_the_labeler_exactly(model_dir, tmp_path):
+    """forward -> payload bytes -> a weight-free host half gives exactly what the labeler gives in-process."""
+    from pseudolabel.engine.payload import pack_payload, unpack_payload
+    from pseudolabel.models.directsam import DirectSAM
+
+    tiny_dinov2(str(tmp_path / "dino"), hidden_size=16, image_size=56)
+    images = [noise_image(80, 112), noise_image(64, 64, seed=5)]
+    params = dict(threshold=median_threshold(model_dir, images), save_boundary=True,
+                  embedding_weights=str(tmp_path / "dino"), embedding_resolution=56)
+    lab = make(model_dir, **params)
+    whole = lab(images)
+    payloads = lab.forward(images, [None, None])
+    assert [sorted(p) for p in payloads] == [["boundary", "features"]] * 2
+    assert payloads[0]["boundary"].dtype == np.uint16 and payloads[0]["boundary"].shape == (80, 112)
+    host = DirectSAM.host_half(LabelerSpec(name="directsam", weights=str(tmp_path / "missing"), params=params))
+    assert not hasattr(host, "model")  # no weights were loaded
+    for im, pl, ref in zip(images, payloads, whole):
+        got = host.postprocess(im, None, unpack_payload(pack_payload(pl)))
+        np.testing.assert_array_equal(got.tokens.label_map, ref.tokens.label_map)
+        np.testing.assert_array_equal(got.tokens.boundary_score, ref.tokens.boundary_score)
+        np.testing.assert_array_equal(got.tokens.embeddings, ref.tokens.embeddings)
+        np.testing.assert_array_equal(got.layers["boundary"], ref.layers["boundary"])
+        assert int(got.tokens.label_map.max()) >= 2

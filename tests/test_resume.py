@@ -30,14 +30,17 @@ def test_killed_driver_resumes_exactly_once(tmp_path):
     job = {
         "input": {"uri": str(root / "images")},
         "output": {"uri": out},
+        # a host-only labeler (CPU tasks) and one with a device half (actor) before its host half
         "labelers": [{"name": "classical_grabcut", "ontology": [{"category": "shape"}],
-                      "params": {"iterations": 8}}],
+                      "params": {"iterations": 8}},
+                     {"name": "fault_labelers:SplitFlaky", "params": {"forward_fail_width": 1, "host_fail_width": 1}}],
         "resources": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 2, "decode_batch_size": 2},
     }
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump(job))
     cmd = [sys.executable, "-m", "pseudolabel.cli", "run", str(spec), "--quiet"]
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))}
 
     # 1. Start the job in its own process group (its own local Ray cluster) and kill it all once
     #    some, but not all, labels are committed.
@@ -59,6 +62,8 @@ def test_killed_driver_resumes_exactly_once(tmp_path):
     assert len(ids) == len(set(ids)) == 42
     errors = sorted(r["file_name"] for r in table.to_pylist() if r["status"] == "error")
     assert errors == ["00000/zero.png", "00003/junk.jpg"]
+    assert all({a["labeler"] for a in r["annotations"]} == {"classical_grabcut", "fault_labelers:SplitFlaky"}
+               for r in table.to_pylist() if r["status"] == "ok")
     summary = json.loads(done.stdout)
     assert summary["resumed"] and summary["labelled"] == summary["distinct"] == 42
     # images committed before the kill were skipped, not labelled again

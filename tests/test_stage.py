@@ -1,14 +1,17 @@
-"""The labeler stage in-process: a failing batch is retried image by image, loudly, losing nothing."""
+"""The labeler stages in-process: device stage (actor) then host stage (tasks). A failing device batch
+is retried image by image, loudly; a failing image, in either half, is an error row of that image only."""
 from __future__ import annotations
 
 import logging
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pseudolabel.engine.decode import fetch_decode
+from pseudolabel.engine.payload import pack_payload, unpack_payload
 from pseudolabel.engine.sources import list_input
-from pseudolabel.engine.stage import LabelerStage
+from pseudolabel.engine.stage import DeviceStage, host_stage
 from pseudolabel.schemas.spec import InputSpec
 from pseudolabel.schemas.tables import LABELS_SCHEMA
 
@@ -16,15 +19,29 @@ PROVENANCE = {"labelers": ["flaky"], "weights": [""], "revisions": [""], "params
               "engine_version": "0", "run_id": "r"}
 
 
-def test_batch_failure_is_retried_per_image_and_logged_once_with_traceback(tmp_path, caplog):
+@pytest.fixture()
+def batch(tmp_path):
+    """Three good images, one 97 px wide (forward/label fails), one 61 px wide (host half fails)."""
     rng = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray((rng.random((20, 30, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
     Image.fromarray(np.zeros((20, 97, 3), np.uint8)).save(tmp_path / "odd.png")
-    batch = fetch_decode(list_input(InputSpec(uri=str(tmp_path))), storage=None, max_pixels=10**6)
-    stage = LabelerStage({"name": "fault_labelers:Flaky"}, None, 0, final=True, provenance=PROVENANCE)
+    Image.fromarray((rng.random((20, 61, 3)) * 255).astype(np.uint8)).save(tmp_path / "host.png")
+    return fetch_decode(list_input(InputSpec(uri=str(tmp_path))), storage=None, max_pixels=10**6)
+
+
+def _run(batch, spec, whole=False):
+    stage = DeviceStage(spec, 0, None, 0, whole=whole)
+    source = "record" if stage.whole else "payload"
+    out = host_stage(stage(batch), [{"spec": spec, "source": source}], None, PROVENANCE)
+    return stage, out
+
+
+def test_batch_failure_is_retried_per_image_and_logged_once_with_traceback(batch, caplog):
+    spec = {"name": "fault_labelers:Flaky"}
+    stage = DeviceStage(spec, 0, None, 0)
     with caplog.at_level(logging.WARNING, logger="pseudolabel"):
-        out = stage(batch)
+        out = host_stage(stage(batch), [{"spec": spec, "source": "record"}], None, PROVENANCE)
         stage(batch)
     assert out.schema.equals(LABELS_SCHEMA, check_metadata=False)
     rows = {r["file_name"]: r for r in out.to_pylist()}
@@ -33,3 +50,57 @@ def test_batch_failure_is_retried_per_image_and_logged_once_with_traceback(tmp_p
     warnings = [r.getMessage() for r in caplog.records if "labelling" in r.getMessage()]
     assert len(warnings) == 2 and "Traceback" in warnings[0] and "Traceback" not in warnings[1]
     assert "batch failure 2" in warnings[1]
+
+
+def test_split_labeler_errors_stay_with_their_image(batch):
+    """A forward failure falls back per image; a host-half failure is an error row for that image only."""
+    stage, out = _run(batch, {"name": "fault_labelers:SplitFlaky"})
+    assert not stage.whole and stage.batch_failures == 1
+    rows = {r["file_name"]: r for r in out.to_pylist()}
+    assert rows["odd.png"]["status"] == "error" and "forward boom on width 97" in rows["odd.png"]["error"]
+    assert rows["host.png"]["status"] == "error" and rows["host.png"]["error"].startswith(
+        "fault_labelers:SplitFlaky: ValueError: host boom on width 61")
+    assert rows["host.png"]["annotations"] == []
+    for i in range(3):
+        anns = rows[f"{i}.png"]["annotations"]
+        assert rows[f"{i}.png"]["status"] == "ok" and [a["id"] for a in anns] == [1]
+
+
+def test_two_stage_and_whole_in_actor_give_identical_rows(batch):
+    spec = {"name": "fault_labelers:SplitFlaky", "params": {"forward_fail_width": 1, "host_fail_width": 1}}
+    _, split = _run(batch, spec)
+    stage, whole = _run(batch, spec, whole=True)
+    assert stage.whole
+    assert split.to_pylist() == whole.to_pylist()
+    rows = split.to_pylist()
+    assert all(r["status"] == "ok" for r in rows)
+    assert sorted(len(r["annotations"]) for r in rows) == [0, 1, 1, 1, 1]  # the black image has no bright half
+
+
+def test_annotation_ids_run_over_labelers_in_job_order(batch):
+    a = {"name": "fault_labelers:SplitFlaky", "params": {"forward_fail_width": 1, "host_fail_width": 1}}
+    b = {"name": "fault_labelers:Flaky", "params": {"fail_width": 1}}
+    t = DeviceStage(a, 0, None, 0)(batch)
+    t = DeviceStage(b, 1, None, 0)(t)
+    assert {"_payload_0", "_record_1"} <= set(t.column_names)
+    out = host_stage(t, [{"spec": a, "source": "payload"}, {"spec": b, "source": "record"}], None, PROVENANCE)
+    assert "_payload_0" not in out.column_names and "pixels" not in out.column_names
+    for row in out.to_pylist():
+        if row["file_name"] == "odd.png":  # black: no bright half, no annotations
+            continue
+        assert [a["id"] for a in row["annotations"]] == [1, 2]
+        assert [a["labeler"] for a in row["annotations"]] == ["fault_labelers:SplitFlaky", "fault_labelers:Flaky"]
+
+
+def test_payload_round_trip_is_exact_and_never_pickles():
+    payload = {"u16": np.arange(12, dtype=np.uint16).reshape(3, 4), "f": np.float32(0.25),
+               "bits": np.packbits(np.eye(9, dtype=bool), axis=-1), "f16": np.linspace(0, 1, 5, dtype=np.float16)}
+    back = unpack_payload(pack_payload(payload))
+    assert list(back) == list(payload)
+    for k, v in payload.items():
+        assert back[k].dtype == np.asarray(v).dtype and np.array_equal(back[k], v)
+    assert pack_payload(None) is None and unpack_payload(None) is None
+    with pytest.raises(ValueError):
+        pack_payload({"objects": np.array([{"a": 1}], dtype=object)})
+    with pytest.raises(TypeError):
+        pack_payload([np.zeros(3)])

@@ -22,6 +22,7 @@ import torch
 from pydantic import Field
 
 from pseudolabel.models.base import Labeler, LabelerParams, LabelOutput
+from pseudolabel.models.device import compiled, to_host
 from pseudolabel.models.directsam_pyramid import IMAGENET_MEAN, IMAGENET_STD, preprocess, pyramid_probs
 from pseudolabel.models.tokens import boundary_to_tokens
 from pseudolabel.models.weights import checkpoint_file, resolve_weights
@@ -187,16 +188,6 @@ def mask_pool(features: torch.Tensor, label_map: torch.Tensor, n_tokens: int) ->
     return (cover @ feats.T) / cover.sum(1, keepdim=True).clamp_min(1.0)
 
 
-def boundary_layer(prob: np.ndarray) -> np.ndarray:
-    """(H, W) float probabilities -> the uint16 ``boundary`` layer, value = round(prob * 65535).
-
-    16 bits keep low thresholds (0.02-0.03, the README's setting for high resolutions) exact to
-    1/131070 when the layer is re-tokenised later (``evaluate --curve``); 8 bits would move them by up
-    to 1/510.
-    """
-    return np.clip(np.rint(np.asarray(prob, np.float64) * 65535), 0, 65535).astype(np.uint16)
-
-
 class DirectSAM(Labeler):
     name = "directsam"
     Params = DirectSAMParams
@@ -210,6 +201,7 @@ class DirectSAM(Labeler):
         local = resolve_weights(self.weights_id, self.storage, spec.revision)
         self.dtype = resolve_dtype(spec.dtype, device)
         self.model = load_segformer(local, device, self.dtype, spec.revision)
+        self._network = compiled(self.model, spec.compile, self.name)
         # 2. preprocessing constants from the checkpoint's processor config, ImageNet otherwise
         pre = load_preprocessor(local, spec.revision, needed=p.resolution is None)
         size = pre.get("size") or {}
@@ -226,7 +218,7 @@ class DirectSAM(Labeler):
             self.emb_std = tuple(emb_pre.get("image_std") or IMAGENET_STD)
 
     def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values.to(self.dtype)).logits
+        return self._network(pixel_values=pixel_values.to(self.dtype)).logits
 
     def boundary_maps(self, images: list[np.ndarray]) -> list[torch.Tensor]:
         """N (H, W, 3) uint8 RGB images -> N (H, W) float32 boundary probabilities in [0, 1] (on device)."""
@@ -234,6 +226,13 @@ class DirectSAM(Labeler):
         with torch.inference_mode():
             return pyramid_probs(images, self._forward, self.resolution, p.pyramid_layers, p.overlap,
                                  p.batch_size, self.device, self.mean, self.std)
+
+    def feature_maps(self, images: list[np.ndarray]) -> torch.Tensor:
+        """(N, C, h, w) float32: the embedding backbone's last feature map at ``embedding_resolution``."""
+        res = self.params.embedding_resolution
+        with torch.inference_mode():
+            pixels = preprocess(images, res, self.device, self.emb_mean, self.emb_std)
+            return self.backbone(pixel_values=pixels.to(self.dtype)).feature_maps[-1].float()
 
     def embed(self, images: list[np.ndarray], label_maps: list[np.ndarray]) -> list[np.ndarray]:
         """Token embeddings: N label maps (H, W) with tokens 1..K -> N arrays (K, C + 4) float32.
@@ -243,33 +242,59 @@ class DirectSAM(Labeler):
         (``mask_pool``), then the token's box normalised by the image size (``token_boxes``; x1, y1
         exclusive, so ``[x0, y0, x1 - x0, y1 - y0]`` in px is the token's COCO ``bbox``).
         """
-        res = self.params.embedding_resolution
-        out = []
-        with torch.inference_mode():
-            pixels = preprocess(images, res, self.device, self.emb_mean, self.emb_std)
-            fmaps = self.backbone(pixel_values=pixels.to(self.dtype)).feature_maps[-1]  # (N, C, h, w)
-            for fmap, lm in zip(fmaps, label_maps):
-                k = int(lm.max()) if lm.size else 0
-                if k == 0:
-                    out.append(np.zeros((0, fmap.shape[0] + BOX_DIMS), np.float32))
-                    continue
-                labels = torch.from_numpy(lm.astype(np.int64)).to(fmap.device)
-                pooled = mask_pool(fmap, labels, k).cpu().numpy().astype(np.float32)
-                out.append(np.concatenate([pooled, token_boxes(lm, k)], axis=1))
-        return out
+        fmaps = to_host(list(self.feature_maps(images)))
+        return [token_embeddings(f, lm) for f, lm in zip(fmaps, label_maps)]
 
-    def label(self, images: list[np.ndarray], prompts: list[Any]) -> list[LabelOutput]:
-        p = self.params
-        # 1. boundary maps for the whole batch
-        probs = [m.cpu().numpy() for m in self.boundary_maps(images)]
-        # 2. tokens per image (shared post-processing)
-        tokens = [boundary_to_tokens(prob, p.threshold, p.mode, p.max_tokens, p.min_area) for prob in probs]
-        # 3. optional embeddings
+    # -- the two halves ---------------------------------------------------------------------------------
+
+    def forward(self, images: list[np.ndarray], prompts: list[Any]) -> list[dict[str, np.ndarray]]:
+        """Device half. Payload per image:
+
+        - ``boundary``: (H, W) uint16, round(probability * 65535): the boundary map at the image's size,
+          quantised on the device (the host works from exactly what the ``boundary`` layer stores;
+          1/65535 is far below the network's bf16 precision);
+        - ``features``: (C, h, w) float32, the embedding backbone's feature map (only with
+          ``embedding_weights``; pooled over the tokens on the host).
+        """
+        with torch.inference_mode():
+            quantised = [boundary_quantise(prob) for prob in self.boundary_maps(images)]
+            tensors = quantised + (list(self.feature_maps(images)) if self.backbone is not None else [])
+        host = to_host(tensors)
+        n = len(images)
+        payloads = [{"boundary": host[i]} for i in range(n)]
         if self.backbone is not None:
-            for tok, emb in zip(tokens, self.embed(images, [t.label_map for t in tokens])):
-                tok.embeddings = emb
-        outputs = []
-        for prob, tok in zip(probs, tokens):
-            layers = {"boundary": boundary_layer(prob)} if p.save_boundary else {}
-            outputs.append(LabelOutput(tokens=tok, layers=layers))
-        return outputs
+            for i in range(n):
+                payloads[i]["features"] = host[n + i]
+        return payloads
+
+    def postprocess(self, image: np.ndarray, prompt: Any, payload: dict[str, np.ndarray]) -> LabelOutput:
+        """Host half: boundary map -> tokens (shared post-processing), optional embeddings and layer."""
+        p = self.params
+        quantised = payload["boundary"]
+        prob = quantised.astype(np.float32) / np.float32(65535)
+        tokens = boundary_to_tokens(prob, p.threshold, p.mode, p.max_tokens, p.min_area)
+        if "features" in payload:
+            tokens.embeddings = token_embeddings(payload["features"], tokens.label_map)
+        return LabelOutput(tokens=tokens, layers={"boundary": quantised} if p.save_boundary else {})
+
+
+def boundary_quantise(prob: torch.Tensor) -> torch.Tensor:
+    """(H, W) float probabilities in [0, 1] -> (H, W) uint16 round(prob * 65535) (half to even, in
+    float64), on the same device: the payload and the ``boundary`` layer.
+
+    16 bits keep low thresholds (0.02-0.03, the README's setting for high resolutions) exact to
+    1/131070 when the layer is re-tokenised later (``evaluate --curve``); 8 bits would move them by up
+    to 1/510.
+    """
+    return torch.round(prob.double().clamp(0.0, 1.0) * 65535).to(torch.uint16)
+
+
+def token_embeddings(features: np.ndarray, label_map: np.ndarray) -> np.ndarray:
+    """(C, h, w) float32 features + (H, W) label map with tokens 1..K -> (K, C + 4) float32 rows
+    ``[mask-pooled features, x0 / W, y0 / H, x1 / W, y1 / H]`` (see ``DirectSAM.embed``)."""
+    k = int(label_map.max()) if label_map.size else 0
+    if k == 0:
+        return np.zeros((0, features.shape[0] + BOX_DIMS), np.float32)
+    pooled = mask_pool(torch.from_numpy(np.ascontiguousarray(features)),
+                       torch.from_numpy(label_map.astype(np.int64)), k).numpy().astype(np.float32)
+    return np.concatenate([pooled, token_boxes(label_map, k)], axis=1)
