@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pseudolabel.models.evf_sam.labeler import _torch_dtype
+from pseudolabel.engine.payload import pack_payload, unpack_payload
+from pseudolabel.models.evf_sam import labeler as evf_labeler
+from pseudolabel.models.evf_sam.labeler import _torch_dtype, pack_bits
 from pseudolabel.models.evf_sam.model import (EvfSam, EvfSamConfig, WeightsMismatchError, best_candidate, load_evf_sam,
                                               load_tokenizer, save_evf_sam)
 from pseudolabel.models.evf_sam.postprocess import mask_iou_matrix, select_instances
@@ -538,6 +540,93 @@ def test_labeler_outputs_ontology_categories_at_original_size(ckpt, variant):
     for kept, everything in zip(dd, out):
         _assert_greedy_dedup(kept.instances, everything.instances, 0.05)
     assert sum(len(o.instances) for o in dd) < sum(len(o.instances) for o in out)   # random masks overlap
+
+
+def _instances(output):
+    return [(i.category_id, i.category, i.prompt, i.score, i.mask.dtype, i.mask.shape, i.mask.tobytes())
+            for i in output.instances]
+
+
+@pytest.mark.parametrize("variant,multitask,params", [("sam", False, {}), ("sam2", False, {}), ("sam2", True, {}),
+                                                      ("sam", False, {"dedup_iou": 0.05, "min_area": 30})])
+def test_split_halves_give_the_labels_of_one_call(ckpt, variant, multitask, params):
+    """forward -> payload bytes -> a weight-free host half's postprocess == labeler(images), field by field."""
+    lab = _labeler(ckpt[variant], multitask=multitask, **params)
+    assert lab.splits() and lab.has_device_half()
+    images = [_image(90, 120, 0), _image(70, 50, 1), _image(33, 77, 2)]     # widths 8k and not
+    whole = lab(images)
+    payloads = lab.forward(images, [None] * len(images))
+    assert len(payloads) == len(images)
+    host = type(lab).host_half(lab.spec)
+    assert not hasattr(host, "model") and not hasattr(host, "input_ids")
+    n_p = len(lab.pairs)
+    split = []
+    for img, payload, one in zip(images, payloads, whole):
+        h, w = img.shape[:2]
+        # compact plain NumPy arrays: masks bit-packed along W, float32 scores
+        assert {k: (type(v), v.dtype, v.shape) for k, v in payload.items()} == {
+            "masks": (np.ndarray, np.uint8, (n_p, h, (w + 7) // 8)),
+            "width": (np.ndarray, np.int64, ()),
+            "scores": (np.ndarray, np.float32, (n_p,))}
+        shipped = unpack_payload(pack_payload(payload))
+        out = host.postprocess(img, None, shipped)
+        assert _instances(out) == _instances(one)
+        assert out.tokens is None and out.layers == {}
+        split.append(out)
+    assert sum(len(o.instances) for o in split) > 0
+    # the host half reproduces the masks the device thresholded, and keeps exactly what select_instances keeps
+    masks = np.unpackbits(payloads[0]["masks"], axis=-1, count=120).astype(bool)
+    keep = select_instances(masks, payloads[0]["scores"], score_threshold=lab.params.score_threshold,
+                            min_area=lab.params.min_area, dedup_iou=lab.params.dedup_iou)
+    assert [(i.prompt, i.score) for i in split[0].instances] == [(lab.pairs[k][1], float(payloads[0]["scores"][k]))
+                                                                 for k in keep]
+
+
+def test_host_half_loads_no_weights(ckpt, monkeypatch):
+    """host_half needs only the spec: a weights path that does not exist, no loader called."""
+    lab = _labeler(ckpt["sam2"], dedup_iou=0.3)
+    images = [_image(90, 120, 7)]
+    expected = lab(images)[0]
+    payload = unpack_payload(pack_payload(lab.forward(images, [None])[0]))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the host half loaded something")
+
+    for name in ("load_evf_sam", "load_tokenizer", "_local_checkpoint"):
+        monkeypatch.setattr(evf_labeler, name, refuse)
+    spec = LabelerSpec(name="evf_sam", weights="/no/such/evf-sam2", ontology=ONTOLOGY, params={"dedup_iou": 0.3})
+    host = labeler_class("evf_sam").host_half(spec)
+    assert host.device == "cpu" and [(e.category, p) for e, p in host.pairs] == [(e.category, p) for e, p in lab.pairs]
+    assert _instances(host.postprocess(images[0], None, payload)) == _instances(expected)
+    # the ontology is checked on the host too, and a payload for another ontology is refused
+    with pytest.raises(ValueError, match="needs an ontology"):
+        labeler_class("evf_sam").host_half(LabelerSpec(name="evf_sam", weights="/no/such/evf-sam2"))
+    short = LabelerSpec(name="evf_sam", weights="/no/such", ontology=ONTOLOGY[:1])
+    with pytest.raises(ValueError, match="prompts"):
+        labeler_class("evf_sam").host_half(short).postprocess(images[0], None, payload)
+
+
+@pytest.mark.parametrize("width", [1, 7, 8, 9, 16, 77, 120])
+def test_pack_bits_is_numpy_packbits(width):
+    masks = torch.rand(3, 5, width, generator=torch.Generator().manual_seed(width)) > 0.5
+    packed = pack_bits(masks)
+    assert packed.dtype == torch.uint8
+    assert np.array_equal(packed.numpy(), np.packbits(masks.numpy(), axis=-1))
+    assert np.array_equal(np.unpackbits(packed.numpy(), axis=-1, count=width).astype(bool), masks.numpy())
+
+
+def test_compile_flag_wraps_the_image_encoder(ckpt, monkeypatch):
+    calls = []
+
+    def record(fn, enabled, what):
+        calls.append((fn, enabled, what))
+        return fn
+
+    monkeypatch.setattr(evf_labeler, "compiled", record)
+    spec = LabelerSpec(name="evf_sam", weights=ckpt["sam"], ontology=ONTOLOGY, compile=True)
+    lab = labeler_class("evf_sam")(spec, device="cpu")
+    assert calls == [(lab.model.encode_images, True, "evf_sam")]
+    assert not _labeler(ckpt["sam"]).spec.compile
 
 
 @pytest.mark.parametrize("variant,multitask", [("sam", False), ("sam2", False), ("sam2", True)])

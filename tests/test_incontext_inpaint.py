@@ -9,7 +9,8 @@ import pytest
 from pseudolabel.models.incontext.component import decode_query, dilate
 from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import LabelerSpec
-from test_incontext_seggpt import _queries, calibrated_threshold, save_tiny_seggpt, watermark_pair
+from test_incontext_seggpt import (_queries, assert_same_outputs, calibrated_threshold, save_tiny_seggpt,
+                                   split_outputs, watermark_pair)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -68,3 +69,11 @@ def test_diffusion_inpainting_changes_only_the_found_component(tmp_path, tiny_sd
         np.testing.assert_array_equal(clean[~region], im[~region])
         assert (clean[region] != im[region]).any(axis=-1).mean() > 0.5
         assert not np.array_equal(clean[region], base.layers["clean"][region])  # not OpenCV's fill
+    # the two halves: the diffusion inpainting is device work, so its clean image travels in the payload
+    # and the (weight-free) host half returns it as is
+    split, payloads = split_outputs(diffusion, images)
+    assert_same_outputs(outs, split)
+    for im, out, pl in zip(images, outs, payloads):
+        assert set(pl) == {"mask", "score", "clean"}
+        assert pl["clean"].dtype == np.uint8 and pl["clean"].shape == im.shape
+        np.testing.assert_array_equal(pl["clean"], out.layers["clean"])

@@ -269,3 +269,59 @@ def test_sefm_mask_is_where_clean_differs_by_more_than_change_threshold(tmp_path
         expected = clean_mask(d > low, p.mask_open_radius, p.mask_close_radius, p.min_area)
         assert expected.any()
         np.testing.assert_array_equal(out.instances[0].mask, expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# The two halves: forward (device) -> payload bytes -> postprocess on a weight-free host half
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,layout", [("float32", "grid"), ("float16", "grid"), ("float32", "vertical")])
+def test_sefm_split_is_exact(tmp_path, dtype, layout):
+    from pseudolabel.models.base import Labeler
+    from test_incontext_seggpt import assert_same_outputs, split_outputs
+
+    ck = perturbed_checkpoint(tmp_path / "ck", seed=1, layout=layout)
+    a_in, a_out = _demo_pair(tmp_path, seed=0)
+    (tmp_path / "b").mkdir()
+    b_in, b_out = _demo_pair(tmp_path / "b", seed=3)  # a second pair (another scene and watermark)
+    queries = _watermarked_queries()
+    lab = _sefm(ck, [a_in, b_in], [a_out, b_out], dtype=dtype, change_threshold=6)
+    assert type(lab).label is Labeler.label and type(lab).splits() and type(lab).has_device_half()
+    whole = lab(queries)
+    split, payloads = split_outputs(lab, queries)
+    assert_same_outputs(whole, split)
+    assert all(len(o.instances) == 1 for o in whole)  # the network changed something, so the mask is tested
+    for pl in payloads:
+        # per pair, the answer cell and the query cell as the network saw it, in the network's dtype
+        assert set(pl) == {"answer", "query_cell"}
+        for arr in pl.values():
+            assert arr.shape == (2, 32, 32, 3) and arr.dtype == np.dtype(dtype)
+        assert not np.array_equal(pl["answer"], pl["query_cell"])
+    # the payload holds the cells the host needs: the clean image follows from them alone
+    q, pl = queries[0], payloads[0]
+    expected = np.mean([cv.transfer_residual(q.astype(np.float32) / 255, c, a) for c, a in
+                        zip(pl["query_cell"].astype(np.float32), pl["answer"].astype(np.float32))], axis=0)
+    assert np.abs(split[0].layers["clean"].astype(float) - expected * 255).max() <= 0.5 + 1e-3
+
+
+def test_sefm_host_half_loads_no_weights_and_reads_no_demonstration(tmp_path):
+    from test_incontext_seggpt import assert_same_outputs, split_outputs
+
+    ck = perturbed_checkpoint(tmp_path / "ck", seed=1)
+    demo_in, demo_out = _demo_pair(tmp_path)
+    queries = _watermarked_queries()
+    params = {"backend": "sefm", "change_threshold": 6}
+    ontology = [{"category": "watermark", "id": 3}]
+    lab = labeler_class("incontext")(LabelerSpec(name="incontext", weights=ck, ontology=ontology,
+                                                 params={**params, "demo_in": demo_in, "demo_out": demo_out}))
+    missing = tmp_path / "missing"
+    spec = LabelerSpec(name="incontext", weights=str(missing / "ck"), ontology=ontology,
+                       params={**params, "demo_in": str(missing / "in.png"), "demo_out": str(missing / "out.png")})
+    with pytest.raises(Exception):  # the full labeler needs the checkpoint and the pair
+        labeler_class("incontext")(spec)
+    host = labeler_class("incontext").host_half(spec)
+    assert not any(hasattr(host, a) for a in ("net", "run_net", "pairs", "cell", "layout"))
+    assert (host.category, host.category_id) == ("watermark", 3)
+    whole = lab(queries)
+    assert all(o.instances and o.instances[0].category == "watermark" for o in whole)
+    assert_same_outputs(whole, split_outputs(lab, queries, host=host)[0])

@@ -133,3 +133,100 @@ def test_weights_and_demo_pair_from_s3(tmp_path, s3_bucket, monkeypatch):
     im = _queries(1)[0]
     out = lab([im])[0]
     np.testing.assert_array_equal(decode_query(out.layers["clean"], out.layers["component"]), im)
+
+
+# ------------------------------------------------------------------------------------------------
+# The two halves: forward (device) -> payload bytes -> postprocess on a weight-free host half
+# ------------------------------------------------------------------------------------------------
+
+def split_outputs(lab, images, host=None):
+    """``lab``'s outputs computed as the engine does: ``forward``, each payload through bytes, then
+    ``postprocess`` on ``host`` (default: a ``host_half`` of ``lab``'s spec). Returns (outputs, payloads)."""
+    from pseudolabel.engine.payload import pack_payload, unpack_payload
+
+    payloads = lab.forward(images, [None] * len(images))
+    assert len(payloads) == len(images)
+    for pl in payloads:  # plain NumPy arrays only (np.save without pickle)
+        assert isinstance(pl, dict) and all(type(v) is np.ndarray for v in pl.values()), pl
+    shipped = [unpack_payload(pack_payload(pl)) for pl in payloads]
+    host = host or type(lab).host_half(lab.spec, lab.storage)
+    return [host.postprocess(im, None, pl) for im, pl in zip(images, shipped)], payloads
+
+
+def assert_same_outputs(expected, actual):
+    """LabelOutputs equal field by field: layers, instances (mask, category, id, score, prompt), tokens."""
+    assert len(expected) == len(actual)
+    for a, b in zip(expected, actual):
+        assert a.layers.keys() == b.layers.keys()
+        for name in a.layers:
+            assert a.layers[name].dtype == b.layers[name].dtype
+            np.testing.assert_array_equal(a.layers[name], b.layers[name])
+        assert len(a.instances) == len(b.instances)
+        for x, y in zip(a.instances, b.instances):
+            assert x.mask.dtype == y.mask.dtype == bool
+            np.testing.assert_array_equal(x.mask, y.mask)
+            assert (x.category_id, x.category, x.score, x.prompt) == (y.category_id, y.category, y.score, y.prompt)
+        assert a.tokens is None and b.tokens is None
+
+
+def test_split_is_exact_and_payloads_are_compact(tmp_path):
+    model_dir = save_tiny_seggpt(str(tmp_path / "seggpt"))
+    demo_in, demo_out = watermark_pair(tmp_path)
+    rng = np.random.default_rng(0)
+    images = _queries(2) + [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)]
+    thr = calibrated_threshold(model_dir, demo_in, demo_out, images)
+    spec = LabelerSpec(name="incontext", weights=model_dir,
+                       params={"backend": "seggpt+inpaint", "demo_in": [demo_in, demo_in],
+                               "demo_out": [demo_out, demo_out], "fg_threshold": thr, "min_area": 4},
+                       ontology=[{"category": "watermark", "id": 5}])
+    cls = labeler_class("incontext")
+    from pseudolabel.models.base import Labeler
+
+    assert cls.splits() and cls.has_device_half() and cls.label is Labeler.label  # label = the two halves
+    lab = cls(spec)
+    whole = lab(images)
+    split, payloads = split_outputs(lab, images)
+    assert_same_outputs(whole, split)
+    found = 0
+    for im, out, pl in zip(images, whole, payloads):
+        h, w = im.shape[:2]
+        # OpenCV inpainting is host work: no clean image in the payload, just the packed mask and score
+        assert set(pl) == {"mask", "score"}
+        assert pl["mask"].dtype == np.uint8 and pl["mask"].shape == (h, (w + 7) // 8)
+        assert pl["score"].shape == () and pl["score"].dtype == np.float64
+        if out.instances:
+            found += 1
+            inst = out.instances[0]
+            assert (inst.category, inst.category_id) == ("watermark", 5) and inst.score == float(pl["score"]) > 0
+            np.testing.assert_array_equal(np.unpackbits(pl["mask"], axis=1, count=w).astype(bool), inst.mask)
+            assert not np.array_equal(out.layers["clean"], im)
+    assert found >= 2
+    # an image where nothing is found: an empty mask, score 0, the query back
+    strict = cls(spec.model_copy(update={"params": {**spec.params, "fg_threshold": 1.0}}))
+    out, payloads = split_outputs(strict, images[:1])
+    assert not np.unpackbits(payloads[0]["mask"]).any() and float(payloads[0]["score"]) == 0.0
+    assert out[0].instances == [] and np.array_equal(out[0].layers["clean"], images[0])
+    assert_same_outputs(strict(images[:1]), out)
+
+
+def test_host_half_loads_no_weights_and_reads_no_demonstration(tmp_path):
+    model_dir = save_tiny_seggpt(str(tmp_path / "seggpt"))
+    demo_in, demo_out = watermark_pair(tmp_path)
+    images = _queries(2)
+    thr = calibrated_threshold(model_dir, demo_in, demo_out, images)
+    params = {"backend": "seggpt+inpaint", "fg_threshold": thr, "min_area": 4}
+    lab = labeler_class("incontext")(LabelerSpec(name="incontext", weights=model_dir,
+                                                 params={**params, "demo_in": demo_in, "demo_out": demo_out}))
+    # neither the weights nor the demonstration images exist for the host half
+    missing = str(tmp_path / "missing")
+    host = labeler_class("incontext").host_half(LabelerSpec(
+        name="incontext", weights=f"{missing}/seggpt",
+        params={**params, "demo_in": f"{missing}/in.png", "demo_out": f"{missing}/out.png"}))
+    assert not any(hasattr(host, a) for a in ("finder", "pairs", "demo_masks", "inpainter"))
+    assert (host.category, host.category_id) == ("component", 1)
+    with pytest.raises(Exception):  # the full labeler does need them
+        labeler_class("incontext")(host.spec)
+    split, _ = split_outputs(lab, images, host=host)
+    whole = lab(images)
+    assert sum(len(o.instances) for o in whole) >= 1
+    assert_same_outputs(whole, split)

@@ -1,8 +1,10 @@
 """The ``evf_sam`` labeler: text prompts from the job's ontology -> COCO instance masks.
 
-Per batch: the SAM image encoder runs once per image; every ontology prompt is fused with the image in
-BEiT-3 and decoded against that shared image embedding. Each instance carries the ontology entry's
-``category_id``/``category`` and the prompt that produced it.
+Device half (``forward``), per batch: the SAM image encoder runs once per image; every ontology prompt
+is fused with the image in BEiT-3 and decoded against that shared image embedding; the low-res logits
+are resized to the image and thresholded (> 0) on the device and come back bit-packed, with the IoU
+scores. Host half (``postprocess``), per image: unpack, filter by score and area, de-duplicate, and
+attach to each kept mask the ontology entry's ``category_id``/``category`` and the prompt that made it.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from pydantic import Field
 
 from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput
+from pseudolabel.models.device import compiled, to_host
 from pseudolabel.models.evf_sam.model import load_evf_sam, load_tokenizer
 from pseudolabel.models.evf_sam.postprocess import select_instances
 from pseudolabel.models.evf_sam.preprocess import beit3_pixels, masks_to_original, prompt_text, sam_pixels
@@ -66,10 +69,14 @@ class EvfSamLabeler(Labeler):
     summary = "EVF-SAM: text-prompted instance masks (BEiT-3 early fusion + SAM / SAM-2), one per ontology prompt"
     default_weights = "YxZhang/evf-sam2"
 
-    def __init__(self, spec, *, device: str = "cpu", storage=None):
-        super().__init__(spec, device=device, storage=storage)
+    def setup_host(self) -> None:
+        """Every (entry, prompt) pair in ontology order: mask k of a payload belongs to pair k."""
         if not self.ontology:
             raise ValueError("evf_sam needs an ontology (prompt -> category) in the labeler spec")
+        self.pairs = [(entry, p) for entry in self.ontology for p in entry.prompts]
+
+    def __init__(self, spec, *, device: str = "cpu", storage=None):
+        super().__init__(spec, device=device, storage=storage)     # setup_host: the ontology check, self.pairs
         # 1. model and tokenizer from the checkpoint directory
         path = _local_checkpoint(self.weights_id, self.storage, spec.revision)
         self.dtype = _torch_dtype(spec.dtype, device)
@@ -82,8 +89,9 @@ class EvfSamLabeler(Labeler):
         if multitask is None:
             multitask = cfg.multitask if cfg.multitask is not None else bool(re.search("multitask", self.weights_id))
         self.multitask = bool(multitask)
+        # the SAM image encoder: the expensive call, fixed S x S input
+        self._encode = compiled(self.model.encode_images, spec.compile, "evf_sam")
         # 2. every (entry, prompt) pair, tokenised once for the whole run
-        self.pairs = [(entry, p) for entry in self.ontology for p in entry.prompts]
         texts = [prompt_text(p, entry.semantic, self.multitask) for entry, p in self.pairs]
         tok = load_tokenizer(path)
         max_len = min(self.params.max_text_tokens, cfg.beit3.max_source_positions - 2)
@@ -97,7 +105,7 @@ class EvfSamLabeler(Labeler):
         """SAM image embeddings for the batch (one encoder pass) and each image's resized (h', w')."""
         packed = [sam_pixels(im, self.sam_size, self.variant, self.multitask) for im in images]
         pixels = torch.stack([p for p, _ in packed]).to(self.device, self.dtype)
-        return self.model.encode_images(pixels), [hw for _, hw in packed]
+        return self._encode(pixels), [hw for _, hw in packed]
 
     def prompt_embeddings(self, images: list[np.ndarray]) -> torch.Tensor:
         """(B, P, out_dim): every image fused with every prompt, in chunks of ``prompt_chunk`` pairs."""
@@ -111,32 +119,55 @@ class EvfSamLabeler(Labeler):
             out.append(self.model.fuse(beit[ii], self.input_ids[tt], self.attention_mask[tt]))
         return torch.cat(out).view(n_img, n_p, -1)
 
-    # ------------------------------------------------------------------ labeling
+    # ------------------------------------------------------------------ the two halves
 
     @torch.inference_mode()
-    def label(self, images: list[np.ndarray], prompts: list[Any]) -> list[LabelOutput]:
+    def forward(self, images: list[np.ndarray], prompts: list[Any]) -> list[dict[str, np.ndarray]]:
+        """Device half. Per image: ``masks`` (P, H, ceil(W/8)) uint8, the (P, H, W) masks (logit > 0 at
+        the image's size) bit-packed along W as ``np.packbits`` does; ``width`` () int64, W; ``scores``
+        (P,) float32, the IoU head's score clamped to [0, 1]. P = len(self.pairs), in their order."""
         if not images:
             return []
         # 1. image embeddings: the SAM encoder runs once per image
         embeddings, resized = self.encode_images(images)
         # 2. all prompts fused with each image
         fused = self.prompt_embeddings(images)
-        outputs = []
+        tensors = []
         for i, image in enumerate(images):
-            # 3. decode this image's prompts against its shared embedding
+            # 3. decode this image's prompts against its shared embedding, masks at the image's size
             emb_i = ([e[i:i + 1] for e in embeddings] if isinstance(embeddings, (list, tuple))
                      else embeddings[i:i + 1])
             low_res, iou = self.model.decode(emb_i, fused[i:i + 1], multimask=self.multitask)
             logits = masks_to_original(low_res[0], self.variant, self.sam_size, resized[i], image.shape[:2])
-            masks = (logits > 0).cpu().numpy()
-            scores = iou[0].clamp(0.0, 1.0).cpu().numpy()
-            # 4. filter, de-duplicate, attach the ontology's category
-            keep = select_instances(masks, scores, score_threshold=self.params.score_threshold,
-                                    min_area=self.params.min_area, dedup_iou=self.params.dedup_iou)
-            instances = []
-            for k in keep:
-                entry, prompt = self.pairs[k]
-                instances.append(Instance(mask=masks[k], category_id=int(entry.id), category=entry.category,
-                                          score=float(scores[k]), prompt=prompt))
-            outputs.append(LabelOutput(instances=instances))
-        return outputs
+            tensors += [pack_bits(logits > 0), iou[0].clamp(0.0, 1.0)]
+        host = to_host(tensors)
+        return [{"masks": host[2 * i], "width": np.asarray(image.shape[1], np.int64), "scores": host[2 * i + 1]}
+                for i, image in enumerate(images)]
+
+    def postprocess(self, image: np.ndarray, prompt: Any, payload: dict[str, np.ndarray]) -> LabelOutput:
+        """Host half: unpack the masks, filter and de-duplicate, attach each prompt's ontology category."""
+        masks = np.unpackbits(payload["masks"], axis=-1, count=int(payload["width"])).astype(bool)
+        scores = payload["scores"]
+        if len(masks) != len(self.pairs) or len(scores) != len(self.pairs):
+            raise ValueError(f"evf_sam payload has {len(masks)} masks / {len(scores)} scores "
+                             f"for {len(self.pairs)} prompts")
+        keep = select_instances(masks, scores, score_threshold=self.params.score_threshold,
+                                min_area=self.params.min_area, dedup_iou=self.params.dedup_iou)
+        instances = []
+        for k in keep:
+            entry, text = self.pairs[k]
+            instances.append(Instance(mask=masks[k], category_id=int(entry.id), category=entry.category,
+                                      score=float(scores[k]), prompt=text))
+        return LabelOutput(instances=instances)
+
+
+def pack_bits(masks: torch.Tensor) -> torch.Tensor:
+    """(..., W) bool -> (..., ceil(W/8)) uint8 on the masks' device, bit for bit ``np.packbits(axis=-1)``
+    (big-endian bit order, the last byte zero-padded): the device-to-host copy shrinks eightfold."""
+    w = masks.shape[-1]
+    bits = masks.to(torch.uint8)
+    if w % 8:
+        bits = torch.nn.functional.pad(bits, (0, 8 - w % 8))
+    bits = bits.view(*bits.shape[:-1], -1, 8)
+    shifts = torch.arange(7, -1, -1, device=bits.device, dtype=torch.uint8)
+    return (bits << shifts).sum(-1, dtype=torch.uint8)

@@ -23,6 +23,18 @@ Backends:
 - ``seggpt+inpaint`` (public weights, default ``BAAI/seggpt-vit-large``): the demo mask is where the
   pair differs; SegGPT finds the same component in the query; OpenCV (or a diffusers pipeline given
   as ``inpaint_weights``) inpaints it.
+
+Two halves (``Labeler.forward`` / ``Labeler.postprocess``); the payload of one image is, per backend:
+
+- ``sefm``: ``answer`` and ``query_cell``, both (P, cell, cell, 3) for the P demonstration pairs — the
+  answer cells of the network's output canvases and the query cells of its input canvases as the
+  network saw them, in [0, 1]; float16 when the network runs in float16, float32 otherwise (bfloat16 is
+  widened to float32: exact). The host transfers each answer's change to the full-resolution query,
+  averages over pairs, and derives the mask and layers from the clean image.
+- ``seggpt+inpaint``: ``mask`` (H, ceil(W/8)) uint8, the component mask packed along rows
+  (``np.packbits(mask, axis=1)``; W is the image's), ``score`` 0-d float64, and ``clean`` (H, W, 3)
+  uint8 only when a diffusion inpainter (``inpaint_weights``) painted it in ``forward``; otherwise the
+  host inpaints with OpenCV.
 """
 from __future__ import annotations
 
@@ -34,8 +46,9 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from pseudolabel import storage as st
-from pseudolabel.models.base import Instance, LabelerParams, Labeler, LabelOutput
+from pseudolabel.models.base import Instance, LabelerParams, Labeler, LabelOutput, Payload
 from pseudolabel.models.incontext import canvas as cv
+from pseudolabel.models.device import compiled, to_host
 from pseudolabel.models.incontext.component import clean_mask, difference_mask, dilate, encode_component
 from pseudolabel.models.inpainting import inpaint_opencv
 from pseudolabel.models.weights import resolve_weights
@@ -114,22 +127,58 @@ class InContextSeparator(Labeler):
             a = decode_image(st.read_bytes(uri_in, self.storage))
             b = decode_image(st.read_bytes(uri_out, self.storage))
             self.pairs.append((a, cv.resize(b, *a.shape[:2])))
-        # 2. category of the separated component
-        if self.ontology:
-            self.category, self.category_id = self.ontology[0].category, int(self.ontology[0].id)
-        else:
-            self.category, self.category_id = "component", 1
-        # 3. backend
+        # 2. backend
         if p.backend == "sefm":
             self._init_sefm()
         else:
             self._init_seggpt()
+
+    def setup_host(self) -> None:
+        """The category of the separated component: the ontology's first entry, else ``component`` (1)."""
+        if self.ontology:
+            self.category, self.category_id = self.ontology[0].category, int(self.ontology[0].id)
+        else:
+            self.category, self.category_id = "component", 1
 
     @property
     def weights_id(self) -> str:
         if self.spec.weights:
             return self.spec.weights
         return SEGGPT_DEFAULT if self.params.backend == "seggpt+inpaint" else ""
+
+    # -------------------------------------------------------------------------------------------
+    # the two halves
+    # -------------------------------------------------------------------------------------------
+
+    def forward(self, images: list[np.ndarray], prompts: list[Any]) -> list[Payload]:
+        """Device half: the network(s) of the backend; see the module docstring for the payloads."""
+        if self.params.backend == "sefm":
+            return self._sefm_forward(images)
+        return self._seggpt_forward(images)
+
+    def postprocess(self, image: np.ndarray, prompt: Any, payload: Payload) -> LabelOutput:
+        """Host half for one image: the clean image and mask from the payload, then the layers and the
+        instance."""
+        p = self.params
+        # 1. clean image, component mask, score
+        if p.backend == "sefm":
+            clean = self._sefm_clean(image, payload["query_cell"], payload["answer"])
+            mask = clean_mask(np.abs(image.astype(np.int16) - clean.astype(np.int16)).max(axis=2) > p.change_threshold,
+                              p.mask_open_radius, p.mask_close_radius, p.min_area)
+            score = 1.0
+        else:
+            mask = np.unpackbits(payload["mask"], axis=1, count=image.shape[1]).astype(bool)
+            score = float(payload["score"])
+            if "clean" in payload:
+                clean = payload["clean"]
+            elif mask.any():
+                clean = inpaint_opencv(image, dilate(mask, p.inpaint_dilate), p.inpaint_radius, p.inpaint_method)
+            else:
+                clean = image.copy()
+        # 2. layers and the mask as an instance
+        instances = [Instance(mask=mask, category_id=self.category_id, category=self.category, score=score,
+                              prompt="demonstration")] if mask.any() else []
+        return LabelOutput(instances=instances, layers={"clean": clean, "component": encode_component(image, clean)})
 
     # -------------------------------------------------------------------------------------------
     # sefm
@@ -148,6 +197,7 @@ class InContextSeparator(Labeler):
                              "checkpoint with `pseudolabel train-incontext` and pass its directory as weights")
         self.dtype = _torch_dtype(self.spec.dtype, self.device)
         self.net.to(device=self.device, dtype=self.dtype).eval()
+        self.run_net = compiled(self.net, self.spec.compile, "incontext")
         self.cell = p.cell or self.net.config.cell
         self.layout = p.layout or self.net.config.layout
         expected = 3 if self.layout == "grid" else 6
@@ -155,27 +205,33 @@ class InContextSeparator(Labeler):
             raise ValueError(f"checkpoint takes {self.net.config.in_channels} channels; layout {self.layout!r} needs {expected}")
 
     @torch.inference_mode()
-    def _sefm_clean(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """(H, W, 3) uint8 queries -> (H, W, 3) uint8 clean images."""
+    def _sefm_forward(self, images: list[np.ndarray]) -> list[Payload]:
+        """N (H, W, 3) uint8 queries -> N payloads {answer, query_cell}: (P, cell, cell, 3) each."""
         # 1. one canvas per (query, pair), all the same size
-        f = [im.astype(np.float32) / 255.0 for im in images]
         demos = [(a.astype(np.float32) / 255.0, b.astype(np.float32) / 255.0) for a, b in self.pairs]
-        canvases = [cv.stitch(a, b, q, self.cell, self.layout) for q in f for a, b in demos]
+        canvases = [cv.stitch(a, b, im.astype(np.float32) / 255.0, self.cell, self.layout)
+                    for im in images for a, b in demos]
         x = torch.from_numpy(np.stack(canvases)).permute(0, 3, 1, 2).to(self.device, self.dtype)
         # 2. SeFM; the answer cells, and the query cells as the network saw them (the last 3 input
-        #    channels hold the query in the answer box, cast to the network's dtype)
-        out = self.net(x).float().permute(0, 2, 3, 1).cpu().numpy()
-        seen = x[:, -3:].float().permute(0, 2, 3, 1).cpu().numpy()
-        # 3. transfer each answer's change to the full-resolution query, average over pairs
-        results, k = [], 0
-        for q in f:
-            acc = np.zeros_like(q)
-            for _ in self.pairs:
-                acc += cv.transfer_residual(q, cv.crop_answer(seen[k], self.layout),
-                                            cv.crop_answer(out[k], self.layout))
-                k += 1
-            results.append(np.clip(np.rint(acc / len(self.pairs) * 255.0), 0, 255).astype(np.uint8))
-        return results
+        #    channels hold the query in the answer box, cast to the network's dtype), cropped on the device
+        y0, y1, x0, x1 = cv.answer_box(self.cell, self.layout)
+        kept = self.dtype if self.dtype in (torch.float16, torch.float32) else torch.float32
+        answer = self.run_net(x)[:, :, y0:y1, x0:x1].to(kept).permute(0, 2, 3, 1).contiguous()
+        seen = x[:, -3:, y0:y1, x0:x1].to(kept).permute(0, 2, 3, 1).contiguous()
+        answer, seen = to_host([answer, seen])
+        pairs = len(self.pairs)
+        return [{"answer": answer[i * pairs:(i + 1) * pairs], "query_cell": seen[i * pairs:(i + 1) * pairs]}
+                for i in range(len(images))]
+
+    @staticmethod
+    def _sefm_clean(image: np.ndarray, query_cells: np.ndarray, answers: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 query + its (P, cell, cell, 3) query cells and answers -> (H, W, 3) uint8 clean:
+        each answer's change transferred to the full-resolution query, averaged over the P pairs."""
+        q = image.astype(np.float32) / 255.0
+        acc = np.zeros_like(q)
+        for seen, answer in zip(query_cells, answers):
+            acc += cv.transfer_residual(q, seen, answer)
+        return np.clip(np.rint(acc / len(answers) * 255.0), 0, 255).astype(np.uint8)
 
     # -------------------------------------------------------------------------------------------
     # seggpt+inpaint
@@ -187,7 +243,7 @@ class InContextSeparator(Labeler):
         p = self.params
         weights = resolve_weights(self.weights_id, self.storage, self.spec.revision)
         self.finder = SegGptFinder(weights, device=self.device, dtype=_torch_dtype(self.spec.dtype, self.device),
-                                   embedding_type=p.embedding_type)
+                                   embedding_type=p.embedding_type, compile=self.spec.compile)
         self.demo_masks = [difference_mask(a, b, p.demo_threshold, p.mask_open_radius, p.mask_close_radius,
                                            p.min_area) for a, b in self.pairs]
         if not any(m.any() for m in self.demo_masks):
@@ -201,48 +257,23 @@ class InContextSeparator(Labeler):
                                                 dtype=self.spec.dtype, prompt=p.inpaint_prompt, steps=p.inpaint_steps,
                                                 resolution=p.inpaint_resolution)
 
-    def _seggpt_masks(self, images: list[np.ndarray]) -> tuple[list[np.ndarray], list[float]]:
-        """Per query: (H, W) bool component mask and its mean foreground probability."""
+    def _seggpt_forward(self, images: list[np.ndarray]) -> list[Payload]:
+        """N (H, W, 3) uint8 queries -> N payloads {mask (packed rows), score[, clean]}."""
         p = self.params
-        acc = [np.zeros(im.shape[:2], np.float32) for im in images]
+        # 1. SegGPT foreground probabilities, averaged over the pairs whose demo mask is not empty
         used = [(a, m) for (a, _), m in zip(self.pairs, self.demo_masks) if m.any()]
+        acc = None
         for demo_image, demo_mask in used:
-            for i, prob in enumerate(self.finder.foreground(images, demo_image, demo_mask)):
-                acc[i] += prob
-        masks, scores = [], []
-        for prob in acc:
-            prob /= len(used)
+            probs = self.finder.foreground(images, demo_image, demo_mask, host=False)
+            acc = probs if acc is None else [s + t for s, t in zip(acc, probs)]
+        acc = to_host([s / len(used) for s in acc])
+        # 2. the thresholded, cleaned mask; the diffusion inpainting (device) when there is one
+        payloads = []
+        for im, prob in zip(images, acc):
             m = clean_mask(prob > p.fg_threshold, p.mask_open_radius, p.mask_close_radius, p.min_area)
-            masks.append(m)
-            scores.append(float(prob[m].mean()) if m.any() else 0.0)
-        return masks, scores
-
-    def _inpaint(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        p = self.params
-        if self.inpainter is not None:
-            return self.inpainter(image, mask)
-        return inpaint_opencv(image, mask, p.inpaint_radius, p.inpaint_method)
-
-    # -------------------------------------------------------------------------------------------
-
-    def label(self, images: list[np.ndarray], prompts: list[Any]) -> list[LabelOutput]:
-        p = self.params
-        # 1. clean images and component masks
-        if p.backend == "sefm":
-            cleans = self._sefm_clean(images)
-            masks = [clean_mask(np.abs(im.astype(np.int16) - c.astype(np.int16)).max(axis=2) > p.change_threshold,
-                                p.mask_open_radius, p.mask_close_radius, p.min_area)
-                     for im, c in zip(images, cleans)]
-            scores = [1.0] * len(images)
-        else:
-            masks, scores = self._seggpt_masks(images)
-            cleans = [self._inpaint(im, dilate(m, p.inpaint_dilate)) if m.any() else im.copy()
-                      for im, m in zip(images, masks)]
-        # 2. layers and the mask as an instance
-        outputs = []
-        for im, c, m, s in zip(images, cleans, masks, scores):
-            instances = [Instance(mask=m, category_id=self.category_id, category=self.category, score=s,
-                                  prompt="demonstration")] if m.any() else []
-            outputs.append(LabelOutput(instances=instances,
-                                       layers={"clean": c, "component": encode_component(im, c)}))
-        return outputs
+            payload = {"mask": np.packbits(m, axis=1),
+                       "score": np.asarray(float(prob[m].mean()) if m.any() else 0.0, np.float64)}
+            if self.inpainter is not None and m.any():
+                payload["clean"] = self.inpainter(im, dilate(m, p.inpaint_dilate))
+            payloads.append(payload)
+        return payloads

@@ -1,0 +1,99 @@
+"""Host halves in parallel CPU tasks vs inside the labeler's actor, with a device half that costs nothing.
+
+A CPU-only proxy for "the GPU never waits for the host": ``proxy_labelers:FixedMaps`` hands over a fixed
+boundary map (no network) and runs DirectSAM's host half (partition tokens, scores; then RLE encoding).
+Two engine plans over the same demo images (local folder), each from a cold start in its own process,
+alternating:
+
+- **tasks** (default, ``resources.host: tasks``): the actor runs ``forward``; ``postprocess`` + encoding
+  run in CPU tasks, as many at once as the CPUs allow;
+- **actor** (``resources.host: actor``): the actor runs the whole labeler and the encoding, as the
+  engine did before the split.
+
+Same resources otherwise: one actor at 0.25 CPU, batch 8. Prints one table: seconds, images/s, and the
+steady-state rate (after the first labels file is committed).
+
+    python bench/bench_host_split.py --images 300 --size 384 --pairs 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def one_run(images_uri: str, out_uri: str, host: str) -> dict:
+    import pseudolabel
+    from bench_engine import first_file_watcher
+    from pseudolabel.storage import filesystem
+
+    job = {"input": {"uri": images_uri}, "output": {"uri": out_uri},
+           "labelers": [{"name": "proxy_labelers:FixedMaps"}],
+           "resources": {"actors": 1, "cpus_per_actor": 0.25, "batch_size": 8, "decode_batch_size": 8,
+                         "host": host}}
+    fs, path = filesystem(out_uri + "/labels")
+    watch: dict = {}
+    t0 = time.time()
+    th = first_file_watcher(fs, path, t0, watch)
+    summary = pseudolabel.run(job, progress=False)
+    seconds = time.time() - t0
+    watch["done"] = True
+    th.join(timeout=1)
+    n = summary["labelled"]
+    steady = (n - watch["first_rows"]) / (seconds - watch["first"]) if watch.get("first") else None
+    return {"images": n, "ok": summary["ok"], "seconds": seconds, "images_per_s": n / seconds,
+            "steady_images_per_s": steady, "first_file_s": watch.get("first")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--size", type=int, default=384)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--one", nargs=3, metavar=("IMAGES_URI", "OUT_URI", "HOST"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one_run(*args.one)))
+        return
+
+    from pseudolabel.jobs.demo_data import generate
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])),
+           "RAY_ADDRESS": ""}
+    results: dict[str, list[dict]] = {"tasks": [], "actor": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(f"{tmp}/demo", images=args.images, shards=4, seed=0, size=args.size, progress=False)
+        for k in range(args.pairs):
+            for host in ("tasks", "actor") if k % 2 == 0 else ("actor", "tasks"):
+                out = subprocess.run([sys.executable, __file__, "--one", f"{tmp}/demo/images", f"{tmp}/out-{host}-{k}",
+                                      host], env=env, capture_output=True, text=True, timeout=1800)
+                if out.returncode:
+                    sys.exit(out.stderr[-3000:])
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                results[host].append(r)
+                print(f"pair {k} host={host}: {r}", file=sys.stderr)
+
+    print(f"\nmachine: {os.cpu_count()} CPUs; {args.images} demo images of {args.size}px; "
+          f"labeler proxy_labelers:FixedMaps (no network; DirectSAM host half); medians of {args.pairs} runs")
+    print("| host halves | seconds | images/s | steady images/s | first file (s) |")
+    print("|---|---:|---:|---:|---:|")
+    med = {}
+    for host, runs in results.items():
+        med[host] = {key: statistics.median(r[key] for r in runs)
+                     for key in ("seconds", "images_per_s", "steady_images_per_s", "first_file_s")}
+        m = med[host]
+        print(f"| {host} | {m['seconds']:.1f} | {m['images_per_s']:.2f} | {m['steady_images_per_s']:.2f} | "
+              f"{m['first_file_s']:.1f} |")
+    print(f"\ntasks / actor: {med['tasks']['images_per_s'] / med['actor']['images_per_s']:.2f}x end to end, "
+          f"{med['tasks']['steady_images_per_s'] / med['actor']['steady_images_per_s']:.2f}x steady state")
+
+
+if __name__ == "__main__":
+    main()

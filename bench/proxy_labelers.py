@@ -1,0 +1,59 @@
+"""Benchmark-only labelers (imported by Ray workers with bench/ on PYTHONPATH).
+
+``FixedMaps``: a device half that costs ~nothing (it hands over a fixed synthetic boundary map, the
+same for every image of a size) and DirectSAM's full host half (partition tokens, boundary scores).
+It isolates what the engine does with host work: in parallel CPU tasks, or inside the actor.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pseudolabel.models.base import LabelerParams, LabelOutput, Labeler
+from pseudolabel.models.tokens import boundary_to_tokens
+
+
+class FixedMapsParams(LabelerParams):
+    cells: int = 300
+    threshold: float = 0.2
+
+
+def voronoi_boundary(height: int, width: int, cells: int, seed: int = 0) -> np.ndarray:
+    """(H, W) uint16 boundary map (value / 65535 = probability): blurred edges of a random Voronoi
+    partition with faint noise."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    pts = rng.random((cells, 2)) * [height, width]
+    yy, xx = np.mgrid[0:height, 0:width]
+    best = np.full((height, width), np.inf)
+    label = np.zeros((height, width), np.int32)
+    for k, (py, px) in enumerate(pts):
+        d = (yy - py) ** 2 + (xx - px) ** 2
+        closer = d < best
+        best[closer], label[closer] = d[closer], k
+    edges = np.zeros((height, width), np.float32)
+    edges[:, 1:] += label[:, 1:] != label[:, :-1]
+    edges[1:, :] += label[1:, :] != label[:-1, :]
+    prob = cv2.GaussianBlur(np.clip(edges, 0, 1), (0, 0), 1.0) * 2 + rng.random((height, width)) * 0.05
+    return np.rint(np.clip(prob, 0, 1) * 65535).astype(np.uint16)
+
+
+class FixedMaps(Labeler):
+    name = "fixed_maps"
+    Params = FixedMapsParams
+
+    def setup_host(self) -> None:
+        self._maps: dict[tuple[int, int], np.ndarray] = {}
+
+    def forward(self, images, prompts):
+        out = []
+        for im in images:
+            hw = im.shape[:2]
+            if hw not in self._maps:
+                self._maps[hw] = voronoi_boundary(hw[0], hw[1], self.params.cells)
+            out.append({"boundary": self._maps[hw]})
+        return out
+
+    def postprocess(self, image, prompt, payload):
+        prob = payload["boundary"].astype(np.float32) / np.float32(65535)
+        return LabelOutput(tokens=boundary_to_tokens(prob, self.params.threshold, "partition"))
