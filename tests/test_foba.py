@@ -326,3 +326,112 @@ def test_refined_mask_is_the_closed_filled_and_of_difference_and_preliminary_mas
     expected = np.stack([close_and_fill(gmm_mask(d) & resize_mask(pm, (64, 64)), radius)
                          for d, pm in zip(diff, prelim)])
     assert np.array_equal(refined, expected)
+
+
+# -- the two halves ---------------------------------------------------------------------------------
+
+def _same_output(a, b):
+    """Field by field, exactly: instances (mask, category, id, score, prompt) and layers."""
+    assert len(a.instances) == len(b.instances)
+    for x, y in zip(a.instances, b.instances):
+        assert np.array_equal(x.mask, y.mask) and x.mask.dtype == y.mask.dtype
+        assert (x.category_id, x.category, x.score, x.prompt) == (y.category_id, y.category, y.score, y.prompt)
+    assert a.layers.keys() == b.layers.keys()
+    for name in a.layers:
+        assert a.layers[name].dtype == b.layers[name].dtype and np.array_equal(a.layers[name], b.layers[name])
+
+
+@pytest.mark.parametrize("params, keys", [
+    ({}, {"attention", "prelim", "plate", "reference"}),
+    ({"refine": False}, {"attention"}),
+    ({"difference_reference": "input", "composite_background": False}, {"attention", "prelim", "plate"}),
+])
+def test_forward_then_host_half_equals_the_whole_labeler(tiny_sd, monkeypatch, params, keys):
+    """labeler(images) == forward (rows grouped by class), each payload through the engine's byte format,
+    postprocess on a host half built from the spec alone (its weights path does not even exist)."""
+    from pseudolabel.engine.payload import pack_payload, unpack_payload
+    from pseudolabel.models.base import Labeler
+
+    assert FoBa.label is Labeler.label and FoBa.splits() and FoBa.has_device_half()
+    spec = LabelerSpec(name="foba", weights=tiny_sd, params={**FAST, **params},
+                       ontology=[{"category": "cat"}, {"category": "zebra"}])
+    lab = FoBa(spec)
+    images = _images() + _images(1)[:1]
+    prompts = [None, {"categories": ["zebra"]}, {"category": "cat"}]
+    whole = lab(images, prompts)
+
+    batches = []
+    real = lab.preliminary_attention
+
+    def spy(latents, class_text):
+        batches.append((class_text, latents.shape[0]))
+        return real(latents, class_text)
+
+    monkeypatch.setattr(lab, "preliminary_attention", spy)
+    payloads = lab.forward(images, prompts)
+    assert batches == [("cat", 2), ("zebra", 1)]  # one batch per class
+    host = FoBa.host_half(spec.model_copy(update={"weights": "/nonexistent/foba-weights"}))
+    assert not hasattr(host, "sd")
+
+    r, h = FAST["resolution"], FAST["resolution"] // 8
+    layout = {"attention": (np.float32, (h, h)), "prelim": (np.bool_, (h, h)),
+              "plate": (np.uint8, (r, r, 3)), "reference": (np.uint8, (r, r, 3))}
+    for image, prompt, payload, expected in zip(images, prompts, payloads, whole):
+        assert set(payload) == keys
+        for name, value in payload.items():
+            assert type(value) is np.ndarray and (value.dtype, value.shape) == layout[name]
+        out = host.postprocess(image, prompt, unpack_payload(pack_payload(payload)))
+        _same_output(out, expected)
+    assert [o.instances[0].category for o in whole if o.instances] == ["cat", "zebra", "cat"]
+
+
+def test_host_half_loads_no_weights(monkeypatch):
+    import pseudolabel.models.foba as foba_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the host half loaded weights")
+
+    monkeypatch.setattr(foba_module, "load_sd_components", no_loading)
+    spec = LabelerSpec(name="foba", weights="/nonexistent/foba-weights", params={**FAST, "refine": False},
+                       ontology=[{"category": "cat"}, {"category": "zebra", "id": 7}])
+    host = FoBa.host_half(spec)
+    assert host.device == "cpu" and not hasattr(host, "sd")
+    with pytest.raises(AssertionError, match="loaded weights"):
+        FoBa(spec)  # the full labeler does load them
+    with pytest.raises(ValueError):
+        FoBa.host_half(LabelerSpec(name="foba", weights="/nonexistent", params=FAST))  # no ontology
+    # a payload made by hand: a bright 4x4 block in the 8x8 attention map
+    att = np.full((8, 8), 0.01, np.float32)
+    att[2:6, 2:6] = 0.5
+    image = np.full((32, 32, 3), 90, np.uint8)
+    out = host.postprocess(image, {"category": "zebra"}, {"attention": att})
+    (inst,) = out.instances
+    cells = att > 0.1
+    cells[[2, 2, 5, 5], [2, 5, 2, 5]] = False  # the 3x3 majority filter takes the block's corners
+    expected = np.kron(cells, np.ones((4, 4), bool))
+    assert (inst.category, inst.category_id, inst.score) == ("zebra", 7, 1.0)
+    assert np.array_equal(inst.mask, expected) and np.array_equal(out.layers["background"], image)
+
+
+def test_compile_wraps_the_inpainting_unet(tiny_sd, monkeypatch):
+    """compile: true routes the inpainting loop's UNet passes through ``compiled`` (labels unchanged)."""
+    import pseudolabel.models.foba as foba_module
+
+    calls = []
+
+    def fake_compiled(fn, enabled, what):
+        assert what == "foba"
+        if not enabled:
+            return fn
+
+        def run(*args, **kwargs):
+            calls.append(1)
+            return fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(foba_module, "compiled", fake_compiled)
+    spec = LabelerSpec(name="foba", weights=tiny_sd, params=FAST, ontology=[{"category": "cat"}], compile=True)
+    images = _images()[:1]
+    out = FoBa(spec)(images)
+    assert len(calls) == FAST["inpaint_steps"]
+    _same_output(out[0], FoBa(spec.model_copy(update={"compile": False}))(images)[0])

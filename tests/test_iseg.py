@@ -447,3 +447,83 @@ def test_mask_score_is_the_mean_map_value_inside_the_mask(lab, monkeypatch):
             assert abs(expected - float(maps[k].mean())) > 1e-3 and abs(expected - float(maps[k][inst.mask].max())) > 1e-3
             checked += 1
     assert checked >= 2
+
+
+# ------------------------------------------------------------------------------- the two halves
+
+def _same_output(a, b):
+    """Field by field, exactly: instances (mask, category, id, score, prompt) and layers."""
+    assert len(a.instances) == len(b.instances)
+    for x, y in zip(a.instances, b.instances):
+        assert np.array_equal(x.mask, y.mask) and x.mask.dtype == y.mask.dtype
+        assert (x.category_id, x.category, x.score, x.prompt) == (y.category_id, y.category, y.score, y.prompt)
+    assert a.layers.keys() == b.layers.keys()
+    for name in a.layers:
+        assert a.layers[name].dtype == b.layers[name].dtype and np.array_equal(a.layers[name], b.layers[name])
+    assert a.tokens is None and b.tokens is None
+
+
+def test_forward_then_host_half_equals_the_whole_labeler(lab):
+    """labeler(images) == forward on the device half, each payload through the engine's byte format,
+    postprocess on a host half built from the spec alone (its weights path does not even exist)."""
+    from pseudolabel.engine.payload import pack_payload, unpack_payload
+    from pseudolabel.models.base import Labeler
+
+    assert ISeg.label is Labeler.label and ISeg.splits() and ISeg.has_device_half()
+    images = _images() + _batch_mates() + [_images()[0]]
+    prompts = [None,
+               {"points_xy": [[5, 5]], "boxes_xyxy": [[30, 30, 60, 62]], "categories": ["zebra", 3]},
+               {"lines_xy": [[[3, 3], [40, 70]]], "boxes_xyxy": [[10, 10, 40, 40]]},
+               {"categories": ["sky", "cat"]},
+               {"categories": ["unicorn"]}]  # no class of the ontology: no maps, an empty semantic layer
+    whole = lab(images, prompts)
+    payloads = lab.forward(images, prompts)
+    host = ISeg.host_half(lab.spec.model_copy(update={"weights": "/nonexistent/iseg-weights"}))
+    assert not hasattr(host, "sd") and host.classes == lab.classes
+
+    grid = tuple(int(v) for v in payloads[0]["grid"])
+    length = grid[0] * grid[1]
+    n_maps = [3, 2, 2, 2, 0]
+    for payload, n, prompt in zip(payloads, n_maps, prompts):
+        assert set(payload) == {"maps", "grid", "seeded", "classes"}
+        assert all(type(v) is np.ndarray for v in payload.values())  # no tensors, no python objects
+        assert payload["maps"].dtype == np.float32 and payload["maps"].shape == (length, n)
+        assert payload["grid"].dtype == np.int32 and tuple(payload["grid"]) == grid
+        assert payload["seeded"].dtype == bool and payload["seeded"].shape == ()
+        assert payload["classes"].dtype == np.int32
+    assert [bool(p["seeded"]) for p in payloads] == [False, True, True, False, False]
+    assert [p["classes"].tolist() for p in payloads] == [[0, 1, 2], [], [], [2, 0], []]
+
+    checked = 0
+    for image, prompt, payload, expected in zip(images, prompts, payloads, whole):
+        data = pack_payload(payload)
+        assert isinstance(data, bytes)
+        out = host.postprocess(image, prompt, unpack_payload(data))
+        _same_output(out, expected)
+        checked += len(out.instances)
+    assert checked >= 6 and whole[1].instances and whole[2].instances and not whole[4].instances
+
+
+def test_host_half_loads_no_weights(sd_dir, monkeypatch):
+    from pseudolabel.models import attention
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the host half loaded weights")
+
+    spec = _spec("/nonexistent/iseg-weights")
+    host = ISeg.host_half(spec)
+    assert host.device == "cpu" and not hasattr(host, "sd")
+    assert host.classes == [("cat", 1, ["cat"]), ("zebra", 2, ["zebra", "striped horse"]), ("sky", 3, ["sky"])]
+    monkeypatch.setattr(attention, "load_sd_components", no_loading)
+    with pytest.raises(AssertionError, match="loaded weights"):
+        ISeg(spec)  # the full labeler does load them
+    # a payload made by hand: two blocks on an 8x8 grid, classes cat and sky
+    _, block = _two_blocks()
+    maps = np.stack([block.flatten(), ~block.flatten()], -1).astype(np.float32)
+    payload = {"maps": maps, "grid": np.array([8, 8], np.int32), "seeded": np.array(False),
+               "classes": np.array([0, 2], np.int32)}
+    out = host.postprocess(np.zeros((16, 16, 3), np.uint8), None, payload)
+    big = np.kron(block, np.ones((2, 2), bool))
+    assert [(i.category, i.category_id, i.prompt) for i in out.instances] == [("cat", 1, "cat"), ("sky", 3, "sky")]
+    assert np.array_equal(out.instances[0].mask, big) and np.array_equal(out.instances[1].mask, ~big)
+    assert np.array_equal(out.layers["semantic"], np.where(big, 1, 3))

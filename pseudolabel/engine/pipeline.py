@@ -30,7 +30,7 @@ from pseudolabel.engine.cluster import connect
 from pseudolabel.engine.decode import fetch_decode
 from pseudolabel.engine.errors import OutputConflictError, ResourceError
 from pseudolabel.engine.sources import list_input
-from pseudolabel.engine.stage import DeviceStage, host_stage
+from pseudolabel.engine.stage import DeviceStage, decode_then_host, host_stage
 from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import JobSpec
 from pseudolabel.schemas.tables import MANIFEST_SCHEMA
@@ -220,6 +220,12 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
     return summary
 
 
+def _unfused() -> dict:
+    """A remote-args function that adds nothing: Ray Data never fuses an operator that has one, so the
+    decode tasks stay out of the labeler actors even when they reserve the same CPUs."""
+    return {}
+
+
 def _run_pipeline(job: JobSpec, address: str | None, progress: bool, run_id: str, resuming: bool) -> None:
     """Ray, the streaming plan and the checkpointed write."""
     import ray
@@ -239,10 +245,9 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, run_id: str
     try:
         # 3. Build the streaming plan: read manifest -> fetch+decode tasks -> device halves -> host tasks.
         parts, rows = manifest_parts(job)
-        ds = ray.data.read_datasource(ManifestDatasource(parts, rows, st), num_cpus=res.decode_cpus)
-        ds = ds.map_batches(fetch_decode, batch_format="pyarrow", batch_size=res.decode_batch_size,
-                            fn_kwargs=dict(storage=st, max_pixels=job.input.max_pixels,
-                                           image_column=job.input.image_column), num_cpus=res.decode_cpus)
+        ds = ray.data.read_datasource(ManifestDatasource(parts, rows, st, res.decode_batch_size),
+                                      num_cpus=res.decode_cpus)
+        decode_kwargs = dict(storage=st, max_pixels=job.input.max_pixels, image_column=job.input.image_column)
         provenance = {
             "labelers": [lab.name for lab in job.labelers],
             "weights": [lab.weights or "" for lab in job.labelers],
@@ -251,6 +256,9 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, run_id: str
         }
         # device halves: one actor pool per labeler with a model (only its forward pass runs there)
         on_actors = actor_stages(job)
+        if on_actors:  # decoding in its own light tasks, ahead of the actors (never fused into them)
+            ds = ds.map_batches(fetch_decode, batch_format="pyarrow", batch_size=res.decode_batch_size,
+                                fn_kwargs=decode_kwargs, num_cpus=res.decode_cpus, ray_remote_args_fn=_unfused)
         for i in on_actors:
             ds = ds.map_batches(
                 DeviceStage, batch_format="pyarrow", batch_size=res.batch_size,
@@ -267,8 +275,13 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, run_id: str
             whole = i in on_actors and (res.host == "actor" or not cls.splits())
             sources.append({"spec": lab.model_dump(mode="json"),
                             "source": "record" if whole else "payload" if i in on_actors else "host"})
-        ds = ds.map_batches(host_stage, batch_format="pyarrow", batch_size=None, num_cpus=res.host_cpus,
-                            fn_kwargs=dict(labelers=sources, storage=st.model_dump(), provenance=provenance))
+        host_kwargs = dict(labelers=sources, storage=st.model_dump(), provenance=provenance)
+        if on_actors:
+            ds = ds.map_batches(host_stage, batch_format="pyarrow", batch_size=None, num_cpus=res.host_cpus,
+                                fn_kwargs=host_kwargs)
+        else:  # no network anywhere: each host task decodes its own batch (no extra hop, fewer workers)
+            ds = ds.map_batches(decode_then_host, batch_format="pyarrow", batch_size=res.decode_batch_size,
+                                num_cpus=res.host_cpus, fn_kwargs=dict(decode=decode_kwargs, host=host_kwargs))
         # 4. Write; the checkpoint makes this exactly-once across re-runs. Write tasks reserve what host
         # tasks do, so each host task writes its own rows (labels are committed from the first batch on).
         lab_fs, lab_path = arrow_filesystem(join(out, LABELS), st)

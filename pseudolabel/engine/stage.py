@@ -27,7 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pseudolabel.engine.decode import pixels_to_image
+from pseudolabel.engine.decode import fetch_decode, pixels_to_image
 from pseudolabel.engine.encode import encode_output
 from pseudolabel.engine.payload import pack_payload, unpack_payload
 from pseudolabel.models.registry import labeler_class
@@ -225,6 +225,11 @@ def host_stage(batch: pa.Table, labelers: list[dict], storage: dict | None, prov
     for name, typ in LIST_COLUMNS.items():
         table = table.append_column(name, pa.array(cols[name], typ))
     return finalize(table, provenance)
+
+
+def decode_then_host(batch: pa.Table, decode: dict, host: dict) -> pa.Table:
+    """map_batches task for plans with no device stage: fetch+decode, then ``host_stage``."""
+    return host_stage(fetch_decode(batch, **decode), **host)
 
 
 def finalize(table: pa.Table, provenance: dict | None) -> pa.Table:

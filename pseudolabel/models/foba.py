@@ -19,6 +19,18 @@ Per image, with a Stable Diffusion checkpoint (SD 1.4, or one fine-tuned by ``tr
 
 Cost per image: ``attention_steps * repeats_per_step`` UNet passes + ``inpaint_steps`` passes (twice that
 with guidance > 1), one VAE encode and two decodes.
+
+Halves. ``forward`` (device, rows grouped by class) runs the encode, the attention passes, the inpainting
+and the decodes. The preliminary mask (GMM + majority filter, numpy) is computed there too when the
+refinement runs, because the inpainting needs it; without refinement it is left to ``postprocess``.
+``postprocess`` (host, one image) does the difference GMM, the AND, closing and hole filling at
+``resolution``, then resizes, scores and composites at the image size. Payload per image:
+
+- ``attention`` (h, w) float32: the step/layer-averaged class attention on the latent grid (h = R / 8);
+- ``prelim`` (h, w) bool: the preliminary mask (only with ``refine``);
+- ``plate`` (R, R, 3) uint8: the decoded background plate (only with ``refine``);
+- ``reference`` (R, R, 3) uint8: the VAE reconstruction the plate is compared with (only with ``refine``
+  and ``difference_reference="reconstruction"``; with ``"input"`` the host resizes the image itself).
 """
 from __future__ import annotations
 
@@ -42,6 +54,7 @@ from pseudolabel.models.attention import (
     per_row_noise,
 )
 from pseudolabel.models.base import Instance, LabelerParams, LabelOutput, Labeler
+from pseudolabel.models.device import compiled, to_host
 from pseudolabel.models.masks import close_and_fill, gmm_mask, majority_filter
 from pseudolabel.schemas.spec import LabelerSpec, OntologyEntry, StorageSpec
 
@@ -117,8 +130,8 @@ def blended_inpaint(unet, scheduler, clean_latents: torch.Tensor, keep: torch.Te
                     text_embeddings: torch.Tensor, noise: torch.Tensor, num_steps: int, *,
                     strength: float = 1.0, guidance_scale: float = 1.0,
                     uncond_embeddings: torch.Tensor | None = None,
-                    callback: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
-                    ) -> torch.Tensor:
+                    callback: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+                    unet_forward: Callable | None = None) -> torch.Tensor:
     """Blended-latent inpainting: denoise the region outside ``keep`` while the kept region follows z0.
 
     Args:
@@ -132,6 +145,7 @@ def blended_inpaint(unet, scheduler, clean_latents: torch.Tensor, keep: torch.Te
         guidance_scale: classifier-free guidance (> 1 needs ``uncond_embeddings``).
         callback: ``callback(i, t, latents, renoised)`` called right before step i's UNet pass, with the
             blended latents and z0 re-noised to t.
+        unet_forward: called instead of ``unet`` for the passes (e.g. a ``torch.compile``d UNet).
     Returns:
         (B, C, h, w) latents; equal to z0 where ``keep`` is 1.
     """
@@ -164,7 +178,7 @@ def blended_inpaint(unet, scheduler, clean_latents: torch.Tensor, keep: torch.Te
             callback(i, t, latents, renoised)
         model_in = torch.cat([latents, latents]) if use_cfg else latents
         model_in = scheduler.scale_model_input(model_in, t)
-        eps = unet(model_in, t, encoder_hidden_states=cond).sample
+        eps = (unet_forward or unet)(model_in, t, encoder_hidden_states=cond).sample
         if use_cfg:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)
@@ -172,6 +186,22 @@ def blended_inpaint(unet, scheduler, clean_latents: torch.Tensor, keep: torch.Te
 
     # 3. the kept region is the clean latent exactly
     return keep * z0 + (1.0 - keep) * latents
+
+
+def preliminary_mask(attention: np.ndarray, majority_size: int) -> np.ndarray:
+    """(h, w) float32 class attention -> (h, w) bool: GMM midpoint threshold, then the majority filter."""
+    return majority_filter(gmm_mask(attention), majority_size)
+
+
+def refined_mask(reference: np.ndarray, plate: np.ndarray, prelim: np.ndarray, closing_radius: int) -> np.ndarray:
+    """The refinement's mask for one image at the working resolution R.
+
+    reference, plate: (R, R, 3) uint8 (the reconstruction or resized input, and the background plate);
+    prelim: (h, w) bool preliminary mask. Returns (R, R) bool: the GMM threshold of |reference - plate|,
+    ANDed with the preliminary mask (nearest-resized to R), then closed and hole-filled.
+    """
+    diff = difference_map(reference[None], plate[None])[0]
+    return close_and_fill(gmm_mask(diff) & resize_mask(prelim, reference.shape[:2]), closing_radius)
 
 
 def difference_map(reference: np.ndarray, plate: np.ndarray) -> np.ndarray:
@@ -206,9 +236,6 @@ class FoBa(Labeler):
 
     def __init__(self, spec: LabelerSpec, *, device: str = "cpu", storage: StorageSpec | None = None):
         super().__init__(spec, device=device, storage=storage)
-        if not self.ontology:
-            raise ValueError("foba needs an ontology with the class to separate")
-        self._default_entry = self._entry(self.params.category) if self.params.category else self.ontology[0]
         dev = "cpu" if device in (None, "auto") else device
         self.torch_device = torch.device(dev)
         self.sd = load_sd_components(self.weights_id, storage=self.storage, revision=spec.revision,
@@ -217,6 +244,14 @@ class FoBa(Labeler):
 
         self.ddim = DDIMScheduler.from_config(self.sd.scheduler.config)
         self._text_cache: dict[str, torch.Tensor] = {}
+        # the inpainting loop's UNet (most of the passes); the attention passes stay eager, since they run
+        # under capture processors that record from python in every cross-attention layer
+        self._inpaint_unet = compiled(self.sd.unet, spec.compile, "foba")
+
+    def setup_host(self) -> None:
+        if not self.ontology:
+            raise ValueError("foba needs an ontology with the class to separate")
+        self._default_entry = self._entry(self.params.category) if self.params.category else self.ontology[0]
 
     # -- helpers ----------------------------------------------------------------------------------
     def _entry(self, category: str) -> OntologyEntry:
@@ -234,6 +269,10 @@ class FoBa(Labeler):
                 return self._entry(str(name))
         return self._default_entry
 
+    @staticmethod
+    def _class_text(entry: OntologyEntry) -> str:
+        return entry.prompts[0] if entry.prompts else entry.category
+
     @torch.inference_mode()
     def _embed(self, text: str) -> torch.Tensor:
         if text not in self._text_cache:
@@ -248,6 +287,13 @@ class FoBa(Labeler):
     @torch.inference_mode()
     def preliminary(self, latents: torch.Tensor, class_text: str) -> tuple[np.ndarray, np.ndarray]:
         """Clean latents (B, 4, h, w) -> (attention maps (B, h, w) float32, preliminary masks (B, h, w) bool)."""
+        att = self.preliminary_attention(latents, class_text)
+        return att, np.stack([preliminary_mask(a, self.params.majority_size) for a in att])
+
+    @torch.inference_mode()
+    def preliminary_attention(self, latents: torch.Tensor, class_text: str) -> np.ndarray:
+        """Clean latents (B, 4, h, w) -> class attention maps (B, h, w) float32 on the host: the
+        cross-attention at the class tokens averaged over the re-noised steps and the layers."""
         p = self.params
         prompt = p.prompt_template.format(class_text)
         token_idx = class_token_indices(self.sd.tokenizer, prompt, class_text)
@@ -261,17 +307,29 @@ class FoBa(Labeler):
                     noisy_unet_pass(self.sd.unet, self.sd.scheduler, latents, t, emb,
                                     noise=noises[k * p.repeats_per_step + r])
         att = class_attention_map(store.select(kind="cross"), token_idx, tuple(latents.shape[-2:]))
-        att = att.cpu().numpy().astype(np.float32)
-        masks = np.stack([majority_filter(gmm_mask(a), p.majority_size) for a in att])
-        return att, masks
+        return to_host([att.float()])[0]
 
     @torch.inference_mode()
     def refine(self, latents: torch.Tensor, inputs: np.ndarray, prelim: np.ndarray,
                callback=None) -> tuple[np.ndarray, np.ndarray]:
-        """Blended inpainting of the preliminary foreground with the background prompt.
+        """The whole refinement in-process: ``inpaint`` then ``refined_mask`` per image.
 
         latents (B, 4, h, w); inputs (B, R, R, 3) uint8 at ``resolution``; prelim (B, h, w) bool.
         Returns (plates (B, R, R, 3) uint8, refined masks (B, R, R) bool).
+        """
+        plates, reference = self.inpaint(latents, inputs, prelim, callback=callback)
+        reference = inputs if reference is None else reference
+        masks = [refined_mask(r, pl, pm, self.params.closing_radius) for r, pl, pm in zip(reference, plates, prelim)]
+        return plates, np.stack(masks)
+
+    @torch.inference_mode()
+    def inpaint(self, latents: torch.Tensor, inputs: np.ndarray, prelim: np.ndarray,
+                callback=None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Blended inpainting of the preliminary foreground with the background prompt, decoded.
+
+        latents (B, 4, h, w); inputs (B, R, R, 3) uint8 at ``resolution``; prelim (B, h, w) bool.
+        Returns (plates (B, R, R, 3) uint8, the VAE reconstructions (B, R, R, 3) uint8 when
+        ``difference_reference`` is "reconstruction", else None: the reference is then ``inputs``).
         """
         p = self.params
         fg = torch.from_numpy(prelim[:, None].astype(np.float32))
@@ -283,64 +341,78 @@ class FoBa(Labeler):
         uncond = self._embed("") if p.guidance_scale > 1.0 else None
         out = blended_inpaint(self.sd.unet, self.ddim, latents, keep, self._embed(p.background_prompt), noise,
                               p.inpaint_steps, strength=p.inpaint_strength, guidance_scale=p.guidance_scale,
-                              uncond_embeddings=uncond, callback=callback)
+                              uncond_embeddings=uncond, callback=callback, unet_forward=self._inpaint_unet)
         plates = decode_latents(self.sd.vae, out)
-        reference = decode_latents(self.sd.vae, latents) if p.difference_reference == "reconstruction" else inputs
-        diff = difference_map(reference, plates)
-        res = inputs.shape[1:3]
-        masks = []
-        for d, pm in zip(diff, prelim):
-            m = gmm_mask(d) & resize_mask(pm, res)
-            masks.append(close_and_fill(m, p.closing_radius))
-        return plates, np.stack(masks)
+        reference = decode_latents(self.sd.vae, latents) if p.difference_reference == "reconstruction" else None
+        return plates, reference
 
-    def label(self, images: list[np.ndarray], prompts: list[Any]) -> list[LabelOutput]:
+    # -- device half ------------------------------------------------------------------------------
+    def forward(self, images: list[np.ndarray], prompts: list[Any]) -> list[dict[str, np.ndarray]]:
+        """Rows grouped by their class (one prompt per group); one payload per image, in input order."""
         groups: dict[str, list[int]] = {}
-        entries = [self._row_entry(pr) for pr in prompts]
-        for i, entry in enumerate(entries):
-            groups.setdefault(entry.category, []).append(i)
-        outputs: list[LabelOutput | None] = [None] * len(images)
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(self._row_entry(prompt).category, []).append(i)
+        payloads: list[dict[str, np.ndarray] | None] = [None] * len(images)
         for category, idx in groups.items():
-            for i, out in zip(idx, self._label_class([images[i] for i in idx], self._entry(category))):
-                outputs[i] = out
-        return outputs  # type: ignore[return-value]
+            for i, payload in zip(idx, self._forward_class([images[i] for i in idx], self._entry(category))):
+                payloads[i] = payload
+        return payloads  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _label_class(self, images: list[np.ndarray], entry: OntologyEntry) -> list[LabelOutput]:
+    def _forward_class(self, images: list[np.ndarray], entry: OntologyEntry) -> list[dict[str, np.ndarray]]:
         p = self.params
-        class_text = entry.prompts[0] if entry.prompts else entry.category
         # 1. resize to the working square and encode
         inputs = np.stack([resize_image(im, p.resolution) for im in images])
         latents = encode_image(self.sd.vae, inputs).to(next(self.sd.unet.parameters()).dtype)
-        # 2. preliminary mask from cross-attention
-        att, prelim = self.preliminary(latents, class_text)
-        # 3. refinement by blended inpainting
+        # 2. class attention of the preliminary mask
+        att = self.preliminary_attention(latents, self._class_text(entry))
+        payloads = [{"attention": att[j]} for j in range(len(images))]
+        if not p.refine:
+            return payloads
+        # 3. refinement by blended inpainting of the preliminary mask (thresholded here: the loop needs it)
+        prelim = np.stack([preliminary_mask(a, p.majority_size) for a in att])
+        plates, reference = self.inpaint(latents, inputs, prelim)
+        for j, payload in enumerate(payloads):
+            payload["prelim"] = prelim[j]
+            payload["plate"] = plates[j]
+            if reference is not None:
+                payload["reference"] = reference[j]
+        return payloads
+
+    # -- host half --------------------------------------------------------------------------------
+    def postprocess(self, image: np.ndarray, prompt: Any, payload: dict[str, np.ndarray]) -> LabelOutput:
+        p = self.params
+        entry = self._row_entry(prompt)
+        class_text = self._class_text(entry)
+        att = payload["attention"]
+        res = (p.resolution, p.resolution)
+        # 1. the mask at the working resolution
         if p.refine:
-            plates, masks = self.refine(latents, inputs, prelim)
+            prelim = payload["prelim"].astype(bool)
+            plate_r = payload["plate"]
+            reference = payload["reference"] if "reference" in payload else resize_image(image, p.resolution)
+            mask_r = refined_mask(reference, plate_r, prelim, p.closing_radius)
         else:
-            plates, masks = None, np.stack([resize_mask(m, inputs.shape[1:3]) for m in prelim])
-        # 4. back to each image's size
-        outputs = []
-        for j, image in enumerate(images):
-            hw = image.shape[:2]
-            mask = resize_mask(masks[j], hw)
-            a = att[j]
-            norm = (a - a.min()) / (a.max() - a.min() + 1e-12)
-            norm_img = cv2.resize(norm, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
-            instances = []
-            if mask.any():
-                instances.append(Instance(mask=mask, category_id=int(entry.id), category=entry.category,
-                                          score=float(norm_img[mask].mean()),
-                                          prompt=p.prompt_template.format(class_text)))
-            if plates is not None:
-                plate = cv2.resize(plates[j], (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
-                if p.composite_background:
-                    region = resize_mask(prelim[j], hw)
-                    plate = np.where(region[..., None], plate, image)
-            else:
-                plate = image.copy()
-            outputs.append(LabelOutput(instances=instances, layers={
-                "background": np.ascontiguousarray(plate.astype(np.uint8)),
-                "foreground_mask": (mask.astype(np.uint8) * 255),
-            }))
-        return outputs
+            prelim = preliminary_mask(att, p.majority_size)
+            plate_r, mask_r = None, resize_mask(prelim, res)
+        # 2. back to the image's size
+        hw = image.shape[:2]
+        mask = resize_mask(mask_r, hw)
+        norm = (att - att.min()) / (att.max() - att.min() + 1e-12)
+        norm_img = cv2.resize(norm, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
+        instances = []
+        if mask.any():
+            instances.append(Instance(mask=mask, category_id=int(entry.id), category=entry.category,
+                                      score=float(norm_img[mask].mean()),
+                                      prompt=p.prompt_template.format(class_text)))
+        if plate_r is not None:
+            plate = cv2.resize(plate_r, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
+            if p.composite_background:
+                region = resize_mask(prelim, hw)
+                plate = np.where(region[..., None], plate, image)
+        else:
+            plate = image.copy()
+        return LabelOutput(instances=instances, layers={
+            "background": np.ascontiguousarray(plate.astype(np.uint8)),
+            "foreground_mask": (mask.astype(np.uint8) * 255),
+        })

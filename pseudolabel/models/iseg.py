@@ -9,7 +9,9 @@ Layers of this module:
 1. text helpers: prompt template and token-index arithmetic (pure, tokenizer only);
 2. map helpers: cross-attention fusion, KL k-means smoothing, entropy reduction, refinement, seeds,
    labels (pure torch/numpy, no model);
-3. ``ISeg``: the labeler that loads SD, runs the pass and calls the helpers.
+3. ``ISeg``: the labeler that loads SD, runs the pass and calls the helpers; its device half
+   (``forward``) ends with the refined maps on the grid, its host half (``postprocess``) turns them
+   into masks at the image size.
 
 Conventions: a grid of (h, w) cells is flattened row-major to L = h * w; attention "maps" are
 (L, C) float32 columns, one per class or seed; images are (H, W, 3) uint8 RGB; boxes are xyxy pixels.
@@ -390,7 +392,23 @@ class ISegParams(LabelerParams):
 
 
 class ISeg(Labeler):
-    """Open-vocabulary or seeded segmentation from one noisy Stable Diffusion pass."""
+    """Open-vocabulary or seeded segmentation from one noisy Stable Diffusion pass.
+
+    Device half (``forward``): VAE encode, the attention pass(es), KL k-means, entropy reduction and
+    the refinement (N matrix products per row), giving each row's refined maps at the attention grid.
+    Host half (``postprocess``): the maps brought to the image size, labels, masks, box clipping,
+    scores, instances and the semantic layer.
+
+    Payload (one per image):
+        ``maps``    (L, C) float32: refined maps on the grid, one column per class (text rows, in the
+                    order of ``classes``) or per seed (seeded rows, in ``seeds_from_prompts`` order);
+        ``grid``    (2,) int32: the grid (h, w), L = h * w;
+        ``seeded``  () bool: the row was seeded (points/boxes/lines), so its seeds are re-derived from
+                    its prompt on the host;
+        ``classes`` (C,) int32: text rows, indices into ``self.classes`` (empty for seeded rows).
+    The maps stay float32 at the grid size: the labels threshold and argmax them, and image-size maps
+    would be C x H x W floats to ship instead of C x L.
+    """
 
     name = "iseg"
     Params = ISegParams
@@ -403,7 +421,12 @@ class ISeg(Labeler):
 
         if self.params.resolution % 8:
             raise ValueError("iseg: resolution must be a multiple of 8")
+        # no torch.compile here: the single UNet pass runs under attention-capture processors (python
+        # side effects in every recorded layer, processors swapped per call), which compile poorly
         self.sd = load_sd_components(self.weights_id, self.storage, spec.revision, spec.dtype, device)
+
+    def setup_host(self) -> None:
+        #: (category, id, prompts) per ontology entry; rows and payloads index into this list
         self.classes = [(e.category, int(e.id), list(e.prompts)) for e in self.ontology]
 
     # -- per-row planning ---------------------------------------------------------------------------
@@ -432,6 +455,11 @@ class ISeg(Labeler):
                 raise ValueError(f"iseg: seed category {value!r} is not in the job's ontology")
             return 1, "object"
         return self.classes[k][1], self.classes[k][0]
+
+    @staticmethod
+    def _is_seeded(prompt: Any) -> bool:
+        prm = prompt if isinstance(prompt, dict) else {}
+        return any(prm.get(k) for k in ("points_xy", "boxes_xyxy", "lines_xy"))
 
     # -- the pass ------------------------------------------------------------------------------------
     def _attention(self, latents: torch.Tensor, texts: list[str], token_ids: list[list[int]]):
@@ -471,10 +499,12 @@ class ISeg(Labeler):
         cross = fuse_cross_attention(per_factor, grids, p.res_weights, grid)
         return self_attn, grid, cross
 
-    def label(self, images: list[np.ndarray], prompts: list[Any]) -> list[LabelOutput]:
+    # -- device half ---------------------------------------------------------------------------------
+    def forward(self, images: list[np.ndarray], prompts: list[Any]) -> list[dict[str, np.ndarray]]:
         import cv2
 
         from pseudolabel.models.attention import encode_image
+        from pseudolabel.models.device import to_host
 
         p = self.params
         if not images:
@@ -491,7 +521,7 @@ class ISeg(Labeler):
             rows = []
             for prm in prompts:
                 prm = prm if isinstance(prm, dict) else {}
-                seeded = any(prm.get(k) for k in ("points_xy", "boxes_xyxy", "lines_xy"))
+                seeded = self._is_seeded(prm)
                 classes = [] if seeded else self._row_classes(prm)
                 phrases = [self.classes[k][2] for k in classes]
                 plans = plan_prompts(self.sd.tokenizer, phrases, p.background_words)
@@ -518,38 +548,60 @@ class ISeg(Labeler):
                     for c, k in enumerate(pl.classes):
                         class_maps[i].append((rows[i][1][k], sel[:, c]))
 
-            # 4. per row: entropy reduction, refinement, labels
+            # 4. per row: entropy reduction and refinement on the grid
             affinity = entropy_reduce(self_attn, p.lam)
-            return [self._row_output(images[i], prompts[i], rows[i], class_maps[i], affinity[i], grid)
-                    for i in range(len(images))]
+            refined = [self._refine_row(images[i].shape[:2], prompts[i], rows[i][0], class_maps[i], affinity[i], grid)
+                       for i in range(len(images))]
+            hosts = to_host(refined)
+        grid_np = np.asarray(grid, np.int32)
+        return [{"maps": host,
+                 "grid": grid_np.copy(),
+                 "seeded": np.asarray(rows[i][0], bool),
+                 "classes": np.asarray([k for k, _ in class_maps[i]], np.int32)}
+                for i, host in enumerate(hosts)]
 
-    def _row_output(self, image, prompt, row, class_maps, affinity, grid) -> LabelOutput:
+    def _refine_row(self, hw, prompt, seeded, class_maps, affinity, grid) -> torch.Tensor:
+        """One row's refined (L, C) float32 maps on the grid, on the affinity's device."""
         p = self.params
-        seeded, _, _ = row
-        hw = image.shape[:2]
         length = grid[0] * grid[1]
         if seeded:
             seeds = seeds_from_prompts(prompt, hw, grid)
             mat, owner = seed_matrix(seeds, length)
-            refined = combine_seed_columns(refine(mat.to(affinity.device), affinity, p.iterations), owner)
+            return combine_seed_columns(refine(mat.to(affinity.device), affinity, p.iterations), owner).float()
+        if not class_maps:
+            return torch.zeros((length, 0), dtype=torch.float32, device=affinity.device)
+        cols = torch.stack([m for _, m in class_maps], -1)
+        return refine(cols, affinity, p.iterations).float()
+
+    # -- host half -----------------------------------------------------------------------------------
+    def postprocess(self, image: np.ndarray, prompt: Any, payload: dict[str, np.ndarray]) -> LabelOutput:
+        p = self.params
+        hw = image.shape[:2]
+        grid = (int(payload["grid"][0]), int(payload["grid"][1]))
+        refined = torch.from_numpy(np.array(payload["maps"], dtype=np.float32))  # a writable copy
+        if bool(payload["seeded"]):
+            seeds = seeds_from_prompts(prompt, hw, grid)
+            if len(seeds) != refined.shape[-1]:
+                raise RuntimeError(f"iseg: {refined.shape[-1]} seed maps for {len(seeds)} seeds")
             maps = grid_to_image(refined, grid, hw)
             labels = labels_from_maps(maps, "threshold", p.seed_threshold)
             cats = [self._seed_category(s.category) for s in seeds]
             prompts_txt = [s.kind for s in seeds]
             boxes = [s.box_xyxy if p.clip_box_seeds else None for s in seeds]
         else:
-            if not class_maps:
+            classes = [int(k) for k in payload["classes"]]
+            if len(classes) != refined.shape[-1]:
+                raise RuntimeError(f"iseg: {refined.shape[-1]} class maps for {len(classes)} classes")
+            if not classes:
                 return LabelOutput(layers=self._semantic(np.zeros(hw, np.int64), []))
-            cols = torch.stack([m for _, m in class_maps], -1)
-            refined = refine(cols, affinity, p.iterations)
             maps = grid_to_image(refined, grid, hw)
             labels = labels_from_maps(maps, p.background, p.bg_threshold)
-            cats = [(self.classes[k][1], self.classes[k][0]) for k, _ in class_maps]
-            prompts_txt = [", ".join(self.classes[k][2]) for k, _ in class_maps]
+            cats = [(self.classes[k][1], self.classes[k][0]) for k in classes]
+            prompts_txt = [", ".join(self.classes[k][2]) for k in classes]
             boxes = [None] * len(cats)
 
-        labels_np = labels.cpu().numpy()
-        maps_np = maps.cpu().numpy()
+        labels_np = labels.numpy()
+        maps_np = maps.numpy()
         instances = []
         sem_pairs = []
         for k, ((cid, cname), text, box) in enumerate(zip(cats, prompts_txt, boxes)):
