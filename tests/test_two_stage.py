@@ -1,11 +1,10 @@
-"""Every labeler through Ray twice: host halves in parallel CPU tasks (the default) and whole in the
-labeler's actor (``resources.host: actor``). Both give the same Parquet rows, byte for byte."""
+"""Host halves in CPU tasks (the default) vs every labeler whole in its actor (``resources.host: actor``):
+the same rows, for every built-in labeler in the engine's stages, and through Ray into Parquet."""
 from __future__ import annotations
-
-import numpy as np
 
 from directsam_tiny import save_tiny_segformer
 from test_incontext_seggpt import save_tiny_seggpt, watermark_pair
+from test_incontext_sefm import perturbed_checkpoint
 
 
 def _rows(out: str) -> list[dict]:
@@ -17,21 +16,20 @@ def _rows(out: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["image_id"])
 
 
-def test_every_labeler_gives_the_same_rows_split_or_whole(ray_cluster, tiny_sd, tmp_path, monkeypatch):
-    import pseudolabel
-    from pseudolabel.engine.pipeline import actor_stages
-    from pseudolabel.jobs.demo_data import CATEGORIES, generate
-    from pseudolabel.models.evf_sam.random_checkpoint import write_random_checkpoint
-    from pseudolabel.schemas.spec import load_spec
+PROVENANCE = {"labelers": [], "weights": [], "revisions": [], "params_hash": "x", "engine_version": "0",
+              "run_id": "r"}
 
-    monkeypatch.setenv("PSEUDOLABEL_CACHE", str(tmp_path / "cache"))
-    data = tmp_path / "demo"
-    generate(str(data), images=4, shards=1, size=64, seed=1, progress=False)
+
+def _labelers(tmp_path, tiny_sd) -> list[dict]:
+    """Every built-in labeler on tiny random weights, ontologies from the demo categories."""
+    from pseudolabel.jobs.demo_data import CATEGORIES
+    from pseudolabel.models.evf_sam.random_checkpoint import write_random_checkpoint
+
     ontology = [{"category": c["name"], "id": c["id"]} for c in CATEGORIES]
     evf = tmp_path / "evf"
     write_random_checkpoint(evf, "sam2", seed=3)
     demo_in, demo_out = watermark_pair(tmp_path)
-    labelers = [
+    return [
         {"name": "directsam", "weights": save_tiny_segformer(str(tmp_path / "segformer")), "dtype": "float32",
          "params": {"threshold": 0.5, "pyramid_layers": 1, "save_boundary": True}},
         {"name": "evf_sam", "weights": str(evf), "dtype": "float32", "ontology": ontology[:2],
@@ -43,31 +41,83 @@ def test_every_labeler_gives_the_same_rows_split_or_whole(ray_cluster, tiny_sd, 
         {"name": "incontext", "weights": save_tiny_seggpt(str(tmp_path / "seggpt")), "dtype": "float32",
          "params": {"backend": "seggpt+inpaint", "demo_in": demo_in, "demo_out": demo_out, "fg_threshold": 0.5,
                     "min_area": 4}},
-        {"name": "incontext", "dtype": "float32",
-         "params": {"backend": "sefm", "allow_untrained": True, "demo_in": demo_in, "demo_out": demo_out}},
+        {"name": "incontext", "weights": perturbed_checkpoint(tmp_path / "sefm"), "dtype": "float32",
+         "params": {"backend": "sefm", "demo_in": demo_in, "demo_out": demo_out}},
         {"name": "classical_grabcut", "ontology": ontology},
         {"name": "classical_tokens"},
         {"name": "classical_inpaint", "ontology": ontology},
     ]
-    job = {
-        "input": {"uri": str(data / "images"), "format": "coco",
-                  "coco_json": str(data / "annotations" / "instances.json")},
-        "output": {"uri": str(tmp_path / "split")},
-        "labelers": labelers,
-        "resources": {"actors": 1, "cpus_per_actor": 0.1, "batch_size": 2, "decode_batch_size": 2},
-    }
-    # the default plan: an actor pool only for labelers with a network
-    assert actor_stages(load_spec(job)) == [0, 1, 2, 3, 4, 5]
-    whole_job = {**job, "output": {"uri": str(tmp_path / "whole")}, "resources": {**job["resources"], "host": "actor"}}
-    assert actor_stages(load_spec(whole_job)) == list(range(len(labelers)))
 
+
+def test_every_labeler_gives_the_same_rows_split_or_whole(tiny_sd, tmp_path, monkeypatch):
+    """The engine's stages in-process on a decoded demo batch with COCO box prompts: device stages then
+    the host stage, vs every labeler whole in its stage; the rows the writer gets are identical."""
+    from pseudolabel.engine.decode import fetch_decode
+    from pseudolabel.engine.sources import list_input
+    from pseudolabel.engine.stage import DeviceStage, host_stage
+    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.models.registry import labeler_class
+    from pseudolabel.schemas.spec import InputSpec, load_spec
+
+    monkeypatch.setenv("PSEUDOLABEL_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "demo"
+    generate(str(data), images=3, shards=1, size=64, seed=1, progress=False)
+    labelers = _labelers(tmp_path, tiny_sd)
+    job = load_spec({"input": {"uri": str(data / "images")}, "output": {"uri": str(tmp_path / "out")},
+                     "labelers": labelers})
+    specs = [lab.model_dump(mode="json") for lab in job.labelers]
+    manifest = list_input(InputSpec(uri=str(data / "images"), format="coco",
+                                    coco_json=str(data / "annotations" / "instances.json")))
+    batch = fetch_decode(manifest, storage=None, max_pixels=10**8)
+    assert all(p for p in batch.column("prompts").to_pylist())  # the COCO boxes travel as prompts
+
+    split, whole = batch, batch
+    sources = []
+    for i, spec in enumerate(specs):
+        whole = DeviceStage(spec, i, None, 0, whole=True)(whole)
+        if labeler_class(spec["name"]).has_device_half():
+            split = DeviceStage(spec, i, None, 0)(split)
+            sources.append("payload")
+        else:
+            sources.append("host")
+    assert sources == ["payload"] * 6 + ["host"] * 3
+    split_rows = host_stage(split, [{"spec": s, "source": src} for s, src in zip(specs, sources)], None,
+                            PROVENANCE).to_pylist()
+    whole_rows = host_stage(whole, [{"spec": s, "source": "record"} for s in specs], None, PROVENANCE).to_pylist()
+    assert len(split_rows) == 3 and all(r["status"] == "ok" for r in split_rows), [r["error"] for r in split_rows]
+    # every labeler contributed to the rows being compared
+    seen = {a["labeler"] for r in split_rows for a in r["annotations"] + r["subobjects"] + r["layers"]}
+    assert seen == {lab["name"] for lab in labelers}
+    assert all(len(r["layers"]) >= 5 for r in split_rows)
+    for a, b in zip(split_rows, whole_rows):
+        assert a == b
+
+
+def test_through_ray_both_plans_write_the_same_parquet_rows(ray_cluster, tmp_path, monkeypatch):
+    """A labeler with a device half and a host-only one, through Ray: host halves in CPU tasks (default)
+    and whole in the actors (``resources.host: actor``) write the same rows."""
+    import pseudolabel
+    from pseudolabel.engine.pipeline import actor_stages
+    from pseudolabel.jobs.demo_data import CATEGORIES, generate
+    from pseudolabel.schemas.spec import load_spec
+
+    monkeypatch.setenv("PSEUDOLABEL_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "demo"
+    generate(str(data), images=4, shards=1, size=64, seed=1, progress=False)
+    labelers = [
+        {"name": "directsam", "weights": save_tiny_segformer(str(tmp_path / "segformer")), "dtype": "float32",
+         "params": {"threshold": 0.5, "save_boundary": True}},
+        {"name": "classical_grabcut", "ontology": [{"category": c["name"], "id": c["id"]} for c in CATEGORIES]},
+    ]
+    job = {"input": {"uri": str(data / "images"), "format": "coco",
+                     "coco_json": str(data / "annotations" / "instances.json")},
+           "output": {"uri": str(tmp_path / "split")}, "labelers": labelers,
+           "resources": {"actors": 1, "cpus_per_actor": 0.25, "batch_size": 2, "decode_batch_size": 2}}
+    whole_job = {**job, "output": {"uri": str(tmp_path / "whole")}, "resources": {**job["resources"], "host": "actor"}}
+    assert actor_stages(load_spec(job)) == [0] and actor_stages(load_spec(whole_job)) == [0, 1]
     pseudolabel.run(job, progress=False)
     pseudolabel.run(whole_job, progress=False)
     split, whole = _rows(str(tmp_path / "split")), _rows(str(tmp_path / "whole"))
     assert len(split) == 4 and all(r["status"] == "ok" for r in split), [r["error"] for r in split]
-    # every labeler contributed to the rows being compared
-    seen = {a["labeler"] for r in split for a in r["annotations"] + r["subobjects"] + r["layers"]}
-    assert seen == {lab["name"] for lab in labelers}
-    assert np.all([len(r["layers"]) >= 5 for r in split])
-    for a, b in zip(split, whole):
-        assert a == b
+    assert all(r["subobjects"] and r["annotations"] and r["layers"] for r in split)
+    assert split == whole

@@ -220,12 +220,6 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
     return summary
 
 
-def _unfused() -> dict:
-    """A remote-args function that adds nothing: Ray Data never fuses an operator that has one, so the
-    decode tasks stay out of the labeler actors even when they reserve the same CPUs."""
-    return {}
-
-
 def _run_pipeline(job: JobSpec, address: str | None, progress: bool, run_id: str, resuming: bool) -> None:
     """Ray, the streaming plan and the checkpointed write."""
     import ray
@@ -258,12 +252,15 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, run_id: str
         on_actors = actor_stages(job)
         if on_actors:  # decoding in its own light tasks, ahead of the actors (never fused into them)
             ds = ds.map_batches(fetch_decode, batch_format="pyarrow", batch_size=res.decode_batch_size,
-                                fn_kwargs=decode_kwargs, num_cpus=res.decode_cpus, ray_remote_args_fn=_unfused)
+                                fn_kwargs=decode_kwargs, num_cpus=res.decode_cpus)
         for i in on_actors:
             ds = ds.map_batches(
                 DeviceStage, batch_format="pyarrow", batch_size=res.batch_size,
                 compute=ActorPoolStrategy(min_size=res.min_actors or 1, max_size=res.actors),
                 num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor,
+                # Ray Data's own default for actor pools, stated: remote args that differ from the decode
+                # tasks' keep Ray from fusing decoding into the labeler actors
+                max_restarts=-1,
                 fn_constructor_kwargs=dict(spec=job.labelers[i].model_dump(mode="json"), index=i,
                                            storage=st.model_dump(), gpus_per_actor=res.gpus_per_actor,
                                            whole=res.host == "actor"),
