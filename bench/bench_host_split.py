@@ -10,7 +10,8 @@ alternating:
 - **actor** (``resources.host: actor``): the actor runs the whole labeler and the encoding, as the
   engine did before the split.
 
-Same resources otherwise: one actor at 0.25 CPU, batch 8. Prints one table: seconds, images/s, and the
+Same resources otherwise: one actor at 0.25 CPU, batch 8, host tasks at 0.75 CPU (so two fit next to
+the actor and a decode task on 2 cores). Prints one table: seconds, images/s, and the
 steady-state rate (after the first labels file is committed).
 
     python bench/bench_host_split.py --images 300 --size 384 --pairs 3
@@ -37,7 +38,7 @@ def one_run(images_uri: str, out_uri: str, host: str) -> dict:
     job = {"input": {"uri": images_uri}, "output": {"uri": out_uri},
            "labelers": [{"name": "proxy_labelers:FixedMaps"}],
            "resources": {"actors": 1, "cpus_per_actor": 0.25, "batch_size": 8, "decode_batch_size": 8,
-                         "host": host}}
+                         "host_cpus": 0.75, "host": host}}
     fs, path = filesystem(out_uri + "/labels")
     watch: dict = {}
     t0 = time.time()

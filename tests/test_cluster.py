@@ -14,9 +14,11 @@ from pseudolabel.jobs.labels_io import read_labels
 
 def _write_job(tmp_path, images: str, out: str, **resources) -> str:
     job = {"input": {"uri": images}, "output": {"uri": out},
+           # a host-only labeler (CPU tasks) and one with a device half (actors) before its host half
            "labelers": [{"name": "classical_grabcut", "ontology": [{"category": "shape"}],
-                         "params": {"iterations": 6}}],
-           "resources": {"actors": 2, "cpus_per_actor": 1, "batch_size": 2, "decode_batch_size": 2, **resources}}
+                         "params": {"iterations": 6}},
+                        {"name": "fault_labelers:SplitFlaky", "params": {"forward_fail_width": 1, "host_fail_width": 1}}],
+           "resources": {"actors": 2, "cpus_per_actor": 0.5, "batch_size": 2, "decode_batch_size": 2, **resources}}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return str(path)
@@ -31,8 +33,12 @@ def _start_cluster():
     return cluster, worker
 
 
-def test_job_on_a_two_node_cluster_survives_losing_a_worker_node(tmp_path):
+def test_job_on_a_two_node_cluster_survives_losing_a_worker_node(tmp_path, monkeypatch):
     from pseudolabel.jobs.demo_data import generate
+
+    # nodes and the driver import the test-only labeler from tests/
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
 
     images = str(tmp_path / "demo")
     generate(images, images=24, shards=3, seed=5, size=128, progress=False)
@@ -59,6 +65,8 @@ def test_job_on_a_two_node_cluster_survives_losing_a_worker_node(tmp_path):
         table = read_labels(out)
         ids = table.column("image_id").to_pylist()
         assert len(ids) == len(set(ids)) == 24 == summary["labelled"] == summary["ok"]
+        # the device-half labeler's label is in every row (its actors ran on the nodes too)
+        assert all("fault_labelers:SplitFlaky" in {a["labeler"] for a in r["annotations"]} for r in table.to_pylist())
         assert removed_mid_run, "the job finished before the node could be removed"
     finally:
         cluster.shutdown()

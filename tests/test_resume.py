@@ -62,7 +62,7 @@ def test_killed_driver_resumes_exactly_once(tmp_path):
     assert len(ids) == len(set(ids)) == 42
     errors = sorted(r["file_name"] for r in table.to_pylist() if r["status"] == "error")
     assert errors == ["00000/zero.png", "00003/junk.jpg"]
-    assert all({a["labeler"] for a in r["annotations"]} == {"classical_grabcut", "fault_labelers:SplitFlaky"}
+    assert all("fault_labelers:SplitFlaky" in {a["labeler"] for a in r["annotations"]}
                for r in table.to_pylist() if r["status"] == "ok")
     summary = json.loads(done.stdout)
     assert summary["resumed"] and summary["labelled"] == summary["distinct"] == 42
