@@ -10,11 +10,11 @@ alternating:
 - **actor** (``resources.host: actor``): the actor runs the whole labeler and the encoding, as the
   engine did before the split.
 
-Same resources otherwise: one actor at 0.25 CPU, batch 8, host tasks at 0.75 CPU (so two fit next to
-the actor and a decode task on 2 cores). Prints one table: seconds, images/s, and the
+Same resources otherwise: one actor at 0.25 CPU, batch 8, host tasks at ``--host-cpus`` (0.5: three fit
+next to the actor and a decode task on 2 cores). Prints one table: seconds, images/s, and the
 steady-state rate (after the first labels file is committed).
 
-    python bench/bench_host_split.py --images 300 --size 384 --pairs 3
+    python bench/bench_host_split.py --images 300 --size 512 --pairs 3
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def one_run(images_uri: str, out_uri: str, host: str) -> dict:
+def one_run(images_uri: str, out_uri: str, host: str, host_cpus: str) -> dict:
     import pseudolabel
     from bench_engine import first_file_watcher
     from pseudolabel.storage import filesystem
@@ -38,7 +38,7 @@ def one_run(images_uri: str, out_uri: str, host: str) -> dict:
     job = {"input": {"uri": images_uri}, "output": {"uri": out_uri},
            "labelers": [{"name": "proxy_labelers:FixedMaps"}],
            "resources": {"actors": 1, "cpus_per_actor": 0.25, "batch_size": 8, "decode_batch_size": 8,
-                         "host_cpus": 0.75, "host": host}}
+                         "host_cpus": float(host_cpus), "host": host}}
     fs, path = filesystem(out_uri + "/labels")
     watch: dict = {}
     t0 = time.time()
@@ -56,9 +56,10 @@ def one_run(images_uri: str, out_uri: str, host: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--size", type=int, default=384)
+    parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--one", nargs=3, metavar=("IMAGES_URI", "OUT_URI", "HOST"), help=argparse.SUPPRESS)
+    parser.add_argument("--host-cpus", type=float, default=0.5, help="resources.host_cpus of both plans")
+    parser.add_argument("--one", nargs=4, metavar=("IMAGES_URI", "OUT_URI", "HOST", "HOST_CPUS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one_run(*args.one)))
@@ -74,7 +75,7 @@ def main() -> None:
         for k in range(args.pairs):
             for host in ("tasks", "actor") if k % 2 == 0 else ("actor", "tasks"):
                 out = subprocess.run([sys.executable, __file__, "--one", f"{tmp}/demo/images", f"{tmp}/out-{host}-{k}",
-                                      host], env=env, capture_output=True, text=True, timeout=1800)
+                                      host, str(args.host_cpus)], env=env, capture_output=True, text=True, timeout=1800)
                 if out.returncode:
                     sys.exit(out.stderr[-3000:])
                 r = json.loads(out.stdout.strip().splitlines()[-1])

@@ -13,7 +13,7 @@ from pseudolabel.models.tokens import boundary_to_tokens
 
 
 class FixedMapsParams(LabelerParams):
-    cells: int = 300
+    cells: int = 1000
     threshold: float = 0.2
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -17,12 +18,14 @@ from PIL import Image
 from pseudolabel.engine.payload import pack_payload, unpack_payload
 from pseudolabel.models.evf_sam import labeler as evf_labeler
 from pseudolabel.models.evf_sam.labeler import _torch_dtype, pack_bits
-from pseudolabel.models.evf_sam.model import (EvfSam, EvfSamConfig, WeightsMismatchError, best_candidate, load_evf_sam,
-                                              load_tokenizer, save_evf_sam)
+from pseudolabel.models.evf_sam.model import (EvfSam, EvfSamConfig, MultitaskUndecidedError, WeightsMismatchError,
+                                              best_candidate, checkpoint_multitask, load_evf_sam, load_tokenizer,
+                                              save_evf_sam, tokenizer_added_tokens)
 from pseudolabel.models.evf_sam.postprocess import mask_iou_matrix, select_instances
 from pseudolabel.models.evf_sam.preprocess import (SAM_PIXEL_MEAN, SAM_PIXEL_STD, SEMANTIC_PREFIX, beit3_pixels,
                                                    masks_to_original, prompt_text, sam_pixels)
 from pseudolabel.models.evf_sam.random_checkpoint import random_config, write_random_checkpoint
+from pseudolabel.models.evf_sam.sam import sam_config
 from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import LabelerSpec
 
@@ -347,6 +350,168 @@ def test_sam2_video_only_tensors_are_ignored():
     EvfSam(random_config("sam2")).load_original_state_dict(state)
 
 
+# ---------------------------------------------------------------------------------------------- SAM-H decoder
+#
+# The reference's SAM-H mask decoder (segment_anything's MaskDecoder + TwoWayTransformer, as EVF-SAM
+# builds it: depth 2, 8 heads, MLP 2048, attention downsample 2, iou_head_depth 3), written out here from
+# its definition and run on the checkpoint's tensors under their original names:
+#   Attention(q, k, v): q/k/v projections to dim // downsample (self-attention: downsample 1), heads,
+#     softmax(q kᵀ / sqrt(head dim)) v, out_proj.
+#   TwoWayAttentionBlock (layer 0 skips the query PE in self-attention and has no residual there):
+#     q = norm1(q + self_attn(q + qpe, q + qpe, q)); q = norm2(q + t2i(q + qpe, k + kpe, k));
+#     q = norm3(q + lin2(relu(lin1(q)))); k = norm4(k + i2t(k + kpe, q + qpe, q));
+#     norm1..norm4 are nn.LayerNorm(256): eps 1e-5.
+#   then q = norm_final_attn(q + final_attn(q + qpe, k + kpe, k)) (nn.LayerNorm, eps 1e-5);
+#   upscaling: ConvTranspose2d, LayerNorm2d (eps 1e-6), GELU, ConvTranspose2d, GELU;
+#   mask m = MLP_m(mask token m) · upscaled; IoU = MLP(iou token); MLPs: Linear, ReLU between layers.
+#   Image PE: grid centres (i + 0.5) / E -> 2c - 1 -> @ G -> 2π -> [sin, cos].
+
+_REF_LN_EPS, _REF_LN2D_EPS = 1e-5, 1e-6
+
+
+def _ref_layer_norm(x, state, name, eps=_REF_LN_EPS):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * state[f"{name}.weight"] + state[f"{name}.bias"]
+
+
+def _ref_linear(x, state, name):
+    return x @ state[f"{name}.weight"].T + state[f"{name}.bias"]
+
+
+def _ref_attention(q, k, v, state, name, heads):
+    q, k, v = (_ref_linear(t, state, f"{name}.{p}_proj") for t, p in ((q, "q"), (k, "k"), (v, "v")))
+    b, n, c = q.shape
+
+    def split(t):
+        return t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2)
+
+    attn = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(c // heads), dim=-1)
+    out = (attn @ split(v)).transpose(1, 2).reshape(b, n, c)
+    return _ref_linear(out, state, f"{name}.out_proj")
+
+
+def _ref_mlp(x, state, name, depth):
+    for i in range(depth):
+        x = _ref_linear(x, state, f"{name}.layers.{i}")
+        x = torch.relu(x) if i < depth - 1 else x
+    return x
+
+
+def _ref_sam_h_decoder(state, image_embedding, sparse, heads, depth=2):
+    """(1, C, E, E) image embedding, (N, 1, C) prompt tokens -> token-0 logits (N, 4E, 4E), IoU (N,)."""
+    s = {k[len("visual_model."):]: v.double() for k, v in state.items() if k.startswith("visual_model.")}
+    md, t = "mask_decoder", "mask_decoder.transformer"
+    n, (_, c, e, _) = sparse.shape[0], image_embedding.shape
+    # dense PE from the random-Fourier matrix
+    centres = (torch.arange(e, dtype=torch.float64) + 0.5) / e
+    yy, xx = torch.meshgrid(centres, centres, indexing="ij")
+    coords = (torch.stack([xx, yy], -1) * 2 - 1) @ s["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"]
+    pe = torch.cat([torch.sin(2 * math.pi * coords), torch.cos(2 * math.pi * coords)], -1)     # (E, E, C)
+    # tokens and image
+    tokens = torch.cat([s[f"{md}.iou_token.weight"], s[f"{md}.mask_tokens.weight"]])[None].expand(n, -1, -1)
+    qpe = torch.cat([tokens, sparse.double()], dim=1)
+    src = image_embedding.double() + s["prompt_encoder.no_mask_embed.weight"].reshape(1, c, 1, 1)
+    keys = src.flatten(2).transpose(1, 2).expand(n, -1, -1)
+    kpe = pe.reshape(1, e * e, c)
+    q = qpe
+    for i in range(depth):
+        p = f"{t}.layers.{i}"
+        if i == 0:
+            q = _ref_attention(q, q, q, s, f"{p}.self_attn", heads)
+        else:
+            q = q + _ref_attention(q + qpe, q + qpe, q, s, f"{p}.self_attn", heads)
+        q = _ref_layer_norm(q, s, f"{p}.norm1")
+        q = _ref_layer_norm(q + _ref_attention(q + qpe, keys + kpe, keys, s, f"{p}.cross_attn_token_to_image", heads),
+                            s, f"{p}.norm2")
+        hidden = _ref_linear(torch.relu(_ref_linear(q, s, f"{p}.mlp.lin1")), s, f"{p}.mlp.lin2")
+        q = _ref_layer_norm(q + hidden, s, f"{p}.norm3")
+        keys = _ref_layer_norm(keys + _ref_attention(keys + kpe, q + qpe, q, s, f"{p}.cross_attn_image_to_token",
+                                                     heads), s, f"{p}.norm4")
+    q = _ref_layer_norm(q + _ref_attention(q + qpe, keys + kpe, keys, s, f"{t}.final_attn_token_to_image", heads),
+                        s, f"{t}.norm_final_attn")
+    # upscaling
+    up = keys.transpose(1, 2).reshape(n, c, e, e)
+    up = F.conv_transpose2d(up, s[f"{md}.output_upscaling.0.weight"], s[f"{md}.output_upscaling.0.bias"], stride=2)
+    mean = up.mean(1, keepdim=True)
+    var = ((up - mean) ** 2).mean(1, keepdim=True)
+    up = (up - mean) / torch.sqrt(var + _REF_LN2D_EPS)
+    up = up * s[f"{md}.output_upscaling.1.weight"][:, None, None] + s[f"{md}.output_upscaling.1.bias"][:, None, None]
+    up = F.gelu(up)
+    up = F.gelu(F.conv_transpose2d(up, s[f"{md}.output_upscaling.3.weight"], s[f"{md}.output_upscaling.3.bias"],
+                                   stride=2))
+    hyper = _ref_mlp(q[:, 1], s, f"{md}.output_hypernetworks_mlps.0", 3)                      # token 0 only
+    masks = torch.einsum("nc,nchw->nhw", hyper, up)
+    iou = _ref_mlp(q[:, 0], s, f"{md}.iou_prediction_head", 3)[:, 0]
+    return masks, iou
+
+
+def test_sam_h_two_way_layer_norms_have_the_reference_eps():
+    """norm1..norm4 of every two-way block are nn.LayerNorm (eps 1e-5) in the reference, not transformers'
+    SamMaskDecoderConfig default 1e-6: checked on a low-variance input, where the two differ by ~2x."""
+    cfg = random_config("sam")
+    model = EvfSam(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, cfg.sam.mask_decoder_config.hidden_size, generator=g) * 3e-3    # variance ~1e-5
+    decoder = model.sam.mask_decoder
+    checked = 0
+    for i, layer in enumerate(decoder.transformer.layers):
+        for j in range(1, 5):
+            norm = getattr(layer, f"layer_norm{j}")
+            with torch.no_grad():
+                norm.weight.copy_(torch.rand(norm.weight.shape, generator=g) + 0.5)
+                norm.bias.copy_(torch.randn(norm.bias.shape, generator=g))
+            state = {"n.weight": norm.weight.detach(), "n.bias": norm.bias.detach()}
+            with torch.no_grad():
+                assert torch.allclose(norm(x), _ref_layer_norm(x, state, "n"), atol=1e-5), (i, j)
+                assert not torch.allclose(norm(x), _ref_layer_norm(x, state, "n", eps=1e-6), atol=1e-2)
+            checked += 1
+    assert checked == 4 * cfg.sam.mask_decoder_config.num_hidden_layers
+    final = decoder.transformer.layer_norm_final_attn
+    state = {"n.weight": final.weight.detach(), "n.bias": final.bias.detach()}
+    with torch.no_grad():
+        assert torch.allclose(final(x), _ref_layer_norm(x, state, "n"), atol=1e-5)
+    # the upscaling LayerNorm2d keeps 1e-6
+    up = decoder.upscale_layer_norm
+    y = torch.randn(2, up.weight.shape[0], 3, 3, generator=g) * 1e-3
+    mean, var = y.mean(1, keepdim=True), y.var(1, unbiased=False, keepdim=True)
+    w, b = up.weight.detach()[:, None, None], up.bias.detach()[:, None, None]
+    with torch.no_grad():
+        assert torch.allclose(up(y), (y - mean) / torch.sqrt(var + 1e-6) * w + b, atol=1e-5)
+    # the same for the published SAM-H preset and for a stored config written with transformers' default
+    assert sam_config("sam", scale="huge").mask_decoder_config.layer_norm_eps == 1e-5
+    stale = cfg.sam.to_dict()
+    stale["mask_decoder_config"]["layer_norm_eps"] = 1e-6
+    assert sam_config("sam", stale).mask_decoder_config.layer_norm_eps == 1e-5
+
+
+def test_sam_h_mask_decoder_matches_the_reference_definition():
+    """Our SAM-H decoder (transformers SamMaskDecoder + the key map) == the reference's decoder written out
+    above, on the checkpoint's own tensors; inputs scaled so that the LayerNorm eps matters."""
+    torch.manual_seed(0)
+    cfg = random_config("sam")
+    model = EvfSam(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():       # spread the random weights like a trained decoder (not all-zero logits)
+        for name, p in model.sam.mask_decoder.named_parameters():
+            if p.dim() >= 2:
+                p.mul_(3.0)
+    c, e = cfg.sam.mask_decoder_config.hidden_size, cfg.sam.prompt_encoder_config.image_embedding_size
+    emb = torch.randn(1, c, e, e, generator=g) * 1e-3
+    with torch.no_grad():
+        model.sam.prompt_encoder.no_mask_embed.weight.mul_(1e-3)
+    prompts = torch.randn(1, 4, c, generator=g) * 1e-2
+    masks, iou = model.decoder_outputs(emb, prompts, multimask=False)
+    assert masks.shape == (1, 4, 1, 4 * e, 4 * e) and iou.shape == (1, 4, 1)
+    ref_masks, ref_iou = _ref_sam_h_decoder(model.original_state_dict(), emb, prompts[0][:, None],
+                                            heads=cfg.sam.mask_decoder_config.num_attention_heads)
+    spread = float(ref_masks.max() - ref_masks.min())
+    assert spread > 1.0
+    err = float((masks[0, :, 0].double() - ref_masks).abs().max()) / spread
+    assert err < 1e-5, err
+    assert torch.allclose(iou[0, :, 0].double(), ref_iou, atol=1e-5 * float(ref_iou.abs().max() + 1))
+
+
 # ---------------------------------------------------------------------------------------------- BEiT-3
 
 
@@ -636,7 +801,7 @@ def test_labeler_masks_match_direct_model_call(ckpt, variant, multitask):
     lab = _labeler(ckpt[variant], multitask=multitask)
     img = _image(90, 120, 3)
     got = {(i.category, i.prompt): i.mask for i in lab([img])[0].instances}
-    model, tok = lab.model, load_tokenizer(ckpt[variant])
+    model, tok = lab.model, load_tokenizer(ckpt[variant], multitask=multitask)
     pixels, resized = sam_pixels(img, 64, variant, multitask)
     emb = model.encode_images(pixels[None])
     for (cat, prompt), mask in got.items():
@@ -703,17 +868,110 @@ def test_sam2_single_mask_output_for_original_checkpoints():
     assert torch.equal(masks, token0) and not torch.equal(masks[:, :, 0], best_of_three)
 
 
+def _semantic_id(path) -> int:
+    return json.loads((Path(path) / "added_tokens.json").read_text())["[semantic]"]
+
+
 def test_multitask_prefix_from_config(tmp_path):
     write_random_checkpoint(tmp_path, "sam", multitask=True)
     lab = _labeler(str(tmp_path))
     assert lab.multitask
     tok = load_tokenizer(tmp_path)
+    # the multitask tokenizer's added token: "[semantic]" is one id, the one added_tokens.json gives
+    assert tok.convert_tokens_to_ids("[semantic]") == _semantic_id(tmp_path)
     sky = [i for i, (e, p) in enumerate(lab.pairs) if e.category == "sky"][0]
     ids = lab.input_ids[sky][lab.attention_mask[sky] == 1].tolist()
-    assert ids == tok("[semantic] sky")["input_ids"]
+    assert ids == tok("[semantic] sky")["input_ids"] and ids[1] == _semantic_id(tmp_path)
     square = [i for i, (e, p) in enumerate(lab.pairs) if p == "square"][0]
     assert lab.input_ids[square][lab.attention_mask[square] == 1].tolist() == tok("square")["input_ids"]
     assert not _labeler(str(tmp_path), multitask=False).multitask
+
+
+def _drop_config_field(path, field="multitask"):
+    f = Path(path) / "config.json"
+    cfg = json.loads(f.read_text())
+    cfg.pop(field, None)
+    f.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("variant", ["sam", "sam2"])
+def test_multitask_is_read_from_the_checkpoint_not_its_name(tmp_path, variant):
+    """config.json without a 'multitask' field (as published): the tokenizer decides; the directory name,
+    which the reference's scripts would go by, does not."""
+    renamed_multitask = tmp_path / "evf-copy"
+    write_random_checkpoint(renamed_multitask, variant, multitask=True)
+    _drop_config_field(renamed_multitask)
+    named_multitask = tmp_path / "evf-sam-multitask-but-not"
+    write_random_checkpoint(named_multitask, variant)
+    assert "multitask" not in json.loads((named_multitask / "config.json").read_text())
+    assert checkpoint_multitask(renamed_multitask) and not checkpoint_multitask(named_multitask)
+    lab = _labeler(str(renamed_multitask))
+    assert lab.multitask
+    sky = [i for i, (e, p) in enumerate(lab.pairs) if e.category == "sky"][0]
+    assert lab.input_ids[sky][1] == _semantic_id(renamed_multitask)
+    plain = _labeler(str(named_multitask))
+    assert not plain.multitask
+    sky_ids = plain.input_ids[sky][plain.attention_mask[sky] == 1].tolist()
+    assert sky_ids == load_tokenizer(named_multitask)("sky")["input_ids"]                  # no prefix
+
+
+def test_multitask_from_each_tokenizer_file_layout(tmp_path):
+    """added_tokens.json keys, tokenizer_config.json added_tokens_decoder, tokenizer.json added_tokens."""
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "XLMRobertaTokenizer"}))
+    assert tokenizer_added_tokens(tmp_path) == (set(), ["tokenizer_config.json"])
+    assert checkpoint_multitask(tmp_path) is False
+    decoder = {"0": {"content": "<s>", "special": True}, "64002": {"content": "[semantic]", "special": False}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder}))
+    assert checkpoint_multitask(tmp_path) is True
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"added_tokens": [{"id": 64002, "content": "[semantic]"}]}))
+    assert checkpoint_multitask(tmp_path) is True
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"[semantic]": 64002}))
+    assert checkpoint_multitask(tmp_path) is True
+    (tmp_path / "config.json").write_text(json.dumps({"multitask": True}))
+    assert checkpoint_multitask(tmp_path) is True
+
+
+def test_undecidable_multitask_is_refused_unless_set(tmp_path):
+    write_random_checkpoint(tmp_path, "sam2")
+    _drop_config_field(tmp_path)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / name).unlink()
+    # neither a config field nor a tokenizer file that lists added tokens: refuse, naming both
+    with pytest.raises(MultitaskUndecidedError) as err:
+        _labeler(str(tmp_path))
+    msg = str(err.value)
+    assert str(tmp_path) in msg and '"multitask"' in msg and "config.json" in msg
+    assert "added_tokens.json" in msg and "tokenizer_config.json" in msg and "params.multitask" in msg
+    # the explicit override settles it either way
+    assert not _labeler(str(tmp_path), multitask=False).multitask
+    forced = _labeler(str(tmp_path), multitask=True)
+    assert forced.multitask
+    # forced multitask on a tokenizer without the token: "[semantic]" becomes one token after the vocabulary
+    base = load_tokenizer(tmp_path)
+    sky = [i for i, (e, p) in enumerate(forced.pairs) if e.category == "sky"][0]
+    assert forced.input_ids[sky][1] == len(base)
+    assert len(base("[semantic]")["input_ids"]) > 3                            # pieces without it
+
+
+def test_contradicting_multitask_evidence_is_refused_unless_set(tmp_path):
+    write_random_checkpoint(tmp_path, "sam", multitask=True)
+    (tmp_path / "added_tokens.json").unlink()                  # config.json says multitask, the tokenizer not
+    with pytest.raises(MultitaskUndecidedError, match=r'config\.json says "multitask": true.*does not register'):
+        _labeler(str(tmp_path))
+    assert _labeler(str(tmp_path), multitask=True).multitask
+    write_random_checkpoint(tmp_path / "b", "sam", multitask=True)
+    _drop_config_field(tmp_path / "b")
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    (tmp_path / "b" / "config.json").write_text(json.dumps(dict(cfg, multitask=False)))
+    with pytest.raises(MultitaskUndecidedError, match=r'"multitask": false.*registers'):
+        checkpoint_multitask(tmp_path / "b")
+    assert not _labeler(str(tmp_path / "b"), multitask=False).multitask
+    (tmp_path / "b" / "config.json").write_text(json.dumps(dict(cfg, multitask="yes")))
+    with pytest.raises(MultitaskUndecidedError, match="must be true or false"):
+        checkpoint_multitask(tmp_path / "b")
 
 
 def test_bin_checkpoint_loads_like_safetensors(ckpt, tmp_path):
@@ -740,7 +998,7 @@ def test_sharded_safetensors_index_loads_like_one_file(ckpt, tmp_path):
     index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
              "weight_map": {k: name for name, names in shards.items() for k in names}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    for name in ("config.json", "sentencepiece.bpe.model"):
+    for name in ("config.json", "sentencepiece.bpe.model", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(src / name, tmp_path / name)
     assert not (tmp_path / "model.safetensors").exists()
     one, sharded = load_evf_sam(src), load_evf_sam(tmp_path)
@@ -814,3 +1072,21 @@ def test_local_and_s3_weights_give_identical_output(ckpt, s3_bucket, tmp_path, m
     for a, b in zip(local, remote):
         assert (a.category_id, a.prompt, a.score) == (b.category_id, b.prompt, b.score)
         assert np.array_equal(a.mask, b.mask)
+
+
+def test_s3_copies_are_decided_by_their_files(s3_bucket, tmp_path, monkeypatch):
+    """An S3 copy under any name takes the path its files say (the old name-based guess would take the
+    other one for both of these)."""
+    import fsspec
+
+    monkeypatch.setenv("PSEUDOLABEL_CACHE", str(tmp_path / "cache"))
+    bucket, storage = s3_bucket
+    fs = fsspec.filesystem("s3", key=storage.key, secret=storage.secret,
+                           client_kwargs={"endpoint_url": storage.endpoint_url, "region_name": storage.region})
+    write_random_checkpoint(tmp_path / "mt", "sam2", multitask=True)
+    _drop_config_field(tmp_path / "mt")
+    write_random_checkpoint(tmp_path / "plain", "sam2")
+    fs.put(str(tmp_path / "mt") + "/", f"{bucket[5:]}/evf-sam2-copy/", recursive=True)
+    fs.put(str(tmp_path / "plain") + "/", f"{bucket[5:]}/evf-sam2-multitask/", recursive=True)
+    assert _labeler(f"{bucket}/evf-sam2-copy", storage=storage).multitask
+    assert not _labeler(f"{bucket}/evf-sam2-multitask", storage=storage).multitask

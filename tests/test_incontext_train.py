@@ -13,7 +13,7 @@ from pseudolabel.models.incontext.component import decode_query
 from pseudolabel.models.incontext.sefm import SeFM
 from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import LabelerSpec, SpecError
-from test_incontext_sefm import TINY, _demo_pair, _watermarked_queries
+from test_incontext_sefm import REF_TINY, TINY, _demo_pair, _watermarked_queries
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -111,3 +111,85 @@ def test_train_vertical_layout_two_steps(tmp_path):
     with pytest.raises(SpecError, match="in_channels"):
         train_incontext({**QUICK, "output": str(tmp_path / "bad"), "model": {**TINY, "layout": "vertical",
                                                                              "in_channels": 3}})
+
+
+# ------------------------------------------------------------------------------------------------
+# SeFM's training: defaults, multi-semantic data, the published architecture with L1 + adversarial BCE
+# ------------------------------------------------------------------------------------------------
+
+def test_defaults_are_sefms_training():
+    from pseudolabel.jobs.train_incontext import TrainSpec, lr_schedule
+
+    spec = TrainSpec(output="unused", steps=100)
+    assert (spec.model.arch, spec.model.width, spec.model.cell, spec.model.layout) == ("sefm", 32, 256, "grid")
+    assert (spec.batch_size, spec.lr, spec.min_lr, spec.warmup_steps, spec.adversarial_weight,
+            spec.component_weight, spec.grad_clip, spec.scene_components) == (8, 2e-4, 1e-6, 0, 0.3, 0.0, None, 2)
+    lr_at = lr_schedule(spec)
+    assert lr_at(0) == pytest.approx(2e-4) and lr_at(50) == pytest.approx(1e-6 + (2e-4 - 1e-6) / 2)
+    assert lr_at(99) == pytest.approx(1e-6, abs=1e-7) and all(lr_at(i) >= lr_at(i + 1) for i in range(99))
+
+
+def test_scenes_keep_the_component_the_demonstration_does_not_remove():
+    from pseudolabel.jobs.incontext_data import KINDS, LayeredScene, synthesize_example, type_index
+
+    rng = np.random.default_rng(0)
+    for kinds in [("shadow", "watermark"), ("watermark", "star"), ("logo", "circle", "shadow")]:
+        for removed in kinds:
+            kept = [k for k in kinds if k != removed]
+            ex = synthesize_example(rng, kinds, removed, 48)
+            a, b = ex.scenes
+            # the demonstration removes one kind; the target removes the same kind from the query scene
+            np.testing.assert_array_equal(ex.demo_in, a.compose(kinds))
+            np.testing.assert_array_equal(ex.demo_out, a.compose(kept))
+            np.testing.assert_array_equal(ex.query, b.compose(kinds))
+            np.testing.assert_array_equal(ex.target, b.compose(kept))
+            # ... and keeps the others: each kept kind is visible in the target and the demo output
+            for k in kept:
+                without = [j for j in kept if j != k]
+                assert (ex.target != b.compose(without)).any(), (kinds, removed, k)
+                assert (ex.demo_out != a.compose(without)).any(), (kinds, removed, k)
+            # the mask is exactly where the query and the target differ; nothing else changes
+            assert ex.mask.any() and (ex.demo_in != ex.demo_out).any()
+            np.testing.assert_array_equal(ex.query[~ex.mask], ex.target[~ex.mask])
+            assert ex.types.shape == (20,) and ex.types.sum() == 1 and ex.types[type_index(removed)] == 1
+    # the same query scene, two demonstrations: the demonstration decides what goes
+    scene = LayeredScene(np.random.default_rng(1), 48, ("shadow", "watermark"))
+    assert not np.array_equal(scene.compose(["watermark"]), scene.compose(["shadow"]))
+    assert len(KINDS) == 8 and KINDS[:3] == ("shadow", "watermark", "logo")
+
+
+def test_make_batch_draws_two_kinds_per_scene():
+    from pseudolabel.jobs.incontext_data import draw_kinds, make_batch
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        kinds, removed = draw_kinds(rng, ["shadow", "watermark"], 2)
+        assert len(set(kinds)) == 2 and removed in ("shadow", "watermark") and removed in kinds
+    assert draw_kinds(rng, ["shadow"], 1) == (("shadow",), "shadow")
+    x, y, m, types = make_batch(rng, ["watermark", "star"], 3, 32, "grid", 32)
+    assert x.shape == (3, 3, 64, 64) and y.shape == (3, 3, 32, 32) and m.shape == (3, 1, 32, 32)
+    assert types.shape == (3, 20) and (types.sum(dim=1) == 1).all()
+    # the answer cell of the input canvas is the query; the target differs from it on the component
+    assert ((x[:, :, 32:, 32:] - y).abs().amax(dim=(1, 2, 3)) > 0.05).all()
+
+
+def test_sefm_training_steps_lower_the_loss(tmp_path):
+    """The published architecture (tiny width), L1 + 0.3 · BCE of the discriminator, multi-semantic data."""
+    from pseudolabel.jobs.train_incontext import train_incontext
+    from pseudolabel.models.incontext.sefm import SeFMNet
+
+    out = str(tmp_path / "ref")
+    steps = 16
+    summary = train_incontext({**QUICK, "output": out, "model": REF_TINY, "examples": 2, "batch_size": 2,
+                               "pool_size": 2, "steps": steps, "lr": 2e-3, "components": ["watermark", "shadow"],
+                               "log_every": 4})
+    assert summary["arch"] == "sefm" and summary["steps"] == steps
+    l1, adv, disc, total = (summary[k] for k in ("l1_losses", "adv_losses", "disc_losses", "losses"))
+    assert len(l1) == len(adv) == len(disc) == len(total) == steps
+    np.testing.assert_allclose(total, np.array(l1) + 0.3 * np.array(adv), rtol=1e-5)
+    assert np.mean(l1[-4:]) < 0.7 * l1[0], l1
+    assert np.mean(total[-4:]) < 0.8 * total[0], total
+    assert all(math.isfinite(v) and v > 0 for v in disc)
+    net = SeFM.from_pretrained(out)
+    assert isinstance(net, SeFMNet) and net.config.width == REF_TINY["width"]
+    _label_with(out, tmp_path)

@@ -3,13 +3,36 @@
 A SegformerForSemanticSegmentation with one output channel predicts, for every pixel, the probability
 that it lies on a subobject boundary. The pyramid (``directsam_pyramid``) turns a batch of images into
 boundary maps; the shared post-processing (``tokens.boundary_to_tokens``) turns each map into tokens.
-Optionally each token gets an embedding (see ``DirectSAM.embed``): the features of a transformers
-backbone (e.g. DINOv2 ``AutoBackbone``) averaged over the token's mask, followed by the token's box
-normalised by the image size, ``[x0 / W, y0 / H, x1 / W, y1 / H]``.
 
-The checkpoint's ``preprocessor_config.json`` (input size, mean, std) is read wherever the weights come
-from: a local directory, an s3:// prefix (copied with the weights) or a hub id (downloaded at the spec's
-``revision`` with ``huggingface_hub.hf_hub_download``).
+Reference: ``DirectSAM/utils.py`` of ChenDelong1999/subobjects at commit
+d3b1f701169e6cc71b1dbc78c96317587b45ec2a (the file last changed in 0eb4cb06a7bf4c648e09e4823edbcea59cc92916).
+What follows it:
+
+- preprocessing: the checkpoint's image processor, as its ``preprocessor_config.json`` says (size, or
+  ``resolution`` in its place; ``resample`` filter through PIL; ``do_rescale``/``rescale_factor``;
+  ``do_normalize``/``image_mean``/``image_std``), value for value (``directsam_pyramid.Preprocessing``);
+- ``inference_single_image``: logits upsampled bilinearly to each view's size, sigmoid, the crop pyramid
+  with its border bands, the sum divided by ``layers + 1`` (``directsam_pyramid.pyramid_probs``);
+- ``probs_to_masks``: tokens are the 8-connected components of ``prob < threshold``, largest first
+  (``mode: simple``, the default); ``visualize_direct_sam_result`` keeps the 256 largest (``max_tokens``).
+
+Where it departs:
+
+- ``mode: partition`` is not in the reference: the boundary pixels that ``simple`` leaves unassigned are
+  given to the neighbouring tokens by a watershed on the map, so the tokens tile the image (every pixel
+  in exactly one token: panoptic export, per-pixel features, ASA without holes);
+- the device half hands the host half the boundary map quantised to uint16 (``boundary_quantise``),
+  so tokens are made from exactly what the ``boundary`` layer stores (1/65535 steps);
+- optional token embeddings (``DirectSAM.embed``), not in the reference: the features of a transformers
+  backbone (e.g. DINOv2 ``AutoBackbone``) averaged over the token's mask, followed by the token's box
+  normalised by the image size, ``[x0 / W, y0 / H, x1 / W, y1 / H]``;
+- views of a batch go through the network together; ``min_area`` and a per-token ``boundary_score``;
+- ``fast_resize`` (off by default) swaps the PIL resize for torch's kernel on the device, which is not
+  equal to PIL.
+
+The checkpoint's ``preprocessor_config.json`` is read wherever the weights come from: a local
+directory, an s3:// prefix (copied with the weights) or a hub id (downloaded at the spec's ``revision``
+with ``huggingface_hub.hf_hub_download``).
 """
 from __future__ import annotations
 
@@ -23,7 +46,7 @@ from pydantic import Field
 
 from pseudolabel.models.base import Labeler, LabelerParams, LabelOutput
 from pseudolabel.models.device import compiled, to_host
-from pseudolabel.models.directsam_pyramid import IMAGENET_MEAN, IMAGENET_STD, preprocess, pyramid_probs
+from pseudolabel.models.directsam_pyramid import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, preprocess, pyramid_probs
 from pseudolabel.models.tokens import boundary_to_tokens
 from pseudolabel.models.weights import checkpoint_file, resolve_weights
 
@@ -37,17 +60,27 @@ log = logging.getLogger(__name__)
 class DirectSAMParams(LabelerParams):
     resolution: int | None = Field(
         None, ge=32, description="square input side in px every view is resized to; None = the checkpoint's "
-                                 f"preprocessor size (1800 for DirectSAM-1800px-0424), else {DEFAULT_RESOLUTION}")
+                                 "preprocessor size (1800 for DirectSAM-1800px-0424), else "
+                                 f"{DEFAULT_RESOLUTION}. The resize uses the checkpoint's resample filter")
     pyramid_layers: int = Field(0, ge=0, le=4, description="crop pyramid layers (layer L adds 2^L x 2^L crops)")
     overlap: int = Field(90, ge=0, description="overlap in px between pyramid crops (border bands: 2/3 and 1/3 of it)")
     threshold: float = Field(0.25, ge=0.0, le=1.0, description="boundary threshold (README: 0.25 quick; 0.03 with "
                                                                "resolution 3600 and 1-2 pyramid layers)")
     mode: Literal["simple", "partition"] = Field(
-        "partition", description="simple: 8-connected regions below the threshold, boundaries unassigned "
-                                 "(the README's probs_to_masks); partition: watershed so tokens tile the image")
-    max_tokens: int | None = Field(256, ge=1, description="keep at most this many tokens, largest first")
+        "simple", description="simple (the reference's probs_to_masks): tokens are the 8-connected regions below "
+                              "the threshold, boundary pixels stay unassigned; partition (our addition, not in "
+                              "the reference): a watershed on the map gives every boundary pixel to a neighbouring "
+                              "token so the tokens tile the image, for a panoptic export or per-pixel features")
+    max_tokens: int | None = Field(256, ge=1, description="keep at most this many tokens, largest first (the "
+                                                          "reference's visualisation keeps 256)")
     min_area: int = Field(0, ge=0, description="drop seed regions smaller than this many px")
     batch_size: int = Field(8, ge=1, description="views (whole images and crops) per forward pass")
+    fast_resize: bool = Field(
+        False, description="resize views with torch's antialiased kernel on the device instead of the "
+                           "checkpoint's image processor (PIL, its resample filter, on the host). Faster for "
+                           "large views and pyramids but not exact: torch differs from PIL by one grey level "
+                           "on a small share of values, enough to split or merge a token near the threshold. "
+                           "Bilinear and bicubic checkpoints only")
     save_boundary: bool = Field(False, description="also output the boundary map as a uint16 layer 'boundary' "
                                                    "(value / 65535 = probability)")
     embedding_weights: str | None = Field(
@@ -191,7 +224,8 @@ def mask_pool(features: torch.Tensor, label_map: torch.Tensor, n_tokens: int) ->
 class DirectSAM(Labeler):
     name = "directsam"
     Params = DirectSAMParams
-    summary = "Subobject tokens from DirectSAM boundary maps (Segformer, crop pyramid, watershed partition)"
+    summary = ("Subobject tokens from DirectSAM boundary maps (Segformer, crop pyramid, connected components; "
+               "optional watershed partition)")
     default_weights = "chendelong/DirectSAM-1800px-0424"
 
     def __init__(self, spec, *, device: str = "cpu", storage=None):
@@ -202,12 +236,10 @@ class DirectSAM(Labeler):
         self.dtype = resolve_dtype(spec.dtype, device)
         self.model = load_segformer(local, device, self.dtype, spec.revision)
         self._network = compiled(self.model, spec.compile, self.name)
-        # 2. preprocessing constants from the checkpoint's processor config, ImageNet otherwise
-        pre = load_preprocessor(local, spec.revision, needed=p.resolution is None)
-        size = pre.get("size") or {}
-        self.resolution = int(p.resolution or size.get("height") or DEFAULT_RESOLUTION)
-        self.mean = tuple(pre.get("image_mean") or IMAGENET_MEAN)
-        self.std = tuple(pre.get("image_std") or IMAGENET_STD)
+        # 2. the checkpoint's image processor (size, resample, rescale, normalise); Segformer defaults otherwise
+        config = load_preprocessor(local, spec.revision, needed=p.resolution is None)
+        self.preprocessing = Preprocessing.from_config(config, p.resolution, DEFAULT_RESOLUTION, p.fast_resize)
+        self.resolution = self.preprocessing.size[0]
         # 3. optional embedding backbone
         self.backbone = None
         if p.embedding_weights:
@@ -224,8 +256,8 @@ class DirectSAM(Labeler):
         """N (H, W, 3) uint8 RGB images -> N (H, W) float32 boundary probabilities in [0, 1] (on device)."""
         p = self.params
         with torch.inference_mode():
-            return pyramid_probs(images, self._forward, self.resolution, p.pyramid_layers, p.overlap,
-                                 p.batch_size, self.device, self.mean, self.std)
+            return pyramid_probs(images, self._forward, self.preprocessing, p.pyramid_layers, p.overlap,
+                                 p.batch_size, self.device)
 
     def feature_maps(self, images: list[np.ndarray]) -> torch.Tensor:
         """(N, C, h, w) float32: the embedding backbone's last feature map at ``embedding_resolution``."""

@@ -3,14 +3,17 @@
 Pure tensor code: no model is loaded here. The network enters as a ``forward`` callable, so the
 arithmetic can be checked with a stub that returns constant logits.
 
-The pyramid follows the reference implementation (ChenDelong1999/subobjects, ``inference_single_image``):
+The pyramid follows the reference implementation (ChenDelong1999/subobjects at commit
+d3b1f701169e6cc71b1dbc78c96317587b45ec2a, ``DirectSAM/utils.py``: ``generate_crop_boxes``,
+``boundary_zero_padding``, ``inference_single_image``):
 
 - view 0 is the whole image; pyramid layer L = 1..n adds ``2^L x 2^L`` crops with ``overlap`` px
   overlap: per side ``k = 2^L`` crops of length ``ceil((overlap * (k - 1) + size) / k)``, crop i starting
   at ``i * (length - overlap)``, clipped to the image (crop boxes are listed x-major, as the reference's
   ``product(x0s, y0s)``);
-- every view is resized to a ``resolution x resolution`` square (bilinear, antialiased like PIL),
-  scaled to [0, 1] and ImageNet-normalised; the network's logits (1/4 resolution) are upsampled bilinearly
+- every view goes through the checkpoint's image processor (``Preprocessing``: resize to its size with
+  its resample filter through PIL, rescale, normalise, each step as the checkpoint's
+  ``preprocessor_config.json`` says); the network's logits (1/4 resolution) are upsampled bilinearly
   (align_corners=False) to the view's own size and passed through a sigmoid;
 - a crop's probability map is multiplied by 0.5 in a border band of ``2 * (overlap // 3)`` px on each of
   its four sides (corners thus get 0.25) and set to 0 in a band of ``overlap // 3`` px (60 and 30 px for
@@ -18,14 +21,17 @@ The pyramid follows the reference implementation (ChenDelong1999/subobjects, ``i
 - the sum is divided by ``layers + 1``.
 
 Unlike the reference, which runs one crop at a time, all views of all images of a batch go through the
-network together, ``batch_size`` views per forward pass; views of equal crop size are resized and
-upsampled as one tensor.
+network together, ``batch_size`` views per forward pass; views of equal crop size are normalised and
+upsampled as one tensor. Crop starts are clipped at 0 (the reference would produce negative starts
+for images smaller than the overlap).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import product
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,25 +112,28 @@ def image_views(width: int, height: int, layers: int, overlap: int = 90) -> list
 
 # 2. preprocessing ---------------------------------------------------------------------------------
 
-def resize_uint8(crops: torch.Tensor, resolution: int, uint8_kernel: bool | None = None) -> torch.Tensor:
-    """Resize a stack of uint8 crops to a square like PIL's antialiased bilinear resize.
+def resize_uint8(crops: torch.Tensor, resolution: int | tuple[int, int], uint8_kernel: bool | None = None,
+                 mode: str = "bilinear") -> torch.Tensor:
+    """Resize a stack of uint8 crops with torch's antialiased kernels (close to PIL, not equal).
 
     Args:
         crops: (N, 3, h, w) uint8.
-        resolution: output side R.
-        uint8_kernel: use torch's uint8 kernel (which follows PIL's fixed-point arithmetic; CPU only)
-            or a float resize rounded to integers (at most one grey level off PIL); None = uint8 on CPU.
+        resolution: output side R, or (height, width).
+        uint8_kernel: use torch's uint8 kernel (CPU only) or a float resize rounded to integers;
+            None = uint8 on CPU for bilinear. Both differ from PIL by one grey level on a small share of values
+            (``Preprocessing`` with ``fast_resize=False`` is the exact path).
+        mode: ``"bilinear"`` or ``"bicubic"``.
 
     Returns:
-        (N, 3, R, R) float32 with integer values in [0, 255] (as PIL would round them).
+        (N, 3, H', W') float32 with integer values in [0, 255].
     """
-    size = (resolution, resolution)
+    size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
     if uint8_kernel is None:
-        uint8_kernel = crops.device.type == "cpu"
+        uint8_kernel = crops.device.type == "cpu" and mode == "bilinear"
     if uint8_kernel:
-        return F.interpolate(crops.contiguous(), size=size, mode="bilinear", antialias=True,
+        return F.interpolate(crops.contiguous(), size=size, mode=mode, antialias=True,
                              align_corners=False).float()
-    out = F.interpolate(crops.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    out = F.interpolate(crops.float(), size=size, mode=mode, antialias=True, align_corners=False)
     return out.round_().clamp_(0, 255)
 
 
@@ -138,7 +147,9 @@ def normalize(pixels: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: 
 
 def preprocess(images: Sequence[np.ndarray | torch.Tensor], resolution: int, device: str | torch.device = "cpu",
                mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """Whole images -> the network's input, as the Segformer image processor makes it.
+    """Whole images -> a backbone's input: torch's antialiased bilinear resize (uint8 kernel), 1/255,
+    ``mean``/``std``. Close to an image processor's output, not equal to it; the DirectSAM network's
+    input is made by ``Preprocessing`` instead. Used for the token-embedding backbone.
 
     Args:
         images: N arrays (H, W, 3) uint8 RGB (or (3, H, W) uint8 tensors), sizes may differ.
@@ -166,31 +177,205 @@ def as_chw_uint8(image: np.ndarray | torch.Tensor, device: str | torch.device = 
     return t.to(device, non_blocking=True)
 
 
+#: PIL resampling filters by the numbers image-processor configs store (``PIL.Image.Resampling``)
+PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+#: the filters torch has an antialiased kernel for (the ``fast_resize`` path)
+TORCH_MODES = {2: "bilinear", 3: "bicubic"}
+BILINEAR = 2
+
+
+def parse_resample(value: Any) -> int:
+    """A config's ``resample`` (PIL filter number or name, None = bilinear) -> the PIL filter number."""
+    if value is None:
+        return BILINEAR
+    if isinstance(value, str):
+        names = {v: k for k, v in PIL_FILTERS.items()}
+        key = value.strip().lower().rsplit(".", 1)[-1]
+        if key in names:
+            return names[key]
+    elif isinstance(value, (int, np.integer)) and int(value) in PIL_FILTERS:
+        return int(value)
+    raise ValueError(f"unknown resample filter {value!r}; known: "
+                     + ", ".join(f"{k} ({v})" for k, v in PIL_FILTERS.items()))
+
+
+def _three(value: Any, default: Sequence[float]) -> tuple[float, float, float]:
+    if value is None:
+        return tuple(float(v) for v in default)
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    values = tuple(float(v) for v in value)
+    if len(values) != 3:
+        raise ValueError(f"expected 3 per-channel values, got {list(value)}")
+    return values
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a view becomes the network's input: the checkpoint's image processor, step by step.
+
+    Equal, value for value, to transformers' ``SegformerImageProcessorPil`` with the same settings (the
+    PIL-based Segformer processor; the reference preprocesses every view with the checkpoint's image
+    processor, which resized with PIL):
+
+    1. resize to ``size`` (height, width) with PIL's ``resample`` filter on the uint8 RGB view
+       (``Image.resize``, no reducing gap);
+    2. ``do_rescale``: ``float32(float64(x) * rescale_factor)``;
+    3. ``do_normalize``: ``(x - mean) / std`` in float32.
+
+    Steps 2 and 3 depend on the uint8 value and the channel only, so they are applied as a per-channel
+    table of 256 float32 values computed with exactly the processor's numpy arithmetic.
+
+    ``fast_resize`` replaces step 1 with torch's antialiased kernel on the device (bilinear or bicubic
+    only): no host resize, but not equal to PIL (one grey level apart on a small share of values).
+    """
+
+    size: tuple[int, int]
+    resample: int = BILINEAR
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    fast_resize: bool = False
+
+    def __post_init__(self):
+        if self.resample not in PIL_FILTERS:
+            raise ValueError(f"unknown resample filter {self.resample!r}")
+        if self.fast_resize and self.resample not in TORCH_MODES:
+            raise ValueError(f"fast_resize has no torch kernel for the checkpoint's resample filter "
+                             f"{self.resample} ({PIL_FILTERS[self.resample]}); only bilinear and bicubic")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], resolution: int | None = None, default_resolution: int = 512,
+                    fast_resize: bool = False) -> "Preprocessing":
+        """From a ``preprocessor_config.json`` dict; settings it lacks take the Segformer processor's
+        defaults (bilinear, rescale by 1/255, ImageNet mean/std).
+
+        Args:
+            config: the checkpoint's processor config ({} = all defaults).
+            resolution: square side that overrides the config's size (as the reference's
+                ``resolution`` argument sets ``size["height"]`` and ``size["width"]``); None = the config's.
+            default_resolution: square side when neither gives one.
+            fast_resize: see the class docstring.
+
+        Raises:
+            ValueError: ``do_resize: false`` (every view would reach the network at its own size, which
+                the batched pyramid does not do) or an unknown resample filter.
+        """
+        if config.get("do_resize", True) is False:
+            raise ValueError("the checkpoint's image processor has do_resize: false (views at their own size); "
+                             "the pyramid feeds the network one input size: set do_resize: true")
+        cfg_size = config.get("size") or {}
+        if resolution:
+            size = (int(resolution), int(resolution))
+        elif isinstance(cfg_size, Mapping) and cfg_size.get("height") and cfg_size.get("width"):
+            size = (int(cfg_size["height"]), int(cfg_size["width"]))
+        elif isinstance(cfg_size, int):
+            size = (cfg_size, cfg_size)
+        else:
+            size = (int(default_resolution), int(default_resolution))
+        factor = config.get("rescale_factor")
+        return cls(size=size, resample=parse_resample(config.get("resample")),
+                   do_rescale=config.get("do_rescale") is not False,
+                   rescale_factor=float(1 / 255 if factor is None else factor),
+                   do_normalize=config.get("do_normalize") is not False,
+                   mean=_three(config.get("image_mean"), IMAGENET_MEAN),
+                   std=_three(config.get("image_std"), IMAGENET_STD), fast_resize=fast_resize)
+
+    def table(self) -> np.ndarray:
+        """(3, 256) float32: the network input for each uint8 value of each channel (steps 2 and 3)."""
+        out = []
+        for c in range(3):
+            x = np.arange(256, dtype=np.uint8)
+            if self.do_rescale:
+                x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
+            x = x.astype(np.float32)
+            if self.do_normalize:
+                x = (x - np.array(self.mean[c], np.float32)) / np.array(self.std[c], np.float32)
+            out.append(x.astype(np.float32))
+        return np.stack(out)
+
+    def values(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) uint8 (or integer-valued float) resized views -> float32 network input."""
+        table = torch.from_numpy(self.table()).to(pixels.device).reshape(-1)
+        offset = (torch.arange(3, device=pixels.device, dtype=torch.int32) * 256).view(1, 3, 1, 1)
+        index = pixels.to(torch.int32) + offset
+        return torch.index_select(table, 0, index.reshape(-1)).view(index.shape)
+
+    def resize_host(self, views: Sequence[np.ndarray]) -> np.ndarray:
+        """N (h, w, 3) uint8 views -> (N, H, W, 3) uint8 resized by PIL with ``resample``."""
+        from PIL import Image
+
+        height, width = self.size
+        out = np.empty((len(views), height, width, 3), np.uint8)
+        for k, view in enumerate(views):
+            pil = Image.fromarray(np.ascontiguousarray(view))
+            out[k] = np.asarray(pil.resize((width, height), resample=self.resample))
+        return out
+
+    def host_views(self, views: Sequence[np.ndarray], device: str | torch.device = "cpu") -> torch.Tensor:
+        """N (h, w, 3) uint8 views (sizes may differ) -> (N, 3, H, W) float32 network input on ``device``
+        (PIL resize on the host, the uint8 result moved, the table applied there)."""
+        resized = torch.from_numpy(self.resize_host(views)).to(device)
+        return self.values(resized.permute(0, 3, 1, 2))
+
+    def device_views(self, crops: torch.Tensor) -> torch.Tensor:
+        """(N, 3, h, w) uint8 crops of one size, on their device -> (N, 3, H, W) float32 network input,
+        resized by torch (the ``fast_resize`` path)."""
+        return self.values(resize_uint8(crops, self.size, mode=TORCH_MODES[self.resample]))
+
+    def __call__(self, images: Sequence[np.ndarray | torch.Tensor], device: str | torch.device = "cpu") -> torch.Tensor:
+        """Whole images, (H, W, 3) uint8 arrays or (3, H, W) uint8 tensors -> (N, 3, H', W') float32."""
+        if not images:
+            return torch.zeros(0, 3, *self.size, device=device)
+        if self.fast_resize:
+            return torch.cat([self.device_views(as_chw_uint8(img, device)[None]) for img in images])
+        return self.host_views([as_hwc_numpy(img) for img in images], device)
+
+
+def as_hwc_numpy(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """(H, W, 3) uint8 numpy array or (3, H, W) uint8 tensor -> (H, W, 3) uint8 numpy array (host)."""
+    if isinstance(image, torch.Tensor):
+        return image.detach().cpu().permute(1, 2, 0).numpy()
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {arr.shape} {arr.dtype}")
+    return arr
+
+
 # 3. the batched pyramid ---------------------------------------------------------------------------
 
-def pyramid_probs(images: Sequence[np.ndarray | torch.Tensor], forward: Forward, resolution: int, layers: int = 0,
-                  overlap: int = 90, batch_size: int = 8, device: str | torch.device = "cpu",
+def pyramid_probs(images: Sequence[np.ndarray | torch.Tensor], forward: Forward, resolution: int | Preprocessing,
+                  layers: int = 0, overlap: int = 90, batch_size: int = 8, device: str | torch.device = "cpu",
                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> list[torch.Tensor]:
     """Boundary probability maps of a batch of images, pyramid included.
 
     Args:
         images: N images, (H, W, 3) uint8 RGB arrays or (3, H, W) uint8 tensors; sizes may differ.
         forward: the network, ``(B, 3, R, R) float32 normalised -> (B, 1, r, r) logits``.
-        resolution: square side R every view is resized to.
+        resolution: the checkpoint's ``Preprocessing``, or a square side R (then the Segformer
+            processor's defaults: PIL bilinear, 1/255, ``mean``/``std``).
         layers: pyramid layers (0 = the whole image only).
         overlap: crop overlap in px (the border bands are derived from it).
         batch_size: views per forward pass (views of all images are mixed).
-        device: where preprocessing, the network and the accumulation run.
+        device: where the network and the accumulation run (and the resize with ``fast_resize``).
 
     Returns:
         N tensors (H, W) float32 in [0, 1] on ``device``.
     """
-    # 1. every view of every image, sorted by crop size so equal sizes share resize/upsample calls
-    tensors = [as_chw_uint8(img, device) for img in images]
-    sums = [torch.zeros(t.shape[1], t.shape[2], dtype=torch.float32, device=device) for t in tensors]
+    pre = resolution if isinstance(resolution, Preprocessing) else Preprocessing(
+        size=(int(resolution), int(resolution)), mean=tuple(mean), std=tuple(std))
+    # 1. every view of every image, sorted by crop size so equal sizes share upsample calls
+    if pre.fast_resize:
+        tensors = [as_chw_uint8(img, device) for img in images]
+        shapes = [(int(t.shape[1]), int(t.shape[2])) for t in tensors]
+    else:
+        hosts = [as_hwc_numpy(img) for img in images]
+        shapes = [a.shape[:2] for a in hosts]
+    sums = [torch.zeros(h, w, dtype=torch.float32, device=device) for h, w in shapes]
     views = []
-    for i, t in enumerate(tensors):
-        h, w = int(t.shape[1]), int(t.shape[2])
+    for i, (h, w) in enumerate(shapes):
         views += [(i, box, is_crop) for box, is_crop in image_views(w, h, layers, overlap)]
     views.sort(key=lambda v: (v[1][3] - v[1][1], v[1][2] - v[1][0]))
     weight_cache: dict[tuple[int, int], torch.Tensor] = {}
@@ -198,11 +383,13 @@ def pyramid_probs(images: Sequence[np.ndarray | torch.Tensor], forward: Forward,
     for start in range(0, len(views), batch_size):
         chunk = views[start:start + batch_size]
         groups = _group_by_size(chunk)
-        # 2. crop + resize + normalise, one call per crop size
-        pixels = torch.cat([
-            normalize(resize_uint8(torch.stack([_crop(tensors[i], box) for i, box, _ in members]), resolution),
-                      mean, std)
-            for (_, _), members in groups])
+        # 2. crop + resize + rescale/normalise, as the checkpoint's image processor does
+        if pre.fast_resize:
+            pixels = torch.cat([pre.device_views(torch.stack([_crop(tensors[i], box) for i, box, _ in members]))
+                                for _, members in groups])
+        else:
+            pixels = pre.host_views([_crop_hwc(hosts[i], box) for _, members in groups for i, box, _ in members],
+                                    device)
         # 3. one forward pass for the whole chunk
         logits = forward(pixels).float()
         # 4. upsample per crop size, sigmoid, border weights, accumulate
@@ -220,6 +407,11 @@ def pyramid_probs(images: Sequence[np.ndarray | torch.Tensor], forward: Forward,
                 sums[i][y0:y1, x0:x1] += p
     # 5. average over the layers
     return [s / (layers + 1) for s in sums]
+
+
+def _crop_hwc(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    return image[y0:y1, x0:x1]
 
 
 def _crop(image: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:

@@ -117,10 +117,10 @@ class ResourcesSpec(_Strict):
     batch_size: int = Field(8, ge=1)
     decode_batch_size: int = Field(16, ge=1)
     decode_cpus: float = Field(0.25, gt=0, description="CPUs reserved by each read and fetch+decode task")
-    host_cpus: float = Field(1, gt=0, description="CPUs reserved by each host task (labelers' post-processing, "
-                                                  "encoding and the write; decoding too when no labeler has a "
-                                                  "network): they run as many at once as the CPUs the actors "
-                                                  "leave allow")
+    host_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each host task (labelers' post-processing, "
+                                                    "encoding and the write; decoding too when no labeler has a "
+                                                    "network): they run as many at once as the CPUs the actors "
+                                                    "leave allow")
     host: Literal["tasks", "actor"] = Field(
         "tasks", description="where labelers' host halves (tokens, masks, encoding) run: parallel CPU tasks, so the "
                              "GPU never waits for them; or 'actor': inside the labeler's actor after its forward "

@@ -5,11 +5,16 @@ is fused with the image in BEiT-3 and decoded against that shared image embeddin
 are resized to the image and thresholded (> 0) on the device and come back bit-packed, with the IoU
 scores. Host half (``postprocess``), per image: unpack, filter by score and area, de-duplicate, and
 attach to each kept mask the ontology entry's ``category_id``/``category`` and the prompt that made it.
+
+Follows hustvl/EVF-SAM at 9935dc5 (inference.py, model/evf_sam.py, model/evf_sam2.py; unchanged since
+9d00853, which added the multitask checkpoints); SAM-2 without ``multitask`` follows the revision before
+it, 781bee0, which the original EVF-SAM2 checkpoints were released with. Departures: multitask or not is
+read from the checkpoint's files (model.checkpoint_multitask) rather than implied by the code revision;
+images and prompts are batched (every prompt of the ontology against one SAM encoding per image).
 """
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 import numpy as np
@@ -18,7 +23,7 @@ from pydantic import Field
 
 from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput
 from pseudolabel.models.device import compiled, to_host
-from pseudolabel.models.evf_sam.model import load_evf_sam, load_tokenizer
+from pseudolabel.models.evf_sam.model import MULTITASK_TOKEN, checkpoint_multitask, load_evf_sam, load_tokenizer
 from pseudolabel.models.evf_sam.postprocess import select_instances
 from pseudolabel.models.evf_sam.preprocess import beit3_pixels, masks_to_original, prompt_text, sam_pixels
 from pseudolabel.models.weights import looks_like_local_path, resolve_weights
@@ -32,8 +37,9 @@ class EvfSamParams(LabelerParams):
     multitask: bool | None = Field(None, description="a multitask checkpoint: prefix '[semantic] ' to prompts of "
                                    "ontology entries marked semantic and, for SAM-2, run the newer reference "
                                    "(straight resize, best of three masks) instead of the original one (longest-side "
-                                   "resize, single-mask token); None = auto (config.json 'multitask', else "
-                                   "'multitask' in the weights id)")
+                                   "resize, single-mask token); None = read it from the checkpoint: config.json "
+                                   "'multitask', else whether its tokenizer registers the '[semantic]' token "
+                                   "(the multitask checkpoints' added_tokens.json); an error if neither says")
     prompt_chunk: int = Field(64, ge=1, description="image-prompt pairs per BEiT-3 fusion pass")
     max_text_tokens: int = Field(512, ge=4, description="truncate tokenised prompts to this many tokens")
 
@@ -85,15 +91,17 @@ class EvfSamLabeler(Labeler):
         self.variant = cfg.variant
         self.sam_size = cfg.sam_image_size
         self.beit_size = cfg.beit3.img_size
+        # multitask: the explicit param, else the checkpoint's own files (never its name or location)
         multitask = self.params.multitask
-        if multitask is None:
-            multitask = cfg.multitask if cfg.multitask is not None else bool(re.search("multitask", self.weights_id))
-        self.multitask = bool(multitask)
+        self.multitask = checkpoint_multitask(path) if multitask is None else bool(multitask)
         # the SAM image encoder: the expensive call, fixed S x S input
         self._encode = compiled(self.model.encode_images, spec.compile, "evf_sam")
         # 2. every (entry, prompt) pair, tokenised once for the whole run
         texts = [prompt_text(p, entry.semantic, self.multitask) for entry, p in self.pairs]
-        tok = load_tokenizer(path)
+        tok = load_tokenizer(path, multitask=self.multitask)
+        if self.multitask and tok.convert_tokens_to_ids(MULTITASK_TOKEN) >= cfg.beit3.vocab_size:
+            raise ValueError(f"evf_sam weights {self.weights_id!r}: the {MULTITASK_TOKEN!r} token's id is outside "
+                             f"BEiT-3's vocabulary ({cfg.beit3.vocab_size}); not a multitask checkpoint's tokenizer")
         max_len = min(self.params.max_text_tokens, cfg.beit3.max_source_positions - 2)
         enc = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
         self.input_ids = enc["input_ids"].to(device)

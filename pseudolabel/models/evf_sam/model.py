@@ -7,10 +7,19 @@ Checkpoint directory (the published layout, YxZhang/evf-sam*):
                        sam_variant (sam | sam2), multitask (bool)
     model.safetensors | model.safetensors.index.json | pytorch_model.bin | pytorch_model.bin.index.json
                        tensors named mm_extractor.beit3.*, text_hidden_fcs.0.{0,2}.*, visual_model.*
-    sentencepiece.bpe.model / tokenizer files   the XLM-R tokenizer
+    sentencepiece.bpe.model, tokenizer_config.json, special_tokens_map.json   the XLM-R tokenizer
+    added_tokens.json  multitask checkpoints only: {"[semantic]": <id>}
 
 Loading maps ``visual_model.*`` to transformers' names (sam.SamKeyMap) and fails, naming the keys,
 when anything is missing or left over. safetensors first; ``.bin`` only via torch.load(weights_only=True).
+
+Multitask or not (``checkpoint_multitask``) is read from the checkpoint's own files, never from its name
+or location. The published checkpoints (hustvl/EVF-SAM at 9935dc5; the multitask ones arrived in
+9d00853) have the same config.json fields and the same architecture (tensor names and shapes); what sets
+the multitask ones apart is their tokenizer, which registers ``[semantic]`` as an added token (YxZhang/
+evf-sam-multitask's added_tokens.json: ``{"[semantic]": 64002}``), so the stuff/part prefix is one token.
+Departure: the reference picks its code path from the code revision it is run with (and its scripts pick
+SAM-H/SAM-2 from the weights' name); here the checkpoint's files decide.
 """
 from __future__ import annotations
 
@@ -29,6 +38,17 @@ from pseudolabel.models.evf_sam.sam import SamKeyMap, build_sam, sam_config, sam
 
 class WeightsMismatchError(RuntimeError):
     """A checkpoint whose tensors do not match the model; the message names the keys."""
+
+
+class MultitaskUndecidedError(ValueError):
+    """The checkpoint's files do not say (or contradict each other on) whether it is a multitask one."""
+
+
+#: the token the multitask checkpoints' tokenizers add (the "[semantic] " prompt prefix)
+MULTITASK_TOKEN = "[semantic]"
+
+#: tokenizer files that list added tokens; a checkpoint ships at least one (tokenizer_config.json)
+TOKENIZER_METADATA = ("added_tokens.json", "tokenizer_config.json", "tokenizer.json")
 
 
 @dataclass
@@ -271,10 +291,73 @@ def save_evf_sam(model: EvfSam, path: str | os.PathLike) -> None:
     save_file(state, str(root / "model.safetensors"))
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """The XLM-R sentencepiece tokenizer shipped in the checkpoint directory (right padding)."""
+def tokenizer_added_tokens(path: str | os.PathLike) -> tuple[set[str], list[str]]:
+    """(added tokens, the files that list them) from a checkpoint's tokenizer files (TOKENIZER_METADATA):
+    ``added_tokens.json`` keys, ``tokenizer_config.json`` ``added_tokens_decoder`` contents,
+    ``tokenizer.json`` ``added_tokens`` contents. No such file: (set(), [])."""
+    root = Path(path)
+    tokens: set[str] = set()
+    files: list[str] = []
+    for name in TOKENIZER_METADATA:
+        f = root / name
+        if not f.is_file():
+            continue
+        data = json.loads(f.read_text(encoding="utf-8"))
+        files.append(name)
+        if name == "added_tokens.json":
+            tokens.update(data)
+        elif name == "tokenizer_config.json":
+            tokens.update(v["content"] for v in (data.get("added_tokens_decoder") or {}).values()
+                          if isinstance(v, dict) and "content" in v)
+        else:
+            tokens.update(t["content"] for t in data.get("added_tokens") or [] if isinstance(t, dict) and "content" in t)
+    return tokens, files
+
+
+def checkpoint_multitask(path: str | os.PathLike) -> bool:
+    """Whether the checkpoint directory holds a multitask EVF-SAM checkpoint, from its own files.
+
+    Evidence: config.json's ``multitask`` (bool; the published configs have none) and the tokenizer
+    files: the multitask checkpoints' tokenizer registers ``[semantic]`` as an added token, the others'
+    do not. One of them decides; both present must agree. Raises MultitaskUndecidedError, naming the
+    field and files, when they disagree or when there is neither (no ``multitask`` field and no tokenizer
+    file that lists added tokens): the labeler's ``params.multitask`` settles it then.
+    """
+    root = Path(path)
+    cfg = json.loads((root / "config.json").read_text())
+    from_config = cfg.get("multitask")
+    if from_config is not None and not isinstance(from_config, bool):
+        raise MultitaskUndecidedError(f"{root}/config.json: 'multitask' must be true or false, got {from_config!r}")
+    tokens, files = tokenizer_added_tokens(root)
+    from_tokenizer = (MULTITASK_TOKEN in tokens) if files else None
+    if from_config is not None and from_tokenizer is not None and from_config != from_tokenizer:
+        has = "registers" if from_tokenizer else "does not register"
+        raise MultitaskUndecidedError(
+            f"checkpoint {root}: config.json says \"multitask\": {str(from_config).lower()}, but its tokenizer "
+            f"({', '.join(files)}) {has} the {MULTITASK_TOKEN!r} token that the multitask checkpoints add; "
+            "set the evf_sam labeler's params.multitask to true or false")
+    if from_config is not None:
+        return from_config
+    if from_tokenizer is not None:
+        return from_tokenizer
+    raise MultitaskUndecidedError(
+        f"cannot tell whether checkpoint {root} is a multitask one: config.json has no \"multitask\" field and "
+        f"there is no tokenizer file ({', '.join(TOKENIZER_METADATA)}) to show whether the tokenizer registers "
+        f"the {MULTITASK_TOKEN!r} token (the multitask checkpoints' added_tokens.json does); "
+        "set the evf_sam labeler's params.multitask to true or false")
+
+
+def load_tokenizer(path: str | os.PathLike, multitask: bool = False):
+    """The XLM-R sentencepiece tokenizer shipped in the checkpoint directory (right padding).
+
+    ``multitask``: make sure ``[semantic]`` is one token, as in the multitask checkpoints' tokenizer; if
+    the files do not register it, it is added with the next free id (the tokenizer's length: 64002 for
+    BEiT-3's 64000-piece sentencepiece model, the id evf-sam-multitask's added_tokens.json gives it).
+    """
     from transformers import XLMRobertaTokenizer
 
     tok = XLMRobertaTokenizer.from_pretrained(str(path))
     tok.padding_side = "right"
+    if multitask and MULTITASK_TOKEN not in tok.get_added_vocab():
+        tok.add_tokens([MULTITASK_TOKEN])
     return tok

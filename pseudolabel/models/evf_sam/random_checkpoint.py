@@ -1,18 +1,20 @@
 """Random-weight EVF-SAM checkpoints in the published layout, for smoke tests and benchmarks offline.
 
 ``write_random_checkpoint(dir, variant, size)`` writes config.json, model.safetensors (original tensor
-names) and a sentencepiece XLM-R tokenizer trained on a few sentences — the same files a downloaded
-checkpoint has, so everything downstream runs the real loading code.
+names) and a sentencepiece XLM-R tokenizer trained on a few sentences with tokenizer_config.json and
+special_tokens_map.json (plus added_tokens.json registering ``[semantic]`` for a multitask one) — the same
+files a downloaded checkpoint has, so everything downstream runs the real loading code.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
 
-from pseudolabel.models.evf_sam.model import EvfSam, EvfSamConfig, save_evf_sam
+from pseudolabel.models.evf_sam.model import MULTITASK_TOKEN, EvfSam, EvfSamConfig, save_evf_sam
 
 _CORPUS = [
     "a zebra standing on the grass", "the red car on the left", "sky above the sea", "a person riding a bike",
@@ -59,17 +61,33 @@ def random_config(variant: str = "sam", size: str = "tiny", *, multitask: bool |
     return EvfSamConfig.from_dict(raw)
 
 
-def write_tokenizer(path: str | os.PathLike, vocab_size: int = 64) -> None:
-    """Train a tiny BPE sentencepiece model and save it as ``sentencepiece.bpe.model`` (XLM-R's file)."""
+_SPECIAL_TOKENS = dict(bos_token="<s>", cls_token="<s>", eos_token="</s>", pad_token="<pad>", sep_token="</s>",
+                      unk_token="<unk>", mask_token="<mask>")
+
+
+def write_tokenizer(path: str | os.PathLike, vocab_size: int = 64, *, multitask: bool = False) -> None:
+    """Train a tiny BPE sentencepiece model and save it as ``sentencepiece.bpe.model`` (XLM-R's file), with
+    the tokenizer_config.json / special_tokens_map.json the published checkpoints ship; ``multitask``
+    also writes added_tokens.json registering ``[semantic]`` after the base vocabulary, as the multitask
+    checkpoints do."""
     import sentencepiece as spm
 
+    root = Path(path)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
         corpus.write_text("\n".join(_CORPUS * 10))
         spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(Path(tmp) / "sp"), vocab_size=vocab_size,
                                        model_type="bpe", character_coverage=1.0, hard_vocab_limit=False,
                                        minloglevel=2)
-        Path(path, "sentencepiece.bpe.model").write_bytes((Path(tmp) / "sp.model").read_bytes())
+        (root / "sentencepiece.bpe.model").write_bytes((Path(tmp) / "sp.model").read_bytes())
+    (root / "special_tokens_map.json").write_text(json.dumps(_SPECIAL_TOKENS, indent=2))
+    config = dict(_SPECIAL_TOKENS, tokenizer_class="XLMRobertaTokenizer", padding_side="right", use_fast=False)
+    (root / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    if multitask:
+        from transformers import XLMRobertaTokenizer
+
+        base = len(XLMRobertaTokenizer.from_pretrained(str(root)))
+        (root / "added_tokens.json").write_text(json.dumps({MULTITASK_TOKEN: base}))
 
 
 def write_random_checkpoint(path: str | os.PathLike, variant: str = "sam", size: str = "tiny", *,
@@ -86,5 +104,5 @@ def write_random_checkpoint(path: str | os.PathLike, variant: str = "sam", size:
                 p.mul_(3.0)
     Path(path).mkdir(parents=True, exist_ok=True)
     save_evf_sam(model, path)
-    write_tokenizer(path)
+    write_tokenizer(path, multitask=bool(multitask))
     return model

@@ -1,6 +1,15 @@
 """SAM towers on transformers (SamModel for SAM-H, Sam2Model for SAM-2) and the state-dict mapping
 from the original ``visual_model.*`` names (segment_anything / sam2 repositories) to transformers' names.
 
+Follows hustvl/EVF-SAM at 9935dc5 (model/segment_anything, model/segment_anything_2, vendored there).
+One departure from transformers' SamConfig defaults is needed to match it: the SAM-H two-way
+transformer's ``norm1``..``norm4`` are ``nn.LayerNorm(256)`` (eps 1e-5) in the reference, while
+transformers builds them with ``mask_decoder_config.layer_norm_eps`` (default 1e-6); ``sam_config``
+sets 1e-5 (``SAM_H_TWO_WAY_LAYER_NORM_EPS``). Everything else in the decoder matches the defaults:
+attention downsample 2 (self-attention 1), ReLU in the transformer MLP, ``skip_first_layer_pe`` on
+layer 0 only, a 3-layer ReLU IoU head, LayerNorm2d (eps 1e-6) + GELU in the upscaling, the final
+attention norm at eps 1e-5. (transformers' SAM-2 two-way blocks already use eps 1e-5.)
+
 Pure functions on configs and key strings; no loading from disk here.
 """
 from __future__ import annotations
@@ -13,6 +22,12 @@ from transformers import Sam2Config, Sam2Model, SamConfig, SamModel
 
 SAM_VARIANTS = ("sam", "sam2")
 
+#: eps of the SAM-H two-way transformer's four per-layer LayerNorms (reference
+#: model/segment_anything/modeling/transformer.py, TwoWayAttentionBlock.__init__, lines 134-144:
+#: ``nn.LayerNorm(embedding_dim)``, torch's default eps); transformers reads it from
+#: ``SamMaskDecoderConfig.layer_norm_eps``, whose default is 1e-6.
+SAM_H_TWO_WAY_LAYER_NORM_EPS = 1e-5
+
 # --------------------------------------------------------------------------- configs
 
 
@@ -21,16 +36,21 @@ def sam_config(variant: str, overrides: dict[str, Any] | None = None, scale: str
 
     ``overrides`` is a full config dict (as written by ``to_dict()``); without it the preset for
     ``scale`` is used: SAM ViT-H ("huge") or SAM-2 Hiera-L/T ("large"/"tiny"), as EVF-SAM builds them.
+    SAM-H's two-way transformer LayerNorm eps is always the reference's 1e-5, whatever ``overrides``
+    says: the reference has no such setting, and configs written before this was fixed carry 1e-6.
     """
     if variant == "sam":
         if overrides:
-            return SamConfig(**overrides)
-        if scale not in (None, "huge"):
-            raise ValueError(f"EVF-SAM (SAM-H path) supports sam_scale 'huge', got {scale!r}")
-        vision = dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, mlp_dim=5120,
-                      global_attn_indexes=[7, 15, 23, 31], window_size=14, output_channels=256,
-                      image_size=1024, patch_size=16)
-        return SamConfig(vision_config=vision)
+            config = SamConfig(**overrides)
+        else:
+            if scale not in (None, "huge"):
+                raise ValueError(f"EVF-SAM (SAM-H path) supports sam_scale 'huge', got {scale!r}")
+            vision = dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, mlp_dim=5120,
+                          global_attn_indexes=[7, 15, 23, 31], window_size=14, output_channels=256,
+                          image_size=1024, patch_size=16)
+            config = SamConfig(vision_config=vision)
+        config.mask_decoder_config.layer_norm_eps = SAM_H_TWO_WAY_LAYER_NORM_EPS
+        return config
     if variant == "sam2":
         if overrides:
             return Sam2Config(**overrides)

@@ -185,13 +185,15 @@ class InContextSeparator(Labeler):
     # -------------------------------------------------------------------------------------------
 
     def _init_sefm(self) -> None:
-        from pseudolabel.models.incontext.sefm import SeFM
+        from pseudolabel.models.incontext.sefm import SeFM, SeFMConfig
 
         p = self.params
         if self.spec.weights:
+            # the checkpoint's config.json names its architecture (sefm or sefm-small)
             self.net = SeFM.from_pretrained(resolve_weights(self.spec.weights, self.storage, self.spec.revision))
         elif p.allow_untrained:
-            self.net = SeFM().eval()
+            # an untrained sefm-small: its zero-initialised output makes it the identity
+            self.net = SeFM(SeFMConfig(arch="sefm-small")).eval()
         else:
             raise ValueError("incontext backend 'sefm' needs weights: SeFM has no public weights; train a "
                              "checkpoint with `pseudolabel train-incontext` and pass its directory as weights")

@@ -1,11 +1,29 @@
-"""The SeFM network ("Separating Anything from Image in Context"): a U-Net of attention blocks.
+"""The SeFM network ("Separating Anything from Image in Context"), in two architectures.
 
 SeFM repaints the answer cell of an in-context canvas (see ``canvas.py``). No public SeFM weights
-exist: train a checkpoint with ``pseudolabel.jobs.train_incontext`` (or bring your own in this
-layout) and load it with ``SeFM.from_pretrained(dir)``. A checkpoint directory holds
-``config.json`` (``SeFMConfig``) and ``model.safetensors``.
+exist: train a checkpoint with ``pseudolabel.jobs.train_incontext`` (or bring your own in one of these
+layouts) and load it with ``SeFM.from_pretrained(dir)``. A checkpoint directory holds ``config.json``
+(``SeFMConfig``, whose ``arch`` names the architecture) and ``model.safetensors``.
 
-Architecture (restoration-transformer U-Net):
+``SeFM(config)`` builds the architecture ``config.arch`` names; ``from_pretrained`` reads it from the
+checkpoint. A ``config.json`` without ``arch`` (written before there were two) is ``sefm-small``.
+
+Architectures (``SeFMConfig.arch``):
+
+- ``sefm`` (default): the published SeFM layout, a NAFNet-style U-Net of triplet self-attention
+  (TSA) blocks — 16×16 windowed spatial attention, channel attention and global attention in every
+  block — width 32, encoder depths [2, 2, 4, 6], middle 6, decoder depths [3, 2, 4, 6] (deep to
+  shallow), heads [1, 2, 4, 4, 8], output = ending conv + input. Its layers are described in
+  ``sefm_reference.py``. At the default size it has **145.3 M parameters** (145,287,555; 143,965,056
+  of them used by the forward pass; the rest are held by the layout and unused). The "about 205 M"
+  quoted for SeFM does not follow from this layout. Meant for a GPU: a 512×512 canvas (cell 256).
+- ``sefm-small``: a lighter restoration-transformer U-Net (Restormer-style blocks, attention across
+  channels only), **not** the published layout. At its default size (width 48, encoder [4, 6, 6, 8],
+  decoder [4, 6, 6], 4 refinement blocks) it has 25.5 M parameters (25,469,499); the CPU training
+  configuration ``train_incontext.small_config`` (width 12, two levels) has about 35 k. Its last
+  projection is zero-initialised, so an untrained one returns its input.
+
+``sefm-small`` in detail:
 
 1. embed: 3×3 conv, ``in_channels`` → ``width``.
 2. encoder: ``len(enc_blocks)`` levels; level i runs ``enc_blocks[i]`` attention blocks at
@@ -27,61 +45,115 @@ An attention block is x + MDTA(LN(x)), then x + GDFN(LN(x)):
   1×1 conv back; hidden = ffn_expansion · channels.
 - LN: layer norm over channels at each pixel, with bias.
 
-Tensors: input (B, in_channels, H, W) float32 in [0, 1]; output (B, 3, H, W) in about [0, 1] (not
-clamped). H and W need not be multiples of 2^(levels−1): the input is reflect-padded and the output
+Tensors (both): input (B, in_channels, H, W) float32 in [0, 1]; output (B, 3, H, W) in about [0, 1]
+(not clamped). H and W need not be multiples of anything: ``sefm-small`` reflect-pads to a multiple of
+2^(levels−1), ``sefm`` zero-pads to ``TSAUNet.multiple`` (256 at the default size); outputs are
 cropped back.
 """
 from __future__ import annotations
 
 import json
 import os
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from pseudolabel.models.incontext.sefm_reference import TSAUNet
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
+Arch = Literal["sefm", "sefm-small"]
+ARCHS: tuple[str, ...] = ("sefm", "sefm-small")
+#: the architecture of a checkpoint whose config.json names none
+LEGACY_ARCH = "sefm-small"
+
+#: per architecture, the value of every size field left out (None)
+ARCH_DEFAULTS: dict[str, dict] = {
+    "sefm": dict(width=32, enc_blocks=[2, 2, 4, 6], middle_blocks=6, dec_blocks=[3, 2, 4, 6],
+                 heads=[1, 2, 4, 4, 8], ffn_expansion=2.0, window=16, global_patch=16),
+    "sefm-small": dict(width=48, enc_blocks=[4, 6, 6, 8], dec_blocks=[4, 6, 6], refine_blocks=4,
+                       heads=[1, 2, 4, 8], ffn_expansion=2.66),
+}
+#: fields that only one architecture has
+ARCH_ONLY: dict[str, tuple[str, ...]] = {"sefm": ("middle_blocks", "window", "global_patch"),
+                                         "sefm-small": ("refine_blocks",)}
+
 
 class SeFMConfig(BaseModel):
-    """Size of a SeFM network. Defaults are the published scale; tests and CPU training use tiny ones."""
+    """Architecture and size of a SeFM network, and the canvas it was trained on.
+
+    Size fields left out take the architecture's defaults (``ARCH_DEFAULTS``: the published scale
+    for ``sefm``); they are filled in at validation without counting as set (``model_fields_set``
+    holds only what was given). Fields of the other architecture must stay unset (None).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
+    arch: Arch = Field("sefm", description="sefm: the published TSA U-Net (GPU scale) | sefm-small: a lighter "
+                                           "Restormer-style U-Net (CPU)")
     in_channels: int | None = Field(None, description="3 for the grid canvas, 6 for the vertical (image|target) "
                                                       "canvas; default: the layout's")
-    width: int = Field(48, ge=4, description="channels at full resolution")
-    enc_blocks: list[int] = Field(default_factory=lambda: [4, 6, 6, 8],
-                                  description="attention blocks per encoder level; the last level is the bottleneck")
-    dec_blocks: list[int] = Field(default_factory=lambda: [4, 6, 6],
-                                  description="attention blocks per decoder level, shallow to deep (len = levels - 1)")
-    refine_blocks: int = Field(4, ge=0, description="attention blocks after the decoder")
-    heads: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], description="attention heads per level")
-    ffn_expansion: float = Field(2.66, gt=0)
-    cell: int = Field(256, ge=8, description="canvas cell size the network was trained at")
+    width: int | None = Field(None, ge=4, description="channels at full resolution (sefm 32, sefm-small 48)")
+    enc_blocks: list[int] | None = Field(None, description="blocks per encoder level, shallow to deep (sefm "
+                                                           "[2, 2, 4, 6]; sefm-small [4, 6, 6, 8], its last level "
+                                                           "being the bottleneck)")
+    dec_blocks: list[int] | None = Field(None, description="blocks per decoder level; sefm: deep to shallow, one "
+                                                           "per encoder level ([3, 2, 4, 6]); sefm-small: shallow "
+                                                           "to deep, levels - 1 entries ([4, 6, 6])")
+    middle_blocks: int | None = Field(None, ge=0, description="sefm only: blocks at the bottom (6)")
+    refine_blocks: int | None = Field(None, ge=0, description="sefm-small only: blocks after the decoder (4)")
+    heads: list[int] | None = Field(None, description="attention heads per level; sefm: one more entry, the "
+                                                      "middle's ([1, 2, 4, 4, 8]); sefm-small [1, 2, 4, 8]")
+    ffn_expansion: float | None = Field(None, gt=0, description="feed-forward hidden / channels (sefm 2, "
+                                                                "sefm-small 2.66)")
+    window: int | None = Field(None, ge=1, description="sefm only: spatial attention window side (16)")
+    global_patch: int | None = Field(None, ge=1, description="sefm only: global attention patch side at one head "
+                                                             "(16; heads h use 16 // h)")
+    cell: int = Field(256, ge=8, description="canvas cell size the network was trained at (256: a 512 canvas)")
     layout: str = Field("grid", description="canvas layout the network was trained on: grid | vertical")
 
     @model_validator(mode="after")
     def _check(self):
+        # 1. the architecture's defaults for what was left out (not marked as set)
+        for other, fields in ARCH_ONLY.items():
+            if other != self.arch:
+                given = [f for f in fields if getattr(self, f) is not None]
+                if given:
+                    raise ValueError(f"{', '.join(given)}: only for arch {other!r} (this config is {self.arch!r})")
+        for key, value in ARCH_DEFAULTS[self.arch].items():
+            if getattr(self, key) is None:
+                self.__dict__[key] = list(value) if isinstance(value, list) else value
+        # 2. shapes
         levels = len(self.enc_blocks)
         if levels < 1:
             raise ValueError("enc_blocks needs at least one level")
-        if len(self.dec_blocks) != levels - 1:
-            raise ValueError(f"dec_blocks needs {levels - 1} entries (one per level above the bottleneck)")
-        if len(self.heads) != levels:
-            raise ValueError(f"heads needs {levels} entries")
-        for i, h in enumerate(self.heads):
-            if (self.width * 2 ** i) % h:
-                raise ValueError(f"level {i}: {self.width * 2 ** i} channels not divisible by {h} heads")
+        if self.arch == "sefm":
+            if len(self.dec_blocks) != levels:
+                raise ValueError(f"dec_blocks needs {levels} entries (one per encoder level, deep to shallow)")
+            if len(self.heads) != levels + 1:
+                raise ValueError(f"heads needs {levels + 1} entries (one per level, then the middle's)")
+            channels = [self.width * 2 ** i for i in range(levels + 1)]
+        else:
+            if len(self.dec_blocks) != levels - 1:
+                raise ValueError(f"dec_blocks needs {levels - 1} entries (one per level above the bottleneck)")
+            if len(self.heads) != levels:
+                raise ValueError(f"heads needs {levels} entries")
+            channels = [self.width * 2 ** i for i in range(levels)]
+        for i, (c, h) in enumerate(zip(channels, self.heads)):
+            if h < 1 or c % h:
+                raise ValueError(f"level {i}: {c} channels not divisible by {h} heads")
+        # 3. canvas
         if self.layout not in ("grid", "vertical"):
             raise ValueError("layout must be grid or vertical")
-        channels = 3 if self.layout == "grid" else 6
+        expected = 3 if self.layout == "grid" else 6
         if self.in_channels is None:
-            self.in_channels = channels
-        elif self.in_channels != channels:
-            raise ValueError(f"layout {self.layout!r} stitches {channels}-channel canvases; in_channels is "
+            self.__dict__["in_channels"] = expected
+        elif self.in_channels != expected:
+            raise ValueError(f"layout {self.layout!r} stitches {expected}-channel canvases; in_channels is "
                              f"{self.in_channels} (leave it out to follow the layout)")
         return self
 
@@ -185,11 +257,66 @@ def _stage(channels: int, blocks: int, heads: int, expansion: float) -> nn.Seque
 
 
 class SeFM(nn.Module):
-    """The SeFM U-Net. ``forward``: (B, in_channels, H, W) in [0, 1] -> (B, 3, H, W)."""
+    """A SeFM network. ``SeFM(config)`` returns the architecture ``config.arch`` names (``SeFMNet`` for
+    ``sefm``, ``SeFMSmall`` for ``sefm-small``); ``forward``: (B, in_channels, H, W) in [0, 1] ->
+    (B, 3, H, W). Checkpoints: ``save_pretrained`` / ``from_pretrained``."""
+
+    config: SeFMConfig
+
+    def __new__(cls, config: SeFMConfig | None = None, *args, **kwargs):
+        if cls is SeFM:
+            cls = ARCH_CLASSES[(config or SeFMConfig()).arch]
+        return super().__new__(cls)
+
+    # -------------------------------------------------------------------------------------------
+    # Checkpoints: config.json (with arch) + model.safetensors
+    # -------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write ``config.json`` (architecture and size) and ``model.safetensors`` to a local directory."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump({"model_type": "sefm", **self.config.model_dump()}, f, indent=2)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "arch": self.config.arch})
+
+    @staticmethod
+    def load_config(directory: str) -> SeFMConfig:
+        """The ``SeFMConfig`` of a checkpoint directory (``arch`` absent: ``sefm-small``)."""
+        cfg_path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.exists(cfg_path):
+            raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; SeFM has no public weights, "
+                                    "train a checkpoint with pseudolabel.jobs.train_incontext")
+        with open(cfg_path) as f:
+            raw = json.load(f)
+        raw.pop("model_type", None)
+        raw.setdefault("arch", LEGACY_ARCH)
+        return SeFMConfig.model_validate(raw)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, map_location: str = "cpu") -> "SeFM":
+        """Load a checkpoint written by ``save_pretrained`` into the architecture its config names
+        (safetensors only; nothing is unpickled)."""
+        from safetensors.torch import load_file
+
+        config = cls.load_config(directory)
+        model = SeFM(config)
+        if cls is not SeFM and not isinstance(model, cls):
+            raise TypeError(f"{directory} holds a {config.arch!r} network, not a {cls.__name__}")
+        model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME), device=map_location), strict=True)
+        return model.eval()
+
+
+class SeFMSmall(SeFM):
+    """``sefm-small``: the Restormer-style U-Net described in the module docstring."""
 
     def __init__(self, config: SeFMConfig | None = None):
         super().__init__()
-        self.config = config = config or SeFMConfig()
+        self.config = config = config or SeFMConfig(arch="sefm-small")
+        if config.arch != "sefm-small":
+            raise ValueError(f"SeFMSmall builds arch 'sefm-small', not {config.arch!r}")
         w, levels, e = config.width, config.levels, config.ffn_expansion
         # 1. embedding
         self.embed = nn.Conv2d(config.in_channels, w, 3, padding=1)
@@ -231,37 +358,24 @@ class SeFM(nn.Module):
         out = self.out(self.refine(feat)) + xp[:, -3:]
         return out[:, :, :h, :w]
 
-    # -------------------------------------------------------------------------------------------
-    # Checkpoints: config.json + model.safetensors
-    # -------------------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str) -> None:
-        """Write ``config.json`` and ``model.safetensors`` to a local directory."""
-        from safetensors.torch import save_file
+class SeFMNet(SeFM, TSAUNet):
+    """``sefm``: the published TSA U-Net (``sefm_reference.TSAUNet``) with its config and checkpoints.
+    The ending conv keeps PyTorch's default initialisation, as published: an untrained network does
+    not return its input."""
 
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump({"model_type": "sefm", **self.config.model_dump()}, f, indent=2)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    def __init__(self, config: SeFMConfig | None = None):
+        config = config or SeFMConfig()
+        if config.arch != "sefm":
+            raise ValueError(f"SeFMNet builds arch 'sefm', not {config.arch!r}")
+        TSAUNet.__init__(self, in_channels=config.in_channels, width=config.width, enc_blocks=config.enc_blocks,
+                         middle_blocks=config.middle_blocks, dec_blocks=config.dec_blocks, heads=config.heads,
+                         expansion=config.ffn_expansion, window=config.window, global_patch=config.global_patch)
+        self.config = config
 
-    @classmethod
-    def from_pretrained(cls, directory: str, map_location: str = "cpu") -> "SeFM":
-        """Load a checkpoint written by ``save_pretrained`` (safetensors only; nothing is unpickled)."""
-        from safetensors.torch import load_file
 
-        cfg_path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; SeFM has no public weights, "
-                                    "train a checkpoint with pseudolabel.jobs.train_incontext")
-        with open(cfg_path) as f:
-            raw = json.load(f)
-        raw.pop("model_type", None)
-        model = cls(SeFMConfig.model_validate(raw))
-        model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME), device=map_location), strict=True)
-        return model.eval()
+ARCH_CLASSES: dict[str, type[SeFM]] = {"sefm": SeFMNet, "sefm-small": SeFMSmall}
 
 
 def count_parameters(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
-
