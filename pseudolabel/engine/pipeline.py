@@ -21,6 +21,7 @@ import json
 import logging
 import time
 import uuid
+import warnings
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -254,17 +255,20 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, run_id: str
             ds = ds.map_batches(fetch_decode, batch_format="pyarrow", batch_size=res.decode_batch_size,
                                 fn_kwargs=decode_kwargs, num_cpus=res.decode_cpus)
         for i in on_actors:
-            ds = ds.map_batches(
-                DeviceStage, batch_format="pyarrow", batch_size=res.batch_size,
-                compute=ActorPoolStrategy(min_size=res.min_actors or 1, max_size=res.actors),
-                num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor,
-                # Ray Data's own default for actor pools, stated: remote args that differ from the decode
-                # tasks' keep Ray from fusing decoding into the labeler actors
-                max_restarts=-1,
-                fn_constructor_kwargs=dict(spec=job.labelers[i].model_dump(mode="json"), index=i,
-                                           storage=st.model_dump(), gpus_per_actor=res.gpus_per_actor,
-                                           whole=res.host == "actor"),
-            )
+            with warnings.catch_warnings():  # Ray 2.60-2.63 flag max_restarts as a deprecated keyword
+                warnings.simplefilter("ignore", DeprecationWarning)
+                ds = ds.map_batches(
+                    DeviceStage, batch_format="pyarrow", batch_size=res.batch_size,
+                    compute=ActorPoolStrategy(min_size=res.min_actors or 1, max_size=res.actors),
+                    num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor,
+                    # Ray Data's own default for actor pools, stated: actors restart after a crash (the
+                    # engine relies on it), and remote args that differ from the decode tasks' keep Ray
+                    # from fusing decoding into the labeler actors
+                    max_restarts=-1,
+                    fn_constructor_kwargs=dict(spec=job.labelers[i].model_dump(mode="json"), index=i,
+                                               storage=st.model_dump(), gpus_per_actor=res.gpus_per_actor,
+                                               whole=res.host == "actor"),
+                )
         # host halves of every labeler + encoding, in CPU tasks (as many at once as the CPUs allow)
         sources = []
         for i, lab in enumerate(job.labelers):
