@@ -33,6 +33,9 @@ def test_good_spec_fills_defaults():
     (lambda d: d["labelers"][0].update(params={"bogus": 1}), "labelers.0.params.bogus"),
     (lambda d: d["labelers"][0].update(params={"iterations": "many"}), "labelers.0.params.iterations"),
     (lambda d: d.update(resources={"actors": 0}), "resources.actors"),
+    (lambda d: d.update(resources={"host": "gpu"}), "resources.host"),
+    (lambda d: d.update(resources={"host_cpus": 0}), "resources.host_cpus"),
+    (lambda d: d["labelers"][0].update(compile="yes please"), "labelers.0.compile"),
     (lambda d: d["output"].pop("uri"), "output.uri"),
     (lambda d: d["input"].update(format="coco"), "input.coco_json"),
 ])
