@@ -55,6 +55,27 @@ def tree_rss_mb(root_pid: int, exclude: frozenset[int] = frozenset()) -> float:
     return total / 2**20
 
 
+def alternating_cold_runs(script: str, variants: tuple[str, str], argv_of, pairs: int) -> dict[str, list[dict]]:
+    """Run ``script --one *argv_of(variant, k)`` in a fresh process for each variant, ``pairs`` times,
+    alternating which goes first; each run prints one JSON line (its result). bench/ is on the runs'
+    PYTHONPATH (benchmark-only labelers) and each starts its own local Ray cluster."""
+    import json
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])),
+           "RAY_ADDRESS": ""}
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    for k in range(pairs):
+        for variant in variants if k % 2 == 0 else variants[::-1]:
+            out = subprocess.run([sys.executable, script, "--one", *argv_of(variant, k)], env=env,
+                                 capture_output=True, text=True, timeout=1800)
+            if out.returncode:
+                sys.exit(out.stderr[-3000:])
+            results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"pair {k} {variant}: {results[variant][-1]}", file=sys.stderr)
+    return results
+
+
 #: processes whose memory is not ours to count (set in main: the S3 server)
 EXCLUDED_PIDS: set[int] = set()
 

@@ -197,7 +197,7 @@ def directsam_rows(args, tmp: str, images: list[np.ndarray], folder: str) -> lis
     for b in batches:
         lab(b)
     rows.append(("directsam", "labeler in-process", len(images) / (time.perf_counter() - t)))
-    del lab
+    lab = None  # free the model before the engine loads its own
     torch.cuda.empty_cache() if args.device.startswith("cuda") else None
     job = {"name": "bench-gpu-directsam", "input": {"uri": folder, "format": "folder"},
            "output": {"uri": os.path.join(tmp, "out-directsam")},
@@ -265,7 +265,7 @@ def iseg_rows(args, tmp: str, images: list[np.ndarray], folder: str) -> list[tup
     for i in range(0, len(small), b):
         lab(small[i:i + b])
     rows.append(("iseg", "labeler in-process", len(small) / (time.perf_counter() - t)))
-    del lab, sd
+    lab = sd = None  # free the models before the engine loads its own
     torch.cuda.empty_cache() if args.device.startswith("cuda") else None
     job = {"name": "bench-gpu-iseg", "input": {"uri": folder, "format": "folder", "limit": args.iseg_images},
            "output": {"uri": os.path.join(tmp, "out-iseg")}, "labelers": [spec],

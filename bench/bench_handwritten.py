@@ -16,13 +16,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "examples", "quickstart.yaml")
 
 
@@ -98,22 +95,13 @@ def main() -> None:
     from pseudolabel.jobs.demo_data import generate
 
     demo = yaml.safe_load(open(QUICKSTART))["input"]["demo"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])),
-           "RAY_ADDRESS": ""}
-    results: dict[str, list[dict]] = {"engine": [], "hand-written": []}
+    from bench_engine import alternating_cold_runs
+
     with tempfile.TemporaryDirectory() as tmp:
         generate(f"{tmp}/demo", images=args.images, shards=demo["shards"], seed=demo["seed"], size=demo["size"],
                  progress=False)
-        for k in range(args.pairs):
-            order = ("engine", "hand-written") if k % 2 == 0 else ("hand-written", "engine")
-            for which in order:
-                out = subprocess.run([sys.executable, __file__, "--one", which.split("-")[0], f"{tmp}/demo/images",
-                                      f"{tmp}/out-{which}-{k}"], env=env, capture_output=True, text=True, timeout=1800)
-                if out.returncode:
-                    sys.exit(out.stderr[-3000:])
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                results[which].append(r)
-                print(f"pair {k} {which}: {r}", file=sys.stderr)
+        results = alternating_cold_runs(__file__, ("engine", "hand-written"), lambda which, k: [
+            which.split("-")[0], f"{tmp}/demo/images", f"{tmp}/out-{which}-{k}"], args.pairs)
 
     print(f"\nmachine: {os.cpu_count()} CPUs; {args.images} quickstart demo images; labelers classical_grabcut + "
           f"classical_tokens; cold starts, {args.pairs} alternating pairs")

@@ -22,12 +22,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def one_run(images_uri: str, out_uri: str, host: str, host_cpus: str) -> dict:
@@ -67,20 +64,12 @@ def main() -> None:
 
     from pseudolabel.jobs.demo_data import generate
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])),
-           "RAY_ADDRESS": ""}
-    results: dict[str, list[dict]] = {"tasks": [], "actor": []}
+    from bench_engine import alternating_cold_runs
+
     with tempfile.TemporaryDirectory() as tmp:
         generate(f"{tmp}/demo", images=args.images, shards=4, seed=0, size=args.size, progress=False)
-        for k in range(args.pairs):
-            for host in ("tasks", "actor") if k % 2 == 0 else ("actor", "tasks"):
-                out = subprocess.run([sys.executable, __file__, "--one", f"{tmp}/demo/images", f"{tmp}/out-{host}-{k}",
-                                      host, str(args.host_cpus)], env=env, capture_output=True, text=True, timeout=1800)
-                if out.returncode:
-                    sys.exit(out.stderr[-3000:])
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                results[host].append(r)
-                print(f"pair {k} host={host}: {r}", file=sys.stderr)
+        results = alternating_cold_runs(__file__, ("tasks", "actor"), lambda host, k: [
+            f"{tmp}/demo/images", f"{tmp}/out-{host}-{k}", host, str(args.host_cpus)], args.pairs)
 
     print(f"\nmachine: {os.cpu_count()} CPUs; {args.images} demo images of {args.size}px; "
           f"labeler proxy_labelers:FixedMaps (no network; DirectSAM host half); medians of {args.pairs} runs")
@@ -88,14 +77,13 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     med = {}
     for host, runs in results.items():
-        med[host] = {key: statistics.median(r[key] for r in runs)
+        med[host] = {key: statistics.median(r[key] for r in runs) if all(r[key] for r in runs) else None
                      for key in ("seconds", "images_per_s", "steady_images_per_s", "first_file_s")}
-        m = med[host]
-        print(f"| {host} | {m['seconds']:.1f} | {m['images_per_s']:.2f} | {m['steady_images_per_s']:.2f} | "
-              f"{m['first_file_s']:.1f} |")
-    print(f"\ntasks / actor: {med['tasks']['images_per_s'] / med['actor']['images_per_s']:.2f}x end to end, "
-          f"{med['tasks']['steady_images_per_s'] / med['actor']['steady_images_per_s']:.2f}x steady state")
-
+        print(f"| {host} | " + " | ".join("–" if med[host][key] is None else f"{med[host][key]:.{d}f}" for key, d in (
+            ("seconds", 1), ("images_per_s", 2), ("steady_images_per_s", 2), ("first_file_s", 1))) + " |")
+    ratio = {key: med["tasks"][key] / med["actor"][key] if med["tasks"][key] and med["actor"][key] else float("nan")
+             for key in ("images_per_s", "steady_images_per_s")}
+    print(f"\ntasks / actor: {ratio['images_per_s']:.2f}x end to end, {ratio['steady_images_per_s']:.2f}x steady state")
 
 if __name__ == "__main__":
     main()
