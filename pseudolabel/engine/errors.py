@@ -13,4 +13,8 @@ class OutputConflictError(RuntimeError):
     """``output.uri`` holds the results of a different job."""
 
 
-UserError = (SpecError, SourceError, ResourceError, OutputConflictError)
+class WeightsError(RuntimeError):
+    """A labeler's checkpoint cannot be found or reached."""
+
+
+UserError = (SpecError, SourceError, ResourceError, OutputConflictError, WeightsError)

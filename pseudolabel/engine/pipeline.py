@@ -29,11 +29,11 @@ import pyarrow.parquet as pq
 from pseudolabel import __version__
 from pseudolabel.engine.cluster import connect
 from pseudolabel.engine.decode import fetch_decode
-from pseudolabel.engine.errors import OutputConflictError, ResourceError
+from pseudolabel.engine.errors import OutputConflictError, ResourceError, WeightsError
 from pseudolabel.engine.sources import list_input
 from pseudolabel.engine.stage import DeviceStage, decode_then_host, host_stage
 from pseudolabel.models.registry import labeler_class
-from pseudolabel.schemas.spec import JobSpec
+from pseudolabel.schemas.spec import JobSpec, SpecError
 from pseudolabel.schemas.tables import MANIFEST_SCHEMA
 from pseudolabel.engine.manifest import ManifestDatasource
 from pseudolabel.storage import arrow_filesystem, exists, filesystem, join, read_bytes, to_uri, write_bytes
@@ -190,10 +190,30 @@ def check_capacity(job: JobSpec, resuming: bool) -> None:
                             f"the cluster has {gpus:g}")
 
 
+def check_weights(job: JobSpec) -> None:
+    """Every labeler's checkpoints exist (or are reachable), checked on the driver before any work starts:
+    one line naming the labeler, the weights and the way out."""
+    from pseudolabel.models.weights import weights_problem
+
+    problems = []
+    for i, lab in enumerate(job.labelers):
+        try:
+            host = labeler_class(lab.name).host_half(lab, job.storage)
+        except ValueError as err:  # e.g. a labeler that needs an ontology was given none
+            raise SpecError(f"invalid job spec:\n  labelers.{i} ({lab.name}): {err}") from None
+        for source in host.weight_sources():
+            problem = weights_problem(source, job.storage, lab.revision)
+            if problem:
+                problems.append(f"labelers.{i} ({lab.name}) weights: {problem}")
+    if problems:
+        raise WeightsError("; ".join(problems))
+
+
 def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> dict:
     """Run a validated job to completion (or resume it); returns the summary dict."""
     started = time.time()
     run_id = uuid.uuid4().hex[:12]
+    check_weights(job)
 
     # 1. List the input once (or reuse the manifest of an earlier run of this job).
     manifest, resumed = prepare_output(job)

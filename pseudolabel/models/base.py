@@ -157,6 +157,11 @@ class Labeler:
             prompts = [None] * len(images)
         return self.label(images, prompts)
 
+    def weight_sources(self) -> list[str]:
+        """Every checkpoint the labeler loads (hub ids, local directories, s3:// prefixes), checked on the
+        driver before a job starts. Labelers with extra checkpoints (a backbone, an inpainter) add them."""
+        return [self.weights_id] if self.weights_id else []
+
     @property
     def weights_id(self) -> str:
         return self.spec.weights or self.default_weights or ""

@@ -110,3 +110,46 @@ def checkpoint_file(source: str, filename: str, revision: str | None = None) -> 
         raise
     except EntryNotFoundError:  # the repository (at that revision) has no such file
         return None
+
+
+def weights_problem(weights: str, storage: StorageSpec | None = None, revision: str | None = None) -> str | None:
+    """Why ``weights`` cannot be loaded, in a few words with the way out, or None when it looks loadable.
+
+    Checked without loading anything: a local path must be a non-empty directory; an s3:// (or other
+    remote) prefix must hold files; a hub id must be in the local hub cache, or — unless the hub is
+    switched off (``HF_HUB_OFFLINE``) — known to the hub. Meant for the driver, before any work starts.
+    """
+    proto = protocol_of(weights)
+    if proto != "file":
+        try:
+            fs, root = filesystem(weights, storage)
+            found = fs.exists(root) and any(not fs.isdir(p) for p in fs.find(root, maxdepth=2))
+        except Exception as err:  # credentials, endpoint, bucket...
+            return f"cannot list {weights} ({type(err).__name__}: {err})"
+        return None if found else f"no files under {weights}"
+    path = os.path.expanduser(weights[len("file://"):] if weights.startswith("file://") else weights)
+    if os.path.exists(path) or looks_like_local_path(weights) or not is_hub_id(weights):
+        if not os.path.exists(path):
+            return f"{weights} does not exist (a local checkpoint directory, an s3:// prefix or a hub id owner/name)"
+        if not os.path.isdir(path):
+            return f"{weights} is a file; give the checkpoint's directory"
+        if not os.listdir(path):
+            return f"{weights} is an empty directory"
+        return None
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    try:
+        huggingface_hub.snapshot_download(weights, revision=revision, local_files_only=True,
+                                          allow_patterns=["*.json"])
+        return None
+    except Exception:
+        pass
+    if constants.HF_HUB_OFFLINE:
+        return (f"hub id {weights} is not in the local hub cache and HF_HUB_OFFLINE is set: download it first "
+                f"(huggingface-cli download {weights}) or give a local directory or s3:// prefix")
+    try:
+        huggingface_hub.HfApi().model_info(weights, revision=revision, timeout=10)
+    except Exception as err:
+        return f"hub id {weights} cannot be reached ({type(err).__name__}); check the name and the network"
+    return None
