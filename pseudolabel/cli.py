@@ -24,7 +24,15 @@ def cmd_run(args) -> int:
     from pseudolabel.schemas.spec import load_spec
 
     job = load_spec(args.job, _overrides(args.set))  # fails before Ray starts
-    summary = run_job(job, address=args.address, progress=not args.quiet)
+    try:
+        summary = run_job(job, address=args.address, progress=not args.quiet)
+    except KeyboardInterrupt:
+        from pseudolabel.engine.pipeline import count_labels
+
+        done = count_labels(job)["distinct"]
+        print(f"\ninterrupted: {done} images committed in {job.output.uri}; run the same command again to resume",
+              file=sys.stderr)
+        return 130
     print(json.dumps(summary, indent=2))
     print(f"\n{summary['ok']} ok, {summary['error']} error of {summary['images']} images; "
           f"{summary['this_run']} labelled in this run at {summary['images_per_s']} images/s; "
@@ -47,9 +55,20 @@ def _storage(args):
     return StorageSpec(endpoint_url=args.endpoint_url) if getattr(args, "endpoint_url", None) else None
 
 
+def _require_run(output: str, args) -> None:
+    """Commands that read a run refuse a path that holds none (a mistyped path is not an empty run)."""
+    from pseudolabel.engine.errors import NoRunError
+    from pseudolabel.engine.pipeline import LABELS
+    from pseudolabel.storage import exists, join
+
+    if not exists(join(output, LABELS), _storage(args)):
+        raise NoRunError(f"{output} holds no run (no {LABELS}/ folder): check the path")
+
+
 def cmd_export(args) -> int:
     from pseudolabel.jobs.export import export
 
+    _require_run(args.output, args)
     info = export(args.output, args.format, args.out, storage=_storage(args), gt_json=args.gt,
                   labeler=args.labeler or None)
     print(json.dumps(info, indent=2, default=str))
@@ -59,6 +78,7 @@ def cmd_export(args) -> int:
 def cmd_evaluate(args) -> int:
     from pseudolabel.jobs.evaluate import evaluate
 
+    _require_run(args.output, args)
     kwargs = dict(class_agnostic=args.class_agnostic, task=args.task, max_dets=args.max_dets)
     if args.semantic_root:
         kwargs["gt_semantic_root"] = args.semantic_root
@@ -77,6 +97,7 @@ def cmd_evaluate(args) -> int:
 def cmd_report(args) -> int:
     from pseudolabel.jobs.report import report
 
+    _require_run(args.output, args)
     path = report(args.output, args.out, storage=_storage(args), sample=args.sample)
     print(path)
     return 0
@@ -122,7 +143,10 @@ def _train(module: str, func: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pseudolabel", description="Distributed pseudo-labeling on Ray.")
+    from pseudolabel import __version__
+
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action="version", version=f"pseudolabel {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run (or resume) a labeling job")

@@ -110,3 +110,60 @@ def test_train_directsam_through_the_command_line(demo_root, tmp_path, capsys, m
     assert "loss_first" in result and "loss_last" in result
     assert os.path.exists(tmp_path / "ft" / "config.json")
     assert os.path.exists(tmp_path / "ft" / "preprocessor_config.json")
+
+
+def test_version(capsys):
+    import pytest
+
+    from pseudolabel import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"pseudolabel {__version__}"
+
+
+def test_read_commands_refuse_a_path_that_holds_no_run(tmp_path, capsys):
+    missing = str(tmp_path / "typo")
+    for argv in (["export", missing, "--out", str(tmp_path / "c.json")], ["evaluate", missing, "--gt", "gt.json"],
+                 ["report", missing, "--out", str(tmp_path / "r")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {missing} holds no run (no labels/ folder): check the path"
+    assert not (tmp_path / "c.json").exists() and not (tmp_path / "r").exists()
+
+
+def test_ctrl_c_prints_one_line_with_what_is_committed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from pseudolabel.jobs.demo_data import generate
+
+    generate(str(tmp_path / "demo"), images=60, shards=2, seed=3, size=128, progress=False)
+    out = tmp_path / "out"
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({
+        "input": {"uri": str(tmp_path / "demo" / "images")}, "output": {"uri": str(out)},
+        "labelers": [{"name": "classical_grabcut", "params": {"iterations": 10}}],
+        "resources": {"decode_batch_size": 2}}))
+    proc = subprocess.Popen([sys.executable, "-m", "pseudolabel.cli", "run", str(spec), "--quiet"],
+                            env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            (out / "labels").is_dir() and any(p.suffix == ".parquet" for p in (out / "labels").iterdir())):
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: ") and last.endswith("run the same command again to resume")
+    committed = int(last.split()[1])
+    from pseudolabel.jobs.labels_io import read_labels
+
+    assert 0 < committed == read_labels(str(out)).num_rows < 60

@@ -17,4 +17,8 @@ class WeightsError(RuntimeError):
     """A labeler's checkpoint cannot be found or reached."""
 
 
-UserError = (SpecError, SourceError, ResourceError, OutputConflictError, WeightsError)
+class NoRunError(RuntimeError):
+    """A command that reads a run's output was pointed at a path that holds none."""
+
+
+UserError = (SpecError, SourceError, ResourceError, OutputConflictError, WeightsError, NoRunError)

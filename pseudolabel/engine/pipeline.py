@@ -128,7 +128,7 @@ def manifest_parts(job: JobSpec) -> tuple[list[str], list[int]]:
     return uris, rows
 
 
-def _count_labels(job: JobSpec, run_id: str | None = None) -> dict:
+def count_labels(job: JobSpec, run_id: str | None = None) -> dict:
     """Rows, ok/error rows and distinct image ids in ``labels/``; ``this_run``: rows written by ``run_id``."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
@@ -217,7 +217,7 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
 
     # 1. List the input once (or reuse the manifest of an earlier run of this job).
     manifest, resumed = prepare_output(job)
-    before = _count_labels(job)
+    before = count_labels(job)
     total = manifest.num_rows
     log.info("%s %d images; %d already labelled", "resuming:" if resumed else "listed", total, before["rows"])
 
@@ -226,7 +226,7 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
         _run_pipeline(job, address, progress, run_id, resuming=before["rows"] > 0)
 
     # 5. Summary.
-    after = _count_labels(job, run_id)
+    after = count_labels(job, run_id)
     seconds = time.time() - started
     new_rows = after["this_run"]  # (files a crashed run left uncommitted are dropped, so not rows - before)
     summary = {
