@@ -192,3 +192,26 @@ def test_labeler_exception_is_an_error_row_and_actor_death_loses_nothing(ray_clu
     assert rows["odd.png"]["status"] == "error" and "boom on width 97" in rows["odd.png"]["error"]
     assert all(r["status"] == "ok" for k, r in rows.items() if k != "odd.png")
     assert summary["ok"] == 10 and summary["error"] == 1
+
+
+def test_a_record_without_committed_labels_does_not_block_a_changed_job(ray_cluster, tmp_path):
+    """An earlier run that wrote its record and manifest but committed no labels (it died, or every
+    actor failed) is replaced by a corrected job into the same output, listing anew."""
+    from pseudolabel.engine.pipeline import prepare_output
+    from pseudolabel.schemas.spec import load_spec
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((24, 24, 3), 40 * i, np.uint8)).save(images / f"{i}.png")
+    out = str(tmp_path / "out")
+    first = _job(str(images), out, max_pixels=100)
+    prepare_output(load_spec(first))  # the record and manifest of a run that then committed nothing
+    assert os.path.exists(os.path.join(out, "job.json")) and os.path.isdir(os.path.join(out, "manifest"))
+    summary = pseudolabel.run(_job(str(images), out, max_pixels=200 * 200), progress=False)
+    assert summary["labelled"] == summary["ok"] == 3 and not summary["resumed"]
+    with open(os.path.join(out, "job.json")) as f:
+        assert json.load(f)["spec"]["input"]["max_pixels"] == 200 * 200
+    # once labels are committed, a changed job is refused again
+    with pytest.raises(OutputConflictError):
+        pseudolabel.run(first, progress=False)

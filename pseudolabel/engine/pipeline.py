@@ -50,7 +50,10 @@ CHECKPOINTS = "_checkpoints"
 
 def labelers_fingerprint(job: JobSpec) -> str:
     """Hash of what decides the labels (labelers, weights, params, ontology): equal means resumable."""
-    data = [lab.model_dump(exclude={"device", "compile"}) for lab in job.labelers]
+    # where the labels are computed (device, compile) and how exports filter them (score thresholds) do not
+    # change them
+    data = [lab.model_dump(exclude={"device": True, "compile": True, "ontology": {"__all__": {"score_threshold"}}})
+            for lab in job.labelers]
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -89,10 +92,17 @@ def prepare_output(job: JobSpec) -> tuple[pa.Table, bool]:
         differ = [what for what, same in (
             ("labelers (names, weights, params, ontology)", previous.get("fingerprint") == fingerprint),
             ("input", _input_of(previous.get("spec", {})) == _input_of(_public_spec(job)))) if not same]
-        if differ:
+        if differ and count_labels(job)["rows"]:
             raise OutputConflictError(
                 f"output.uri {out} already holds labels of a different job ({' and '.join(differ)} differ); "
                 f"use a new output.uri to start over")
+        if differ:  # an earlier run that committed nothing: its record does not bind this one
+            log.info("output.uri %s: replacing the record of an earlier run that committed no labels", out)
+            fs, root = filesystem(out, st)
+            for name in (MANIFEST, LABELS, CHECKPOINTS):
+                if fs.exists(f"{root.rstrip('/')}/{name}"):
+                    fs.rm(f"{root.rstrip('/')}/{name}", recursive=True)
+            resumed = False
     if resumed:
         fs, path = arrow_filesystem(manifest_uri, st)
         manifest = pq.read_table(path, filesystem=fs, schema=MANIFEST_SCHEMA)

@@ -69,6 +69,8 @@ class OntologyEntry(_Strict):
     semantic: bool = Field(False, description="stuff/part class (multitask checkpoints take a '[semantic] ' prefix)")
     id: int | None = Field(None, ge=1, description="category id; default: the next id not yet used in the job, "
                                                    "the same id wherever the same category name appears")
+    score_threshold: float | None = Field(None, ge=0, le=1, description="exports drop this category's annotations "
+                                                                        "scoring below it (labels keep them all)")
     _auto_id: bool = PrivateAttr(False)
 
     @model_validator(mode="after")
