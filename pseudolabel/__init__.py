@@ -10,7 +10,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def run(spec: Any, address: str | None = None, progress: bool = True, **overrides: Any) -> dict:
+def run(spec: Any, address: str | None = None, progress: bool = True, verbose: bool = False, **overrides: Any) -> dict:
     """Validate a job spec (path, dict or JobSpec), apply dotted overrides, run it; returns the summary.
 
     Overrides use dotted keys (``**{"output.uri": "/tmp/out"}``); ``__`` also separates levels
@@ -21,7 +21,7 @@ def run(spec: Any, address: str | None = None, progress: bool = True, **override
 
     flat = {k.replace("__", "."): v for k, v in overrides.items()}
     job = load_spec(spec, flat)
-    return run_job(job, address=address, progress=progress)
+    return run_job(job, address=address, progress=progress, verbose=verbose)
 
 
 __all__ = ["run", "__version__"]

@@ -25,7 +25,7 @@ def cmd_run(args) -> int:
 
     job = load_spec(args.job, _overrides(args.set))  # fails before Ray starts
     try:
-        summary = run_job(job, address=args.address, progress=not args.quiet)
+        summary = run_job(job, address=args.address, progress=not args.quiet, verbose=args.verbose)
     except KeyboardInterrupt:
         from pseudolabel.engine.pipeline import count_labels
 
@@ -76,10 +76,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from pseudolabel.jobs.evaluate import evaluate
+    from pseudolabel.jobs.evaluate import evaluate, parse_category_map
 
     _require_run(args.output, args)
     kwargs = dict(class_agnostic=args.class_agnostic, task=args.task, max_dets=args.max_dets)
+    if args.category_map:
+        kwargs["category_map"] = parse_category_map(args.category_map)
     if args.semantic_root:
         kwargs["gt_semantic_root"] = args.semantic_root
     if args.curve:
@@ -153,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("job", help="job spec YAML")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field")
     r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--quiet", action="store_true", help="no progress line")
     r.set_defaults(fn=cmd_run)
 
     d = sub.add_parser("demo-data", help="write a synthetic sharded dataset with ground truth")
@@ -180,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("output", metavar="OUTPUT")
     v.add_argument("--gt", required=True, help="ground-truth COCO instances JSON")
     v.add_argument("--task", choices=["instances", "tokens", "semantic"], default="instances")
-    v.add_argument("--class-agnostic", action="store_true")
+    v.add_argument("--class-agnostic", action="store_true", help="instances: every category counts as one")
+    v.add_argument("--category-map", action="append", default=[], metavar="RUN_NAME=GT_NAME",
+                   help="score the run's category RUN_NAME as the ground truth's GT_NAME (repeat for several; "
+                        "categories are otherwise matched by name)")
     v.add_argument("--max-dets", type=int, default=100)
     v.add_argument("--semantic-root", default=None, help="folder of ground-truth label PNGs (task semantic)")
     v.add_argument("--curve", default=None, help="tokens: write a recall-vs-token-count plot here (PNG)")

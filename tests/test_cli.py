@@ -149,7 +149,7 @@ def test_ctrl_c_prints_one_line_with_what_is_committed(tmp_path):
         "input": {"uri": str(tmp_path / "demo" / "images")}, "output": {"uri": str(out)},
         "labelers": [{"name": "classical_grabcut", "params": {"iterations": 10}}],
         "resources": {"decode_batch_size": 2}}))
-    proc = subprocess.Popen([sys.executable, "-m", "pseudolabel.cli", "run", str(spec), "--quiet"],
+    proc = subprocess.Popen([sys.executable, "-m", "pseudolabel.cli", "run", str(spec)],
                             env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 300
@@ -161,6 +161,8 @@ def test_ctrl_c_prints_one_line_with_what_is_committed(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
+    assert "labelled: " in stderr and "img/s" in stderr  # our progress line
+    assert "Token authentication" not in stderr and "Progress bars disabled" not in stderr  # Ray's notices: --verbose
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("interrupted: ") and last.endswith("run the same command again to resume")
     committed = int(last.split()[1])

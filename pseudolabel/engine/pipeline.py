@@ -36,6 +36,7 @@ from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import JobSpec, SpecError
 from pseudolabel.schemas.tables import MANIFEST_SCHEMA
 from pseudolabel.engine.manifest import ManifestDatasource
+from pseudolabel.engine.progress import CommittedProgress
 from pseudolabel.storage import arrow_filesystem, exists, filesystem, join, read_bytes, to_uri, write_bytes
 
 log = logging.getLogger("pseudolabel")
@@ -219,8 +220,12 @@ def check_weights(job: JobSpec) -> None:
         raise WeightsError("; ".join(problems))
 
 
-def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> dict:
-    """Run a validated job to completion (or resume it); returns the summary dict."""
+def run_job(job: JobSpec, address: str | None = None, progress: bool = True, verbose: bool = False) -> dict:
+    """Run a validated job to completion (or resume it); returns the summary dict.
+
+    ``progress``: our progress line (images labelled / to label, rate, ETA, errors) on stderr;
+    ``verbose``: Ray Data's own operator bars and logs too.
+    """
     started = time.time()
     run_id = uuid.uuid4().hex[:12]
     check_weights(job)
@@ -233,7 +238,7 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
 
     # 2-4. Label what is left (nothing to start when an earlier run finished every image).
     if not before["rows"] == before["distinct"] == total:
-        _run_pipeline(job, address, progress, run_id, resuming=before["rows"] > 0)
+        _run_pipeline(job, address, progress, verbose, run_id, before_rows=before["rows"], total=total)
 
     # 5. Summary.
     after = count_labels(job, run_id)
@@ -251,7 +256,8 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True) -> 
     return summary
 
 
-def _run_pipeline(job: JobSpec, address: str | None, progress: bool, run_id: str, resuming: bool) -> None:
+def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bool, run_id: str,
+                  before_rows: int, total: int) -> None:
     """Ray, the streaming plan and the checkpointed write."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -259,11 +265,13 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, run_id: str
 
     out, st, res = job.output.uri, job.storage, job.resources
     # 2. Ray, checkpointing and progress reporting.
-    connect(address, min_cpus=cpus_needed(job, resuming))
+    resuming = before_rows > 0
+    connect(address, min_cpus=cpus_needed(job, resuming), verbose=verbose)
     check_capacity(job, resuming)
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = False
+    bar = None
     ckpt_fs, ckpt_path = arrow_filesystem(join(out, CHECKPOINTS), st)
     ctx.checkpoint_config = CheckpointConfig(id_column="image_id", checkpoint_path=ckpt_path,
                                              override_filesystem=ckpt_fs, delete_checkpoint_on_success=False)
@@ -316,7 +324,11 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, run_id: str
         # 4. Write; the checkpoint makes this exactly-once across re-runs. Write tasks reserve what host
         # tasks do, so each host task writes its own rows (labels are committed from the first batch on).
         lab_fs, lab_path = arrow_filesystem(join(out, LABELS), st)
+        bar = CommittedProgress(join(out, LABELS), st, total, before_rows, enabled=progress)
+        bar.start()
         ds.write_parquet(lab_path, filesystem=lab_fs, max_rows_per_file=res.rows_per_file,
                          ray_remote_args={"num_cpus": res.host_cpus})
     finally:
         ctx.checkpoint_config = None
+        if bar is not None:
+            bar.stop()
