@@ -402,3 +402,168 @@ def test_evaluate_tokens_labeler_filter(tmp_path, gt_path):
     assert both["asa"] == merged["asa"] and both["mean_tokens"] == merged["mean_tokens"]
     with pytest.raises(ValueError, match="tokens"):
         evaluate(out, gt_path, task="instances", labeler="test")
+
+
+# ---------------------------------------------------------------- categories: matched by name, never by id
+
+# GT categories renamed and re-numbered: box -> "cube" (id 7), disc -> "ball" (id 5), wedge -> "slice" (id 9)
+RENAMED = {"box": ("cube", 7), "disc": ("ball", 5), "wedge": ("slice", 9)}
+
+
+def _gt_file(path, names: dict[str, tuple[str, int]] | None = None, drop: tuple[str, ...] = ()) -> str:
+    """The fixture GT with categories renamed/re-numbered by ``names`` (name -> (new name, new id)) and the
+    categories in ``drop`` (old names) removed with their annotations."""
+    gt = gt_coco()
+    names = names or {}
+    new_id, keep = {}, []
+    for c in gt["categories"]:
+        if c["name"] in drop:
+            continue
+        name, cid = names.get(c["name"], (c["name"], c["id"]))
+        if cid not in new_id.values():  # two old categories may become one
+            keep.append({**c, "name": name, "id": cid})
+        new_id[c["id"]] = cid
+    gt["categories"] = keep
+    gt["annotations"] = [{**a, "category_id": new_id[a["category_id"]]} for a in gt["annotations"]
+                         if a["category_id"] in new_id]
+    path.write_text(json.dumps(gt))
+    return str(path)
+
+
+def _imperfect_run(out) -> str:
+    """The perfect run plus a top-scored false positive "disc" in image 1: 0 < AP < 1."""
+    from labels_fixtures import H, W
+
+    fp = np.zeros((H, W), bool)
+    fp[45:60, 40:75] = True  # background in image 1
+    assert not np.any(np.stack(shape_masks(1))[:, 45:60, 40:75])
+    return _run_with_extra_mask(out, fp, 2)
+
+
+def test_evaluate_refuses_run_categories_missing_from_the_gt(tmp_path):
+    from pseudolabel.jobs.evaluate import EvaluationError, evaluate
+
+    out = write_run(tmp_path / "run", mode="perfect")
+    gt = _gt_file(tmp_path / "renamed.json", RENAMED)
+    for task in ("instances", "semantic"):
+        with pytest.raises(EvaluationError) as err:
+            evaluate(out, gt, task=task)
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith("run categories with no ground-truth category of the same name")
+        assert "box, disc, wedge" in msg and "(ground truth has: cube, ball, slice)" in msg and "--category-map" in msg
+        assert ("--class-agnostic" in msg) == (task == "instances")  # semantic has no class-agnostic mode
+    # one run category left unmatched: only it is listed
+    with pytest.raises(EvaluationError, match=r"same name: wedge \(") as err:
+        evaluate(out, gt, category_map={"box": "cube", "disc": "ball"})
+    assert "box" not in str(err.value).split("(")[0]
+    # class-agnostic needs no names
+    assert evaluate(out, gt, class_agnostic=True)["AP"] == pytest.approx(1.0, abs=1e-6)
+    # names match case-insensitively
+    upper = _gt_file(tmp_path / "upper.json", {"box": ("Box", 1), "disc": ("DISC", 2), "wedge": ("Wedge", 3)})
+    r = evaluate(out, upper)
+    assert r["AP"] == pytest.approx(1.0, abs=1e-6)
+    assert r["category_map"] == {"box": "Box", "disc": "DISC", "wedge": "Wedge"}
+
+
+def test_evaluate_category_map_scores_as_renaming_the_gt(tmp_path):
+    from pseudolabel.jobs.evaluate import evaluate
+
+    out = _imperfect_run(tmp_path / "run")
+    renamed = _gt_file(tmp_path / "renamed.json", RENAMED)
+    # the same re-numbered GT with the run's names: matched by name, no map needed
+    renumbered = _gt_file(tmp_path / "renumbered.json", {k: (k, cid) for k, (_, cid) in RENAMED.items()})
+    cmap = {k: name for k, (name, _) in RENAMED.items()}
+    mapped = evaluate(out, renamed, category_map=cmap)
+    by_name = evaluate(out, renumbered)
+    assert 0.3 < mapped["AP"] < 0.99
+    for k in ("AP", "AP50", "AP75", "AR", "predictions", "matched_images"):
+        assert mapped[k] == by_name[k], k
+    assert mapped["category_map"] == cmap and mapped["categories_evaluated"] == ["cube", "ball", "slice"]
+    assert mapped["gt_categories_not_evaluated"] == [] and by_name["categories_evaluated"] == ["box", "disc", "wedge"]
+    sem_mapped = evaluate(out, renamed, task="semantic", category_map=cmap)
+    sem_by_name = evaluate(out, renumbered, task="semantic")
+    assert 0.5 < sem_mapped["miou"] < 0.99 and sem_mapped["miou"] == sem_by_name["miou"]
+    assert sem_mapped["iou"]["ball"] == sem_by_name["iou"]["disc"] < 1.0
+    # two run categories scored as one GT category
+    merged = _gt_file(tmp_path / "merged.json", {"disc": ("round", 2), "wedge": ("round", 2)})
+    with pytest.raises(ValueError, match="same name: disc, wedge"):
+        evaluate(out, merged)
+    one = evaluate(out, merged, category_map={"disc": "round", "wedge": "round"})
+    assert one["categories_evaluated"] == ["box", "round"] and 0.3 < one["AP"] < 0.99
+
+
+def test_evaluate_category_map_is_validated(tmp_path, gt_path):
+    from pseudolabel.jobs.evaluate import EvaluationError, evaluate, parse_category_map
+
+    out = write_run(tmp_path / "run", mode="perfect")
+    with pytest.raises(EvaluationError, match=r"'cube' not among the run's categories \(box, disc, wedge\)"):
+        evaluate(out, gt_path, category_map={"cube": "box"})
+    with pytest.raises(EvaluationError, match=r"'cube' not among the ground truth's categories \(box, disc, wedge\)"):
+        evaluate(out, gt_path, category_map={"box": "cube"})
+    with pytest.raises(EvaluationError, match="class_agnostic"):
+        evaluate(out, gt_path, category_map={"box": "box"}, class_agnostic=True)
+    with pytest.raises(EvaluationError, match="category_map"):
+        evaluate(out, gt_path, task="tokens", category_map={"box": "box"})
+    pairs = ["box=cube", " traffic light = light=pole "]
+    assert parse_category_map(pairs) == {"box": "cube", "traffic light": "light=pole"}
+    for bad in (["box"], ["=cube"], ["box="], ["box=cube", "box=ball"]):
+        with pytest.raises(EvaluationError, match="--category-map"):
+            parse_category_map(bad)
+    with pytest.raises(EvaluationError, match="no such file"):
+        evaluate(out, str(tmp_path / "nope.json"))
+
+
+def test_evaluate_partial_gt_coverage_warns_and_scores_the_matched_categories(tmp_path, gt_path, caplog):
+    from labels_fixtures import label_rows
+    from pseudolabel.jobs.evaluate import evaluate
+
+    rows = label_rows("perfect")
+    for r in rows:  # the run knows no "wedge"
+        r["annotations"] = [a for a in r["annotations"] if a["category"] != "wedge"]
+    out = _write_rows(tmp_path / "run", rows)
+    with caplog.at_level("WARNING", logger="pseudolabel.jobs.evaluate"):
+        r = evaluate(out, gt_path)
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "2 of 3 ground-truth categories" in warnings[0] and "wedge" in warnings[0]
+    assert r["categories_evaluated"] == ["box", "disc"] and r["gt_categories_not_evaluated"] == ["wedge"]
+    assert r["AP"] == pytest.approx(1.0, abs=1e-6)  # the wedge GT is not a miss
+    without = evaluate(out, _gt_file(tmp_path / "two.json", drop=("wedge",)))
+    assert without["AP"] == r["AP"] and without["AR"] == r["AR"] and without["gt_categories_not_evaluated"] == []
+    # semantic: the wedge region is ignored, not scored as missed
+    sem = evaluate(out, gt_path, task="semantic")
+    assert sem["miou"] == pytest.approx(1.0) and "wedge" not in sem["iou"]
+    assert sem["categories_evaluated"] == ["box", "disc"]
+
+
+def test_evaluate_curve_without_boundary_layers_names_the_fix(tmp_path, gt_path):
+    from pseudolabel.jobs.evaluate import EvaluationError, evaluate
+
+    out = write_run(tmp_path / "plain")
+    curve = str(tmp_path / "curve.png")
+    with pytest.raises(EvaluationError) as err:
+        evaluate(out, gt_path, task="tokens", curve_png=curve)
+    assert "save_boundary: true" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(EvaluationError, match="of labeler test in the run .*; it has those of directsam"):
+        evaluate(_write_rows(tmp_path / "run", _shifted_boundary_rows()), gt_path, task="tokens", curve_png=curve,
+                 labeler="test")
+
+
+def test_cli_evaluate_category_errors_and_map(tmp_path, capsys):
+    from pseudolabel.cli import main
+
+    out = write_run(tmp_path / "run", mode="perfect")
+    gt = _gt_file(tmp_path / "renamed.json", RENAMED)
+    assert main(["evaluate", out, "--gt", gt]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: run categories with no ground-truth category") and "box, disc, wedge" in err[-1]
+    args = ["evaluate", out, "--gt", gt, "--category-map", "box=cube", "--category-map", "disc=ball",
+            "--category-map", "wedge=slice"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["AP"] == pytest.approx(1.0, abs=1e-6) and res["categories_evaluated"] == ["cube", "ball", "slice"]
+    assert main(["evaluate", out, "--gt", gt, "--category-map", "box"]) == 2
+    assert "RUN_NAME=GT_NAME" in capsys.readouterr().err
+    assert main(["evaluate", out, "--gt", gt, "--task", "tokens", "--curve", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no 'boundary' layers") and "save_boundary: true" in err[-1]

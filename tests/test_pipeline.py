@@ -215,3 +215,19 @@ def test_a_record_without_committed_labels_does_not_block_a_changed_job(ray_clus
     # once labels are committed, a changed job is refused again
     with pytest.raises(OutputConflictError):
         pseudolabel.run(first, progress=False)
+
+
+def test_summary_has_category_counts_score_quantiles_and_labeler_seconds(local_run):
+    _, out, summary = local_run
+    rows = read_labels(out).to_pylist()
+    scores = [a["score"] for r in rows for a in r["annotations"]]
+    assert scores, "the fixture run has annotations"
+    [stats] = summary["category_stats"]
+    assert (stats["labeler"], stats["category"], stats["annotations"]) == ("classical_grabcut", "shape", len(scores))
+    assert stats["score_p50"] == pytest.approx(float(np.quantile(np.float32(scores).astype(np.float64), 0.5)), abs=1e-4)
+    assert stats["score_p10"] <= stats["score_p50"] <= stats["score_p90"]
+    timing = {t["labeler"]: t for t in summary["labeler_seconds"]}
+    assert set(timing) == {"classical_grabcut", "classical_tokens"}
+    assert all(set(t) == {"labeler", "host"} and t["host"] > 0 for t in timing.values())  # no network: host only
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["category_stats"] == summary["category_stats"]

@@ -115,8 +115,11 @@ def test_through_ray_both_plans_write_the_same_parquet_rows(ray_cluster, tmp_pat
            "resources": {"actors": 1, "cpus_per_actor": 0.25, "batch_size": 2, "decode_batch_size": 2}}
     whole_job = {**job, "output": {"uri": str(tmp_path / "whole")}, "resources": {**job["resources"], "host": "actor"}}
     assert actor_stages(load_spec(job)) == [0] and actor_stages(load_spec(whole_job)) == [0, 1]
-    pseudolabel.run(job, progress=False)
-    pseudolabel.run(whole_job, progress=False)
+    split_summary = pseudolabel.run(job, progress=False)
+    whole_summary = pseudolabel.run(whole_job, progress=False)
+    # where each labeler's time went: forward in the actor, the rest in host tasks, or all in the actor
+    assert [sorted(t) for t in split_summary["labeler_seconds"]] == [["device", "host", "labeler"], ["host", "labeler"]]
+    assert [sorted(t) for t in whole_summary["labeler_seconds"]] == [["actor", "labeler"], ["actor", "labeler"]]
     split, whole = _rows(str(tmp_path / "split")), _rows(str(tmp_path / "whole"))
     assert len(split) == 4 and all(r["status"] == "ok" for r in split), [r["error"] for r in split]
     assert all(r["subobjects"] and r["annotations"] and r["layers"] for r in split)

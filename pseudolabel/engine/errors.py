@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pseudolabel.engine.sources import SourceError
+from pseudolabel.errors import UsageError
 from pseudolabel.schemas.spec import SpecError
 
 
@@ -21,4 +22,4 @@ class NoRunError(RuntimeError):
     """A command that reads a run's output was pointed at a path that holds none."""
 
 
-UserError = (SpecError, SourceError, ResourceError, OutputConflictError, WeightsError, NoRunError)
+UserError = (SpecError, SourceError, ResourceError, OutputConflictError, WeightsError, NoRunError, UsageError)

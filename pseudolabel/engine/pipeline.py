@@ -31,7 +31,7 @@ from pseudolabel.engine.cluster import connect
 from pseudolabel.engine.decode import fetch_decode
 from pseudolabel.engine.errors import OutputConflictError, ResourceError, WeightsError
 from pseudolabel.engine.sources import list_input
-from pseudolabel.engine.stage import DeviceStage, decode_then_host, host_stage
+from pseudolabel.engine.stage import DeviceStage, decode_then_host, host_stage, stats_actor
 from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import JobSpec, SpecError
 from pseudolabel.schemas.tables import MANIFEST_SCHEMA
@@ -158,6 +158,42 @@ def count_labels(job: JobSpec, run_id: str | None = None) -> dict:
             "this_run": pc.sum(pc.equal(table.column("run_id"), run_id)).as_py() or 0 if run_id else 0}
 
 
+def category_stats(job: JobSpec) -> list[dict]:
+    """Per category (and labeler) of the labels table: annotation count and score quantiles (p10, p50, p90).
+
+    Reads only the annotations' category, labeler and score leaves of each file (no masks).
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    fs, root = filesystem(join(job.output.uri, LABELS), job.storage)
+    try:
+        files = [p for p in fs.find(root) if p.endswith(".parquet")]
+    except FileNotFoundError:
+        files = []
+    leaves = [f"annotations.list.element.{k}" for k in ("category", "labeler", "score")]
+    parts = []
+    for path in files:
+        with fs.open(path, "rb") as f:
+            anns = pc.list_flatten(pq.ParquetFile(f).read(columns=leaves).column("annotations"))
+        parts.append(pa.table({k: pc.struct_field(anns, k) for k in ("category", "labeler", "score")}))
+    if not parts:
+        return []
+    table = pa.concat_tables(parts)
+    out = []
+    keys = sorted(set(zip(table.column("labeler").to_pylist(), table.column("category").to_pylist())),
+                  key=lambda k: (str(k[0]), str(k[1])))
+    labelers = np.array(table.column("labeler").to_pylist(), dtype=object)
+    categories = np.array(table.column("category").to_pylist(), dtype=object)
+    scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+    for labeler, category in keys:
+        sel = scores[(labelers == labeler) & (categories == category)]
+        p10, p50, p90 = (round(float(v), 4) for v in np.quantile(sel, [0.1, 0.5, 0.9]))
+        out.append({"labeler": labeler, "category": category, "annotations": int(len(sel)),
+                    "score_p10": p10, "score_p50": p50, "score_p90": p90})
+    return out
+
+
 #: Ray Data's checkpoint filter (present when resuming) runs in one actor that reserves 1 CPU.
 CHECKPOINT_FILTER_CPUS = 1.0
 
@@ -237,8 +273,9 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True, ver
     log.info("%s %d images; %d already labelled", "resuming:" if resumed else "listed", total, before["rows"])
 
     # 2-4. Label what is left (nothing to start when an earlier run finished every image).
+    timings: dict = {}
     if not before["rows"] == before["distinct"] == total:
-        _run_pipeline(job, address, progress, verbose, run_id, before_rows=before["rows"], total=total)
+        timings = _run_pipeline(job, address, progress, verbose, run_id, before_rows=before["rows"], total=total)
 
     # 5. Summary.
     after = count_labels(job, run_id)
@@ -250,6 +287,10 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True, ver
         "distinct": after["distinct"], "this_run": new_rows, "resumed": resumed,
         "seconds": round(seconds, 2), "images_per_s": round(new_rows / seconds, 3) if seconds > 0 else None,
         "labelers": [lab.name for lab in job.labelers], "categories": categories_of(job),
+        "category_stats": category_stats(job),
+        "labeler_seconds": [{"labeler": lab.name, **{phase: round(sec, 2) for (k, phase), (sec, _) in timings.items()
+                                                      if k == i}}
+                            for i, lab in enumerate(job.labelers)],
         "engine_version": __version__,
     }
     write_bytes(join(job.output.uri, "summary.json"), json.dumps(summary, indent=2).encode(), job.storage)
@@ -257,8 +298,10 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True, ver
 
 
 def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bool, run_id: str,
-                  before_rows: int, total: int) -> None:
-    """Ray, the streaming plan and the checkpointed write."""
+                  before_rows: int, total: int) -> dict:
+    """Ray, the streaming plan and the checkpointed write; returns this run's seconds and images per
+    (labeler index, phase): ``device`` (forward in actors), ``host`` (postprocess + encoding in tasks),
+    ``actor`` (a labeler run whole in its actor), summed over workers."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
     from ray.data.checkpoint import CheckpointConfig
@@ -268,6 +311,8 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bo
     resuming = before_rows > 0
     connect(address, min_cpus=cpus_needed(job, resuming), verbose=verbose)
     check_capacity(job, resuming)
+    stats_name = f"pseudolabel-stats-{run_id}"
+    stats = stats_actor(stats_name)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = False
@@ -305,7 +350,7 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bo
                     max_restarts=-1,
                     fn_constructor_kwargs=dict(spec=job.labelers[i].model_dump(mode="json"), index=i,
                                                storage=st.model_dump(), gpus_per_actor=res.gpus_per_actor,
-                                               whole=res.host == "actor"),
+                                               whole=res.host == "actor", stats=stats_name),
                 )
         # host halves of every labeler + encoding, in CPU tasks (as many at once as the CPUs allow)
         sources = []
@@ -314,7 +359,7 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bo
             whole = i in on_actors and (res.host == "actor" or not cls.splits())
             sources.append({"spec": lab.model_dump(mode="json"),
                             "source": "record" if whole else "payload" if i in on_actors else "host"})
-        host_kwargs = dict(labelers=sources, storage=st.model_dump(), provenance=provenance)
+        host_kwargs = dict(labelers=sources, storage=st.model_dump(), provenance=provenance, stats=stats_name)
         if on_actors:
             ds = ds.map_batches(host_stage, batch_format="pyarrow", batch_size=None, num_cpus=res.host_cpus,
                                 fn_kwargs=host_kwargs)
@@ -328,7 +373,9 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bo
         bar.start()
         ds.write_parquet(lab_path, filesystem=lab_fs, max_rows_per_file=res.rows_per_file,
                          ray_remote_args={"num_cpus": res.host_cpus})
+        return ray.get(stats.get.remote(), timeout=30)
     finally:
         ctx.checkpoint_config = None
         if bar is not None:
             bar.stop()
+        ray.kill(stats)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import traceback
 from typing import Any
 
@@ -110,7 +111,9 @@ class DeviceStage:
         whole: run the whole labeler here (``resources.host: actor``) even when it splits.
     """
 
-    def __init__(self, spec: dict, index: int, storage: dict | None, gpus_per_actor: float, whole: bool = False):
+    def __init__(self, spec: dict, index: int, storage: dict | None, gpus_per_actor: float, whole: bool = False,
+                 stats: str | None = None):
+        self.index, self.stats = index, stats
         self.spec = LabelerSpec.model_validate(spec)
         self.name = self.spec.name
         device = resolve_device(self.spec.device, gpus_per_actor)
@@ -150,7 +153,10 @@ class DeviceStage:
         rows = _Rows(batch)
         values: list[Any] = [None] * batch.num_rows
         if rows.ok:
+            started = time.perf_counter()
             results = self._results([rows.images[i] for i in rows.ok], [rows.prompts[i] for i in rows.ok])
+            report_seconds(self.stats, self.index, "actor" if self.whole else "device",
+                           time.perf_counter() - started, len(rows.ok))
             for i, result in zip(rows.ok, results):
                 try:
                     if isinstance(result, BaseException):
@@ -167,6 +173,46 @@ class DeviceStage:
         return rows.with_status(batch).append_column(self.column, column)
 
 
+class RunStats:
+    """Seconds and images per (labeler index, phase) summed over every actor and task of one run; a
+    named Ray actor (``stats_actor``) the stages report to, read by the driver for ``summary.json``."""
+
+    def __init__(self):
+        self.totals: dict[tuple[int, str], list[float]] = {}
+
+    def add(self, index: int, phase: str, seconds: float, images: int) -> None:
+        total = self.totals.setdefault((index, phase), [0.0, 0])
+        total[0] += seconds
+        total[1] += images
+
+    def get(self) -> dict[tuple[int, str], list[float]]:
+        return self.totals
+
+
+def stats_actor(name: str):
+    """Start the run's RunStats actor under ``name`` (no CPU reserved)."""
+    import ray
+
+    return ray.remote(RunStats).options(name=name, num_cpus=0).remote()
+
+
+_STATS_HANDLES: dict[str, Any] = {}
+
+
+def report_seconds(stats: str | None, index: int, phase: str, seconds: float, images: int) -> None:
+    """Fire-and-forget a timing to the run's RunStats actor; nothing when there is none (in-process use)."""
+    if not stats or not images:
+        return
+    try:
+        import ray
+
+        if stats not in _STATS_HANDLES:
+            _STATS_HANDLES[stats] = ray.get_actor(stats)
+        _STATS_HANDLES[stats].add.remote(index, phase, seconds, images)
+    except Exception:  # timings are informative: never fail a batch for them
+        pass
+
+
 #: host halves built in this worker process, by spec (Ray reuses task workers, so each labeler's host
 #: half is set up once per process, not once per batch)
 _HOST_HALVES: dict[str, Any] = {}
@@ -181,7 +227,8 @@ def _host_half(spec: dict, storage: dict | None):
     return _HOST_HALVES[key]
 
 
-def host_stage(batch: pa.Table, labelers: list[dict], storage: dict | None, provenance: dict) -> pa.Table:
+def host_stage(batch: pa.Table, labelers: list[dict], storage: dict | None, provenance: dict,
+               stats: str | None = None) -> pa.Table:
     """map_batches task: every labeler's records for every ok row, in job order -> the `labels` table.
 
     ``labelers``: per labeler in job order, ``{"spec": dict, "source": "payload" | "record" | "host"}``:
@@ -197,6 +244,7 @@ def host_stage(batch: pa.Table, labelers: list[dict], storage: dict | None, prov
         elif lab["source"] == "record":
             in_flight[k] = batch.column(record_column(k))
     cols: dict[str, list] = {name: [[] for _ in range(n)] for name in LIST_COLUMNS}
+    seconds = [0.0] * len(labelers)
     for i in rows.ok:
         image, prompt = rows.images[i], rows.prompts[i]
         h, w = image.shape[:2]
@@ -207,9 +255,11 @@ def host_stage(batch: pa.Table, labelers: list[dict], storage: dict | None, prov
                 if lab["source"] == "record":
                     records.append(in_flight[k][i].as_py())
                     continue
+                started = time.perf_counter()
                 payload = unpack_payload(in_flight[k][i].as_py()) if lab["source"] == "payload" else None
                 output = _host_half(lab["spec"], storage).postprocess(image, prompt, payload)
                 records.append(encode_output(output, name, h, w))
+                seconds[k] += time.perf_counter() - started
             except Exception as err:
                 rows.fail(i, name, err)
                 break
@@ -221,6 +271,9 @@ def host_stage(batch: pa.Table, labelers: list[dict], storage: dict | None, prov
                     next_id += 1
                 for name in LIST_COLUMNS:
                     cols[name][i] += rec[name]
+    for k, lab in enumerate(labelers):
+        if lab["source"] != "record":
+            report_seconds(stats, k, "host", seconds[k], len(rows.ok))
     table = rows.with_status(batch)
     for name, typ in LIST_COLUMNS.items():
         table = table.append_column(name, pa.array(cols[name], typ))

@@ -3,10 +3,10 @@
 Tasks (``evaluate(..., task=...)``):
 
 - ``instances``: the run's annotations as COCO results (in memory), matched to the GT images by
-  ``file_name`` (exact, else a unique basename) and to GT categories by name, scored with pycocotools'
-  COCOeval ``segm`` over the matched images, ``maxDets`` = [1, 10, ``max_dets``] (raise it for dense
-  outputs). ``class_agnostic`` maps every GT and predicted category to one. Returns AP, AP50, AP75,
-  AP_small/medium/large, AR@1/10/max and counts.
+  ``file_name`` (exact, else a unique basename) and to GT categories by name (see below), scored with
+  pycocotools' COCOeval ``segm`` over the matched images and categories, ``maxDets`` = [1, 10, ``max_dets``]
+  (raise it for dense outputs). ``class_agnostic`` maps every GT and predicted category to one. Returns AP,
+  AP50, AP75, AP_small/medium/large, AR@1/10/max and counts.
 - ``tokens``: per matched image, the GT instances rasterised to a label map (background 0 is a
   segment of its own; smaller instances painted over larger ones) against the predicted subobject
   tokens (first token wins where tokens overlap): boundary precision/recall/F1 with the reference
@@ -19,6 +19,13 @@ Tasks (``evaluate(..., task=...)``):
   = GT category ids, 0 = background, 255 = ignore) or, without it, the GT instances rasterised by
   category id (crowd regions ignored).
 
+Categories (``instances`` without ``class_agnostic``, ``semantic``): every run category (the run's ontology
+plus any category seen in its annotations) is matched to the GT category of the same name (exact, else
+case-insensitive when unique), or to the GT name ``category_map`` gives for it. A run category with no GT
+category is an ``EvaluationError`` that lists the names; ids are never matched. GT categories that no run
+category matches are left out of the scores (a one-line warning; in the result: ``categories_evaluated``,
+``gt_categories_not_evaluated``, and ``category_map``, every run name -> its GT name).
+
 Every result is a JSON-serialisable dict (NaN becomes None).
 """
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import math
 import posixpath
 from collections import defaultdict
@@ -33,11 +41,15 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from pseudolabel.errors import UsageError
 from pseudolabel import storage as st
 from pseudolabel.jobs import metrics as M
 from pseudolabel.jobs.export import (
     _INSTANCE_COLUMNS,
+    _category_table,
     coco_results,
     gt_file_index,
     labeler_filter,
@@ -49,9 +61,129 @@ from pseudolabel.jobs.labels_io import read_job, read_labels, rles_to_label_map
 from pseudolabel.schemas.spec import StorageSpec
 from pseudolabel.schemas.tables import STATUS_OK
 
+log = logging.getLogger(__name__)
+
 TASKS = ("instances", "tokens", "semantic")
 _COCO_STATS = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10", "AR",
                "AR_small", "AR_medium", "AR_large"]
+
+
+class EvaluationError(UsageError):
+    """The evaluation cannot be done as asked (unmatched categories, a missing layer, a bad option); the
+    message says how to fix it."""
+
+
+def _name_list(names, limit: int = 20) -> str:
+    names = list(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def parse_category_map(pairs: Sequence[str]) -> dict[str, str]:
+    """``["run_name=gt_name", ...]`` (the CLI's repeated ``--category-map``) as ``{run_name: gt_name}``."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        run_name, sep, gt_name = pair.partition("=")
+        run_name, gt_name = run_name.strip(), gt_name.strip()
+        if not sep or not run_name or not gt_name:
+            raise EvaluationError(f"--category-map {pair!r}: expected RUN_NAME=GT_NAME, "
+                                  "e.g. --category-map car=automobile")
+        if out.get(run_name, gt_name) != gt_name:
+            raise EvaluationError(f"--category-map maps {run_name!r} twice ({out[run_name]!r} and {gt_name!r})")
+        out[run_name] = gt_name
+    return out
+
+
+def _run_categories(output_uri: str, storage, table: pa.Table) -> list[dict]:
+    """The run's COCO categories (ontology plus any (id, name) seen in the ok rows' annotations), with the
+    ids ``coco_results`` gives its results."""
+    ok = table.select(["image_id", "status", "annotations"])
+    ok = ok.filter(pc.equal(ok["status"], STATUS_OK)).sort_by("image_id")
+    anns = pc.list_flatten(ok["annotations"])
+    fields = {k: (pc.struct_field(anns, k).to_pylist() if len(anns) else [])
+              for k in ("category_id", "category", "labeler")}
+    seen = dict.fromkeys(zip(fields["category_id"], fields["category"], fields["labeler"]))
+    rows = [{"annotations": [{"category_id": i, "category": n, "labeler": lab} for i, n, lab in seen]}]
+    return _category_table(output_uri, storage, rows)[0]
+
+
+def match_categories(run_cats: list[dict], gt: dict, category_map: dict[str, str] | None = None,
+                     agnostic_hint: bool = True) -> dict:
+    """Run categories -> GT categories by name (see the module docstring); ``agnostic_hint``: the error
+    suggests ``--class-agnostic`` too.
+
+    Returns:
+        {"ids": {run id: GT id}, "names": {run name: GT name}, "evaluated": [GT ids], "missing": [GT names
+        no run category matches]}.
+
+    Raises:
+        EvaluationError: a ``category_map`` name is not a run (or GT) category, or a run category has no
+        GT category.
+    """
+    gt_cats = list(gt.get("categories") or [])
+    gt_by_name: dict[str, int] = {}
+    for c in gt_cats:
+        gt_by_name.setdefault(str(c["name"]), int(c["id"]))
+    lower: dict[str, list[str]] = defaultdict(list)
+    for n in gt_by_name:
+        lower[n.lower()].append(n)
+    run_names = list(dict.fromkeys(str(c["name"]) for c in run_cats))
+    category_map = dict(category_map or {})
+    bad_run = [n for n in category_map if n not in run_names]
+    if bad_run:
+        raise EvaluationError(f"category map: {_name_list(repr(n) for n in bad_run)} not among the run's categories "
+                              f"({_name_list(run_names) or 'none'})")
+    bad_gt = sorted({g for g in category_map.values() if g not in gt_by_name})
+    if bad_gt:
+        raise EvaluationError(f"category map: {_name_list(repr(n) for n in bad_gt)} not among the ground truth's "
+                              f"categories ({_name_list(gt_by_name) or 'none'})")
+    names: dict[str, str] = {}
+    unmatched = []
+    for n in run_names:
+        if n in category_map:
+            names[n] = category_map[n]
+        elif n in gt_by_name:
+            names[n] = n
+        elif len(lower.get(n.lower(), [])) == 1:
+            names[n] = lower[n.lower()][0]
+        else:
+            unmatched.append(n)
+    if unmatched:
+        raise EvaluationError(
+            f"run categories with no ground-truth category of the same name: {_name_list(unmatched)} (ground truth "
+            f"has: {_name_list(gt_by_name) or 'none'}); map each with --category-map RUN_NAME=GT_NAME (repeatable; "
+            "category_map={...} in Python)" + (" or score with --class-agnostic" if agnostic_hint else ""))
+    used = {gt_by_name[g] for g in names.values()}
+    evaluated = [int(c["id"]) for c in gt_cats if int(c["id"]) in used]
+    missing = [str(c["name"]) for c in gt_cats if int(c["id"]) not in used]
+    if missing:
+        log.warning("evaluating %d of %d ground-truth categories: no run category for %s (pass --category-map "
+                    "RUN_NAME=GT_NAME to add one)", len(evaluated), len(gt_cats),
+                    _name_list(missing))
+    return {"ids": {int(c["id"]): gt_by_name[names[str(c["name"])]] for c in run_cats},
+            "names": names, "evaluated": evaluated, "missing": missing}
+
+
+def _category_results(output_uri: str, storage, gt: dict, category_map: dict[str, str] | None,
+                      agnostic_hint: bool = True) -> tuple[list[dict], dict, dict]:
+    """``coco_results`` with the run's categories matched to the GT's by ``match_categories``:
+    (results with GT category ids, counts, the match)."""
+    table = read_labels(output_uri, storage, columns=_INSTANCE_COLUMNS)
+    # no GT categories: the results keep the run's category ids, matched here
+    results, counts = coco_results(output_uri, storage, gt={**gt, "categories": []}, table=table)
+    run_cats = _run_categories(output_uri, storage, table)
+    known = {int(c["id"]) for c in run_cats}
+    run_cats += [{"id": i, "name": str(i)} for i in sorted({int(r["category_id"]) for r in results} - known)]
+    match = match_categories(run_cats, gt, category_map, agnostic_hint)
+    for r in results:
+        r["category_id"] = match["ids"][int(r["category_id"])]
+    return results, counts, match
+
+
+def _category_info(match: dict, gt: dict) -> dict:
+    names = {int(c["id"]): str(c["name"]) for c in gt.get("categories") or []}
+    return {"categories_evaluated": [names[i] for i in match["evaluated"]],
+            "gt_categories_not_evaluated": match["missing"], "category_map": match["names"]}
 
 
 def _clean(v):
@@ -101,18 +233,23 @@ def _gt_instance_masks(coco_gt, img_id: int) -> tuple[list[np.ndarray], list[dic
 # ----------------------------------------------------------------------------- instances
 
 def evaluate_instances(output_uri: str, gt: dict, storage: StorageSpec | None = None,
-                       class_agnostic: bool = False, max_dets: int = 100) -> dict:
+                       class_agnostic: bool = False, max_dets: int = 100,
+                       category_map: dict[str, str] | None = None) -> dict:
     """COCOeval ``segm`` of the run's annotations against a GT dataset dict (see the module docstring)."""
     from pycocotools.cocoeval import COCOeval
 
-    results, counts = coco_results(output_uri, storage, gt=gt)
-    matched = counts.pop("matched_gt_ids")
+    cat_ids, cat_info = None, {}
     if class_agnostic:
+        results, counts = coco_results(output_uri, storage, gt=gt)
         gt = _agnostic_gt(gt)
         for r in results:
             r["category_id"] = 1
+    else:
+        results, counts, match = _category_results(output_uri, storage, gt, category_map)
+        cat_ids, cat_info = match["evaluated"], _category_info(match, gt)
+    matched = counts.pop("matched_gt_ids")
     out = {"task": "instances", "class_agnostic": class_agnostic, "max_dets": max_dets,
-           "gt_images": len(gt["images"]), **counts, "predictions": len(results)}
+           "gt_images": len(gt["images"]), **counts, "predictions": len(results), **cat_info}
     del out["results"]
     if not results or not matched:
         return _clean({**out, **{k: 0.0 for k in _COCO_STATS}})
@@ -122,6 +259,8 @@ def evaluate_instances(output_uri: str, gt: dict, storage: StorageSpec | None = 
         coco_dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, coco_dt, "segm")
         ev.params.imgIds = matched
+        if cat_ids is not None:
+            ev.params.catIds = cat_ids
         ev.params.maxDets = [1, 10, int(max_dets)]
         ev.evaluate()
         ev.accumulate()
@@ -203,7 +342,7 @@ def evaluate_tokens(output_uri: str, gt: dict, storage: StorageSpec | None = Non
     coco_gt = _coco(gt)
     totals = defaultdict(int)
     per_image = defaultdict(list)
-    probs, gt_maps, layer_labelers = [], [], set()
+    probs, gt_maps, layer_labelers, other_layers = [], [], set(), set()
     skipped = 0
     for r, gid in pairs:
         img = coco_gt.imgs[gid]
@@ -217,6 +356,8 @@ def evaluate_tokens(output_uri: str, gt: dict, storage: StorageSpec | None = Non
             gt_map[m] = k
         if curve_png:
             prob, layer_labeler = _boundary_layer(r, names)
+            other_layers.update(str(lay.get("labeler")) for lay in r.get("layers") or []
+                                if lay.get("name") == "boundary")
             if prob is not None and prob.shape == (h, w):
                 probs.append(prob)
                 gt_maps.append(gt_map)
@@ -254,11 +395,17 @@ def evaluate_tokens(output_uri: str, gt: dict, storage: StorageSpec | None = Non
     }
     if curve_png:
         if not probs:
-            raise ValueError("no 'boundary' layers in the run: the recall-vs-token-count curve needs the "
-                             "boundary maps (run the directsam labeler with params.save_boundary: true)")
+            if names is not None and other_layers:
+                raise EvaluationError(f"no 'boundary' layers of labeler {', '.join(sorted(names))} in the run "
+                                      f"{output_uri}; it has those of {', '.join(sorted(other_layers))}: choose "
+                                      "one with --labeler NAME (labeler= in Python)")
+            raise EvaluationError(f"no 'boundary' layers in the run {output_uri}: the recall-vs-token-count "
+                                  "curve needs the boundary maps; rerun with the directsam labeler param "
+                                  "save_boundary: true (or leave out --curve)")
         if len(layer_labelers) > 1:
-            raise ValueError(f"boundary layers of several labelers ({', '.join(sorted(map(str, layer_labelers)))}): "
-                             "choose one with labeler=")
+            several = ", ".join(sorted(map(str, layer_labelers)))
+            raise EvaluationError(f"boundary layers of several labelers ({several}): "
+                                  "choose one with --labeler NAME (labeler= in Python)")
         from pseudolabel.jobs.directsam_eval import token_recall_curve
 
         settings = curve_settings(output_uri, storage, next(iter(layer_labelers)))
@@ -284,11 +431,13 @@ def _semantic_png(root: str, file_name: str, storage) -> np.ndarray | None:
 
 
 def evaluate_semantic(output_uri: str, gt: dict, storage: StorageSpec | None = None,
-                      gt_semantic_root: str | None = None, ignore_index: int = 255) -> dict:
-    """mIoU of the run's annotations painted as a class map (see the module docstring)."""
-    table = read_labels(output_uri, storage, columns=_INSTANCE_COLUMNS)
-    results, counts = coco_results(output_uri, storage, gt=gt, table=table)
+                      gt_semantic_root: str | None = None, ignore_index: int = 255,
+                      category_map: dict[str, str] | None = None) -> dict:
+    """mIoU of the run's annotations painted as a class map (see the module docstring); GT categories no run
+    category matches are ignored like ``ignore_index``."""
+    results, counts, match = _category_results(output_uri, storage, gt, category_map, agnostic_hint=False)
     matched = counts.pop("matched_gt_ids")
+    not_evaluated = sorted({int(c["id"]) for c in gt.get("categories") or []} - set(match["evaluated"]))
     coco_gt = _coco(gt)
     by_image = defaultdict(list)
     for r in results:
@@ -296,7 +445,7 @@ def evaluate_semantic(output_uri: str, gt: dict, storage: StorageSpec | None = N
     cat_ids = [c["id"] for c in gt.get("categories", [])] + [r["category_id"] for r in results]
     num_classes = max(cat_ids, default=0) + 1
     if num_classes > ignore_index:
-        raise ValueError(f"category id {num_classes - 1} collides with ignore_index {ignore_index}")
+        raise EvaluationError(f"category id {num_classes - 1} collides with ignore_index {ignore_index}")
     conf = np.zeros((num_classes, num_classes + 1), np.int64)
     missing = 0
     for gid in matched:
@@ -308,11 +457,15 @@ def evaluate_semantic(output_uri: str, gt: dict, storage: StorageSpec | None = N
             if gt_map is None or gt_map.shape != (h, w):
                 missing += 1
                 continue
+            if not_evaluated:
+                gt_map = np.where(np.isin(gt_map, not_evaluated), ignore_index, gt_map)
         else:
             gt_map = np.zeros((h, w), np.int32)
             masks, anns = _gt_instance_masks(coco_gt, gid)
+            skip = set(not_evaluated)
             for m, a in zip(masks, anns):
-                gt_map[m] = ignore_index if a.get("iscrowd") else int(a["category_id"])
+                ignored = a.get("iscrowd") or int(a["category_id"]) in skip
+                gt_map[m] = ignore_index if ignored else int(a["category_id"])
         # 2. predicted class map: lowest score first, so the highest score ends on top
         pred = np.zeros((h, w), np.int32)
         for r in sorted(by_image.get(gid, []), key=lambda r: r["score"]):
@@ -325,7 +478,7 @@ def evaluate_semantic(output_uri: str, gt: dict, storage: StorageSpec | None = N
     out = {"task": "semantic", "miou": float(np.nanmean(ious)) if np.isfinite(ious).any() else float("nan"),
            "iou": per_class, "num_classes": num_classes, "images_evaluated": len(matched) - missing,
            "missing_gt_maps": missing, "source": "png" if gt_semantic_root else "instances",
-           "unmatched_images": counts["unmatched_images"], "errors": counts["errors"]}
+           "unmatched_images": counts["unmatched_images"], "errors": counts["errors"], **_category_info(match, gt)}
     return _clean(out)
 
 
@@ -335,7 +488,7 @@ def evaluate(output_uri: str, gt_json: str, storage: StorageSpec | None = None, 
              task: str = "instances", max_dets: int = 100, gt_semantic_root: str | None = None,
              precision_tol: float = M.PRECISION_TOL, recall_tol: float = M.RECALL_TOL,
              border: int = M.BORDER, curve_png: str | None = None,
-             labeler: str | Sequence[str] | None = None) -> dict:
+             labeler: str | Sequence[str] | None = None, category_map: dict[str, str] | None = None) -> dict:
     """Evaluate a run against a COCO ground truth.
 
     Args:
@@ -351,20 +504,34 @@ def evaluate(output_uri: str, gt_json: str, storage: StorageSpec | None = None, 
         curve_png: tokens only: write the recall-vs-token-count curve over thresholds here (PNG, local
             or s3://); needs the rows' ``boundary`` layers (directsam ``save_boundary: true``).
         labeler: tokens only: the token labeler name(s) to score; None = every labeler's tokens.
+        category_map: instances (not class-agnostic) and semantic: ``{run category name: GT category
+            name}`` for run categories whose names the GT does not use (see the module docstring).
 
     Returns:
         a JSON-serialisable dict of metrics and counts (see the module docstring).
+
+    Raises:
+        EvaluationError: an option that does not apply, unmatched categories, a curve without boundary
+            layers, an unreadable GT file.
     """
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        raise EvaluationError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if curve_png and task != "tokens":
-        raise ValueError("curve_png applies to task='tokens' only")
+        raise EvaluationError("curve_png (--curve) applies to task='tokens' only")
     if labeler is not None and task != "tokens":
-        raise ValueError("labeler applies to task='tokens' only")
+        raise EvaluationError("labeler (--labeler) applies to task='tokens' only")
+    if category_map and (task == "tokens" or (task == "instances" and class_agnostic)):
+        raise EvaluationError("category_map (--category-map) applies to task 'instances' without class_agnostic "
+                              "(--class-agnostic) and to task 'semantic' only")
     output_uri = str(output_uri)
-    gt = load_json(gt_json, storage)
+    try:
+        gt = load_json(gt_json, storage)
+    except FileNotFoundError:
+        raise EvaluationError(f"ground truth {gt_json}: no such file") from None
+    except ValueError as err:
+        raise EvaluationError(f"ground truth {gt_json} is not JSON: {err}") from None
     if task == "instances":
-        return evaluate_instances(output_uri, gt, storage, class_agnostic, max_dets)
+        return evaluate_instances(output_uri, gt, storage, class_agnostic, max_dets, category_map)
     if task == "tokens":
         return evaluate_tokens(output_uri, gt, storage, precision_tol, recall_tol, border, curve_png, labeler)
-    return evaluate_semantic(output_uri, gt, storage, gt_semantic_root)
+    return evaluate_semantic(output_uri, gt, storage, gt_semantic_root, category_map=category_map)
