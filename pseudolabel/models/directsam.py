@@ -79,8 +79,8 @@ class DirectSAMParams(LabelerParams):
         False, description="resize views with torch's antialiased kernel on the device instead of the "
                            "checkpoint's image processor (PIL, its resample filter, on the host). Faster for "
                            "large views and pyramids but not exact: torch differs from PIL by one grey level "
-                           "on a small share of values, enough to split or merge a token near the threshold. "
-                           "Bilinear and bicubic checkpoints only")
+                           "on some values (0.2 % on a photo, a quarter on noise), enough to split or merge "
+                           "a token near the threshold. Bilinear and bicubic checkpoints only")
     save_boundary: bool = Field(False, description="also output the boundary map as a uint16 layer 'boundary' "
                                                    "(value / 65535 = probability)")
     embedding_weights: str | None = Field(
@@ -248,6 +248,9 @@ class DirectSAM(Labeler):
             emb_pre = load_preprocessor(emb_local, None, needed=False)
             self.emb_mean = tuple(emb_pre.get("image_mean") or IMAGENET_MEAN)
             self.emb_std = tuple(emb_pre.get("image_std") or IMAGENET_STD)
+
+    def weight_sources(self) -> list[str]:
+        return super().weight_sources() + ([self.params.embedding_weights] if self.params.embedding_weights else [])
 
     def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._network(pixel_values=pixel_values.to(self.dtype)).logits

@@ -120,7 +120,7 @@ def resize_uint8(crops: torch.Tensor, resolution: int | tuple[int, int], uint8_k
         crops: (N, 3, h, w) uint8.
         resolution: output side R, or (height, width).
         uint8_kernel: use torch's uint8 kernel (CPU only) or a float resize rounded to integers;
-            None = uint8 on CPU for bilinear. Both differ from PIL by one grey level on a small share of values
+            None = uint8 on CPU for bilinear. Both differ from PIL by one grey level on some values
             (``Preprocessing`` with ``fast_resize=False`` is the exact path).
         mode: ``"bilinear"`` or ``"bicubic"``.
 
@@ -227,7 +227,7 @@ class Preprocessing:
     table of 256 float32 values computed with exactly the processor's numpy arithmetic.
 
     ``fast_resize`` replaces step 1 with torch's antialiased kernel on the device (bilinear or bicubic
-    only): no host resize, but not equal to PIL (one grey level apart on a small share of values).
+    only): no host resize, but not equal to PIL (one grey level apart on some values).
     """
 
     size: tuple[int, int]

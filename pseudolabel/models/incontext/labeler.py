@@ -140,6 +140,10 @@ class InContextSeparator(Labeler):
         else:
             self.category, self.category_id = "component", 1
 
+    def weight_sources(self) -> list[str]:
+        extra = [self.params.inpaint_weights] if self.params.backend == "seggpt+inpaint" and self.params.inpaint_weights else []
+        return super().weight_sources() + extra
+
     @property
     def weights_id(self) -> str:
         if self.spec.weights:
