@@ -63,9 +63,9 @@ def test_evf_sam_through_ray_on_demo_data(ray_cluster, tmp_path):
     for ann in coco.loadAnns(coco.getAnnIds()):
         assert coco.annToMask(ann).sum() == ann["area"] > 0
 
-    # 3. COCO results export loads against the instances file
+    # 3. COCO results export, against the run's own instances file as the ground truth, loads against it
     res = tmp_path / "results.json"
-    export(str(out), "coco-results", str(res))
+    export(str(out), "coco-results", str(res), gt_json=str(inst))
     results = json.loads(res.read_text())
     assert len(results) == n_ann and all("bbox" not in r for r in results)
     loaded = coco.loadRes(str(res))

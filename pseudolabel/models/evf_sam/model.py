@@ -310,7 +310,8 @@ def tokenizer_added_tokens(path: str | os.PathLike) -> tuple[set[str], list[str]
             tokens.update(v["content"] for v in (data.get("added_tokens_decoder") or {}).values()
                           if isinstance(v, dict) and "content" in v)
         else:
-            tokens.update(t["content"] for t in data.get("added_tokens") or [] if isinstance(t, dict) and "content" in t)
+            tokens.update(t["content"] for t in data.get("added_tokens") or []
+                          if isinstance(t, dict) and "content" in t)
     return tokens, files
 
 

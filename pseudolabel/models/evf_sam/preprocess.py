@@ -7,9 +7,10 @@
   image with its default interpolation; SAM's rounding), SAM mean/std on the 0-255 scale, zero padding
   right/bottom to S×S.
 - SAM-2 input, two reference revisions (the README pairs the multitask checkpoints with the newer one):
-  multitask checkpoints: the uint8 image resized straight to S×S (torch bilinear on the uint8 tensor),
-  then SAM mean/std; the original EVF-SAM2 checkpoints: the SAM-H longest-side resize, SAM mean/std,
-  then a float bilinear stretch to S×S. Neither keeps the aspect ratio.
+  multitask checkpoints (inference.py from 9d00853 on): the uint8 image resized straight to S×S (torch
+  bilinear on the uint8 tensor), then SAM mean/std; the original EVF-SAM2 checkpoints (inference.py at
+  781bee0): the SAM-H longest-side resize, SAM mean/std, then a float bilinear stretch to S×S. Neither
+  keeps the aspect ratio.
 - Output: low-res mask logits -> logits at the original image size (SAM-H: up to S², crop the unpadded
   part, resize; SAM-2: resize directly). A pixel is in the mask where the logit is > 0.
 """
