@@ -24,4 +24,19 @@ def run(spec: Any, address: str | None = None, progress: bool = True, verbose: b
     return run_job(job, address=address, progress=progress, verbose=verbose)
 
 
-__all__ = ["run", "__version__"]
+def read_labels(output: str, columns: list[str] | None = None, storage: Any = None, filter: Any = None):
+    """The ``labels`` table of a run (``output``: its folder, local or s3://) as a pyarrow Table.
+
+    Masks are COCO compressed RLE: ``pseudolabel.schemas.coco.rle_to_mask(annotation["segmentation"])``
+    gives the (H, W) uint8 mask; layers are PNG bytes (``pseudolabel.engine.encode.decode_png``).
+    ``storage``: a ``StorageSpec`` (or its dict) for s3:// endpoints and credentials.
+    """
+    from pseudolabel.jobs.labels_io import read_labels as _read
+    from pseudolabel.schemas.spec import StorageSpec
+
+    if isinstance(storage, dict):
+        storage = StorageSpec.model_validate(storage)
+    return _read(output, storage, columns=columns, filter=filter)
+
+
+__all__ = ["run", "read_labels", "__version__"]

@@ -231,3 +231,15 @@ def test_summary_has_category_counts_score_quantiles_and_labeler_seconds(local_r
     assert all(set(t) == {"labeler", "host"} and t["host"] > 0 for t in timing.values())  # no network: host only
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["category_stats"] == summary["category_stats"]
+
+
+def test_read_labels_from_the_package_gives_masks_as_arrays(local_run):
+    from pseudolabel.schemas.coco import rle_to_mask
+
+    _, out, _ = local_run
+    rows = pseudolabel.read_labels(out, columns=["file_name", "width", "height", "annotations"]).to_pylist()
+    ann_rows = [r for r in rows if r["annotations"]]
+    assert len(rows) == 16 and ann_rows
+    for r in ann_rows:
+        masks = [rle_to_mask(a["segmentation"]) for a in r["annotations"]]
+        assert all(m.shape == (r["height"], r["width"]) and m.dtype == np.uint8 and m.any() for m in masks)
