@@ -89,7 +89,8 @@ def main() -> None:
         jobs = [
             ("read_labels (all columns)", lambda: read_labels(out)),
             ("export coco", lambda: export(out, "coco", os.path.join(root, "coco.json"))),
-            ("export coco-results", lambda: export(out, "coco-results", os.path.join(root, "res.json"))),
+            ("export coco-results", lambda: export(out, "coco-results", os.path.join(root, "res.json"),
+                                                   gt_json=os.path.join(root, "coco.json"))),
             ("export panoptic", lambda: export(out, "panoptic", os.path.join(root, "pan", "panoptic.json"))),
             ("evaluate instances", lambda: evaluate(out, gt)),
             ("evaluate tokens", lambda: evaluate(out, gt, task="tokens")),

@@ -69,10 +69,28 @@ def cmd_export(args) -> int:
     from pseudolabel.jobs.export import export
 
     _require_run(args.output, args)
+    options = {"min_score": args.min_score, "split": args.split, "images": args.images, "lowest": args.lowest,
+               "shape": args.shape, "image_prefix": args.image_prefix}
     info = export(args.output, args.format, args.out, storage=_storage(args), gt_json=args.gt,
-                  labeler=args.labeler or None)
+                  labeler=args.labeler or None, **options)  # ExportError is a UsageError: main prints it, exit 2
     print(json.dumps(info, indent=2, default=str))
     return 0
+
+
+class _ExportFormats:
+    """The export format names, read from ``pseudolabel.jobs.export.EXPORTERS`` only when argparse
+    checks a value or prints help (so building the parser does not import the exporters)."""
+
+    def _names(self) -> list[str]:
+        from pseudolabel.jobs.export import EXPORTERS
+
+        return list(EXPORTERS)
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
 
 
 def cmd_evaluate(args) -> int:
@@ -168,13 +186,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: the AWS environment)")
     d.set_defaults(fn=cmd_demo_data)
 
-    e = sub.add_parser("export", help="export a run's labels as COCO / COCO results / COCO panoptic")
+    e = sub.add_parser("export", help="export a run's labels (COCO, COCO results, panoptic, YOLO, masks, Label Studio)")
     e.add_argument("output", metavar="OUTPUT")
-    e.add_argument("--format", choices=["coco", "coco-results", "panoptic"], default="coco")
-    e.add_argument("--out", required=True, help="JSON path (panoptic: PNGs go beside it)")
-    e.add_argument("--gt", default=None, help="ground-truth COCO JSON to match image ids by file name")
+    e.add_argument("--format", choices=_ExportFormats(), default="coco", metavar="FORMAT",
+                   help="one of: %(choices)s (default: %(default)s)")
+    e.add_argument("--out", required=True,
+                   help="JSON path (panoptic: PNGs go beside it; label-studio: config XML beside it); "
+                        "yolo, masks: the dataset folder")
+    e.add_argument("--gt", default=None,
+                   help="coco-results (required): ground-truth COCO JSON; image ids are matched by file name")
     e.add_argument("--labeler", action="append", default=[], metavar="NAME",
                    help="panoptic: only this token labeler's tokens (repeat for several; default: all)")
+    e.add_argument("--min-score", type=float, default=None, metavar="S",
+                   help="drop annotations scored below S (all formats but panoptic); per-category "
+                        "score_threshold of the run's ontology applies too")
+    e.add_argument("--split", default=None, metavar="NAME=FRAC,...",
+                   help="yolo: e.g. train=0.9,val=0.1 (stable: by a hash of image_id)")
+    e.add_argument("--images", choices=["link", "copy", "none"], default=None,
+                   help="yolo: link local source images (default), copy them, or write none")
+    e.add_argument("--lowest", type=int, default=None, metavar="N",
+                   help="label-studio: keep the N least confident images, least confident first")
+    e.add_argument("--shape", choices=["brush", "polygon"], default=None,
+                   help="label-studio: brushlabels (RLE, default) or polygonlabels")
+    e.add_argument("--image-prefix", default=None, metavar="PREFIX",
+                   help="label-studio: data.image = PREFIX + file name (default: the source URI)")
     e.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: the AWS environment)")
     e.set_defaults(fn=cmd_export)
 

@@ -567,3 +567,15 @@ def test_cli_evaluate_category_errors_and_map(tmp_path, capsys):
     assert main(["evaluate", out, "--gt", gt, "--task", "tokens", "--curve", str(tmp_path / "c.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: no 'boundary' layers") and "save_boundary: true" in err[-1]
+
+
+def test_curve_settings_come_from_the_runs_job_record(tmp_path):
+    """The token curve re-tokenises with the settings the run used, read from job.json's spec."""
+    import json as _json
+
+    from pseudolabel.jobs.evaluate import curve_settings
+
+    (tmp_path / "job.json").write_text(_json.dumps({"fingerprint": "x", "spec": {"labelers": [
+        {"name": "directsam", "params": {"mode": "simple", "max_tokens": 7}}]}}))
+    assert curve_settings(str(tmp_path), None, "directsam") == {"mode": "simple", "max_tokens": 7, "min_area": 0}
+    assert curve_settings(str(tmp_path / "none"), None, "directsam")["mode"] == "partition"

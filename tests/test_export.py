@@ -15,7 +15,14 @@ from pycocotools.cocoeval import COCOeval
 from labels_fixtures import CATEGORIES, FILE_NAMES, GT_SHAPES, H, W, gt_coco, label_rows, render_image, shape_masks, two_labeler_rows, write_run
 from pseudolabel import storage as st
 from pseudolabel.jobs import labels_io
-from pseudolabel.jobs.export import decode_panoptic_ids, encode_panoptic_ids, export, integer_image_ids, read_panoptic
+from pseudolabel.jobs.export import (
+    ExportError,
+    decode_panoptic_ids,
+    encode_panoptic_ids,
+    export,
+    integer_image_ids,
+    read_panoptic,
+)
 from pseudolabel.schemas.coco import mask_to_rle, rle_to_mask
 from pseudolabel.schemas.tables import LABELS_SCHEMA
 
@@ -75,7 +82,7 @@ def test_coco_export_loads_and_matches_masks(tmp_path):
     out = write_run(tmp_path / "run")
     path = str(tmp_path / "coco.json")
     info = export(out, "coco", path)
-    assert info == {"format": "coco", "path": path, "images": 3, "annotations": 5, "errors": 1}
+    assert info == {"format": "coco", "path": path, "images": 3, "annotations": 5, "errors": 1, "dropped_low_score": 0}
     coco = _quiet(COCO, path)
     assert sorted(coco.getImgIds()) == [1, 2, 3]
     ann_ids = coco.getAnnIds()
@@ -107,8 +114,14 @@ def test_coco_results_against_export_and_gt(tmp_path):
     gt_path = str(tmp_path / "coco.json")
     export(out, "coco", gt_path)
     res_path = str(tmp_path / "res.json")
-    info = export(out, "coco-results", res_path)
+    # without a ground truth there are no image ids to give: refused, nothing written
+    with pytest.raises(ExportError, match="ground truth"):
+        export(out, "coco-results", res_path)
+    assert not (tmp_path / "res.json").exists()
+    # against the run's own coco export: matched by file name
+    info = export(out, "coco-results", res_path, gt_json=gt_path)
     assert info["results"] == 5 and info["errors"] == 1
+    assert info["matched_images"] == 3 and info["unmatched_images"] == 0
     res = json.loads(open(res_path).read())
     assert all("bbox" not in r and isinstance(r["segmentation"]["counts"], str) for r in res)
     coco = _quiet(COCO, gt_path)
@@ -132,8 +145,17 @@ def test_coco_results_against_export_and_gt(tmp_path):
 
 
 def test_unknown_format(tmp_path):
-    with pytest.raises(ValueError, match="panoptic"):
-        export(str(tmp_path), "yolo", str(tmp_path / "x.json"))
+    with pytest.raises(ExportError, match="panoptic"):
+        export(str(tmp_path), "voc-xml", str(tmp_path / "x.json"))
+
+
+def test_coco_results_against_a_foreign_gt_reports_only_real_matches(tmp_path):
+    out = write_run(tmp_path / "run")
+    gt = gt_coco()
+    gt["images"] = [dict(gt["images"][0], file_name="elsewhere/other.png", id=7)]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    info = export(out, "coco-results", str(tmp_path / "res.json"), gt_json=str(tmp_path / "gt.json"))
+    assert info["matched_images"] == 0 and info["unmatched_images"] == 3 and info["results"] == 0
 
 
 # ---------------------------------------------------------------- panoptic

@@ -349,7 +349,7 @@ def test_run_through_ray_on_demo_data(sd_dir, ray_cluster, tmp_path):
     ann = coco.loadAnns(coco.getAnnIds())[0]
     assert coco.annToMask(ann).sum() == ann["area"]
     res = tmp_path / "results.json"
-    export(str(tmp_path / "out"), "coco-results", str(res))
+    export(str(tmp_path / "out"), "coco-results", str(res), gt_json=str(out_json))
     assert len(coco.loadRes(str(res)).getAnnIds()) == len(coco.getAnnIds())
 
 

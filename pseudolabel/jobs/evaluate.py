@@ -311,7 +311,8 @@ def curve_settings(output_uri: str, storage, labeler: str | None) -> dict:
     defaults), so the curve's point at the run's threshold reproduces the run's tokens. Without a
     ``job.json`` entry for it: partition, no token cap, no minimum area."""
     settings = {"mode": "partition", "max_tokens": None, "min_area": 0}
-    specs = [lab for lab in read_job(output_uri, storage).get("labelers") or [] if lab.get("name") == labeler]
+    job = read_job(output_uri, storage)
+    specs = [lab for lab in job.get("spec", job).get("labelers") or [] if lab.get("name") == labeler]
     if specs:
         from pseudolabel.models.directsam import DirectSAMParams
 

@@ -1,6 +1,6 @@
-"""Export a finished run's labels table as COCO instances, COCO results or COCO panoptic.
+"""Export a finished run's labels table for the tools that train on it or review it.
 
-Formats (``export(output_uri, fmt, out_path)``):
+Formats (``export(output_uri, fmt, out_path, **options)``; ``EXPORTERS`` maps each name to its function):
 
 - ``coco``: a COCO instances JSON that ``pycocotools.coco.COCO`` loads. One image entry per ``ok`` row
   (error rows are left out and counted); image ``id`` is the row's ``image_id`` when it is an integer
@@ -9,8 +9,10 @@ Formats (``export(output_uri, fmt, out_path)``):
   category ids are the run's ontology ids; segmentations are compressed RLE with str ``counts``;
   ``iscrowd`` is 0; ``score`` (and ``labeler``) are kept as extra fields.
 - ``coco-results``: a list of ``{"image_id", "category_id", "segmentation", "score"}`` that
-  ``COCO.loadRes`` accepts, against the ``coco`` export or, with ``gt_json``, against a ground truth:
-  then images are matched by ``file_name`` (exact, else a unique basename) and categories by name.
+  ``COCO.loadRes`` accepts against the ground truth ``gt_json`` (required: without one there is no
+  image id to give, and ``ExportError`` is raised). Images are matched by ``file_name`` (exact, else a
+  unique basename) and categories by name; rows with no GT image are left out and counted in
+  ``unmatched_images``. To score against the run's own ``coco`` export, pass that file as ``gt_json``.
   ``bbox`` is left out on purpose: loadRes would recompute ``area`` from it instead of from the mask.
 - ``panoptic``: COCO panoptic for the subobject tokens. ``out_path`` is the JSON; one RGB PNG per
   image goes into the folder next to it named like the JSON without ``.json`` (``panoptic.json`` ->
@@ -22,7 +24,18 @@ Formats (``export(output_uri, fmt, out_path)``):
   visible segment, and tokens left with no visible pixel are dropped. A row holds the tokens of every
   token labeler of the run; ``labeler`` (a name or a list of names, default: all) keeps only those
   labelers' tokens.
+- ``yolo``, ``masks``, ``label-studio``: see ``pseudolabel.jobs.export_formats`` (YOLO segmentation
+  dataset, VOC-style semantic/instance PNGs, Label Studio tasks with predictions).
 
+Confidence filters (every format that exports annotations; not ``panoptic``, whose tokens carry no
+confidence): ``min_score`` drops annotations whose ``score`` is below it, and ``score_thresholds``
+({category name: threshold}) drops those below their category's threshold; an annotation is kept when
+its score reaches both. ``score_thresholds=None`` reads the thresholds from the run's ``job.json``
+(the ``score_threshold`` of each labeler's ontology entries, where present; the highest when a
+category appears in several labelers); ``{}`` applies none. An annotation without a score counts as
+1.0. Dropped annotations are counted in ``dropped_low_score``.
+
+A request the run or the format cannot satisfy raises ``ExportError`` (a ``UsageError``, so a ``ValueError``).
 Local paths and s3:// work the same (pseudolabel.storage).
 """
 from __future__ import annotations
@@ -38,15 +51,19 @@ import pyarrow as pa
 from scipy import ndimage
 
 from pseudolabel import storage as st
-from pseudolabel.jobs.labels_io import read_labels, read_summary, rles_to_label_map
+from pseudolabel.errors import UsageError
+from pseudolabel.jobs.labels_io import read_job, read_labels, read_summary, rles_to_label_map
 from pseudolabel.schemas.coco import rle_area, rle_bbox_xywh
 from pseudolabel.schemas.spec import StorageSpec
 from pseudolabel.schemas.tables import STATUS_OK
 
-FORMATS = ("coco", "coco-results", "panoptic")
 SUBOBJECT_CATEGORY = {"id": 1, "name": "subobject", "supercategory": "subobject", "isthing": 1}
 
 _INSTANCE_COLUMNS = ["image_id", "uri", "member", "file_name", "width", "height", "status", "error", "annotations"]
+
+
+class ExportError(UsageError):
+    """An export the run or the format cannot satisfy (the CLI prints it and exits with status 2)."""
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -86,7 +103,7 @@ def labeler_filter(labeler: str | Sequence[str] | None) -> set[str] | None:
         return None
     names = {labeler} if isinstance(labeler, str) else set(labeler)
     if not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"labeler: expected a labeler name or a list of names, got {labeler!r}")
+        raise ExportError(f"labeler: expected a labeler name or a list of names, got {labeler!r}")
     return names
 
 
@@ -136,18 +153,96 @@ def _ann_category(a: dict, by_name: dict) -> int:
     return by_name.get(a.get("category"), 1)
 
 
+def score_thresholds_from_job(output_uri: str, storage: StorageSpec | None = None) -> dict[str, float]:
+    """{category name: score_threshold} from the run's job.json ontology entries that set one.
+
+    job.json holds the spec under ``spec`` (a bare spec is read too). A category set in several
+    labelers' ontologies gets the highest of its thresholds.
+    """
+    job = read_job(output_uri, storage)
+    spec = job.get("spec") if isinstance(job.get("spec"), dict) else job
+    out: dict[str, float] = {}
+    for lab in spec.get("labelers") or []:
+        for entry in (lab or {}).get("ontology") or []:
+            thr = (entry or {}).get("score_threshold")
+            if thr is None or not entry.get("category"):
+                continue
+            out[entry["category"]] = max(float(thr), out.get(entry["category"], float("-inf")))
+    return out
+
+
+def _check_min_score(min_score: float | None) -> float | None:
+    """A score bound as a float (None stays None); ``ExportError`` when it is not a finite number."""
+    if min_score is None:
+        return None
+    try:
+        value = float(min_score)
+    except (TypeError, ValueError):
+        raise ExportError(f"min_score: expected a number, got {min_score!r}") from None
+    if not np.isfinite(value):
+        raise ExportError(f"min_score: expected a finite number, got {min_score!r}")
+    return value
+
+
+def filter_annotations(rows: list[dict], cats: list[dict], min_score: float | None = None,
+                       score_thresholds: dict[str, float] | None = None) -> int:
+    """Drop, in place, the annotations of ``rows`` below ``min_score`` or their category's threshold.
+
+    The category of an annotation is its ``category`` name, else the name of its ``category_id`` in
+    ``cats``; a missing score counts as 1.0. Returns the number of annotations dropped.
+    """
+    min_score = _check_min_score(min_score)
+    thresholds = {str(k): _check_min_score(v) for k, v in (score_thresholds or {}).items()}
+    thresholds = {k: v for k, v in thresholds.items() if v is not None}
+    if min_score is None and not thresholds:
+        return 0
+    name_of = {c["id"]: c["name"] for c in cats}
+    floor = min_score if min_score is not None else float("-inf")
+    dropped = 0
+    for r in rows:
+        anns = r["annotations"] or []
+        kept = []
+        for a in anns:
+            name = a.get("category")
+            if name is None and a.get("category_id") is not None:
+                name = name_of.get(int(a["category_id"]))
+            score = float(a["score"]) if a.get("score") is not None else 1.0
+            if score >= max(floor, thresholds.get(name, float("-inf"))):
+                kept.append(a)
+        dropped += len(anns) - len(kept)
+        r["annotations"] = kept
+    return dropped
+
+
+def load_instances(output_uri: str, storage: StorageSpec | None = None, min_score: float | None = None,
+                   score_thresholds: dict[str, float] | None = None, table: pa.Table | None = None,
+                   columns: list[str] | None = None) -> tuple[list[dict], list[dict], list[dict], dict, int]:
+    """The run's rows with their annotations filtered by score.
+
+    Returns:
+        (ok rows sorted by image_id, error rows, COCO categories, category name -> id,
+        number of annotations dropped by the score filters).
+    """
+    if table is None:
+        table = read_labels(output_uri, storage, columns=columns or _INSTANCE_COLUMNS)
+    ok, err = _ok_rows(table)
+    cats, by_name = _category_table(output_uri, storage, ok)
+    dropped = filter_annotations(ok, cats, min_score, score_thresholds)
+    return ok, err, cats, by_name, dropped
+
+
 # ----------------------------------------------------------------------------- coco instances
 
-def coco_instances(output_uri: str, storage: StorageSpec | None = None) -> tuple[dict, dict]:
-    """The run as a COCO instances dataset in memory.
+def coco_instances(output_uri: str, storage: StorageSpec | None = None, min_score: float | None = None,
+                   score_thresholds: dict[str, float] | None = None) -> tuple[dict, dict]:
+    """The run as a COCO instances dataset in memory (score filters: see the module docstring).
 
     Returns:
         (dataset, counts): ``dataset`` has ``info``, ``images``, ``annotations``, ``categories``;
-        ``counts`` = {"images", "annotations", "errors"}.
+        ``counts`` = {"images", "annotations", "errors", "dropped_low_score"}.
     """
-    ok, err = _ok_rows(read_labels(output_uri, storage, columns=_INSTANCE_COLUMNS))
+    ok, err, cats, by_name, dropped = load_instances(output_uri, storage, min_score, score_thresholds)
     ids = integer_image_ids([r["image_id"] for r in ok])
-    cats, by_name = _category_table(output_uri, storage, ok)
     images, anns = [], []
     for r in ok:
         img = {"id": ids[r["image_id"]], "file_name": row_file_name(r), "width": int(r["width"]),
@@ -169,7 +264,8 @@ def coco_instances(output_uri: str, storage: StorageSpec | None = None) -> tuple
             anns.append(ann)
     info = {"description": f"pseudolabel run {output_uri}", "run_uri": output_uri}
     dataset = {"info": info, "images": images, "annotations": anns, "categories": cats}
-    return dataset, {"images": len(images), "annotations": len(anns), "errors": len(err)}
+    return dataset, {"images": len(images), "annotations": len(anns), "errors": len(err),
+                     "dropped_low_score": dropped}
 
 
 # ----------------------------------------------------------------------------- coco results
@@ -202,36 +298,40 @@ def load_json(uri: str, storage: StorageSpec | None = None) -> Any:
 
 
 def coco_results(output_uri: str, storage: StorageSpec | None = None, gt: dict | None = None,
-                 table: pa.Table | None = None) -> tuple[list[dict], dict]:
-    """The run's annotations as a COCO results list (no ``bbox``; see the module docstring).
+                 table: pa.Table | None = None, min_score: float | None = None,
+                 score_thresholds: dict[str, float] | None = None) -> tuple[list[dict], dict]:
+    """The run's annotations as a COCO results list against a ground truth (no ``bbox``; see the
+    module docstring).
 
     Args:
         output_uri: the run's output folder.
         storage: credentials for s3://.
-        gt: a COCO ground-truth dataset dict; when given, image ids are the GT's (matched by file name),
-            category ids are mapped to the GT's by name where names match, and rows with no GT image are
-            left out (counted in ``unmatched_images``).
+        gt: the COCO ground-truth dataset dict (required): image ids are the GT's (matched by file
+            name), category ids are mapped to the GT's by name where names match, and rows with no GT
+            image are left out (counted in ``unmatched_images``).
         table: the labels table, if already read (columns of ``_INSTANCE_COLUMNS``).
+        min_score, score_thresholds: score filters (see the module docstring).
 
     Returns:
         (results, counts) with counts = {"images", "matched_images", "unmatched_images", "results",
-        "errors"}; ``matched_gt_ids`` lists the GT image ids the run covers.
+        "errors", "dropped_low_score"}; ``matched_gt_ids`` lists the GT image ids the run covers.
+
+    Raises:
+        ExportError: ``gt`` is None (results need the ids of the ground truth they are scored against).
     """
-    table = table if table is not None else read_labels(output_uri, storage, columns=_INSTANCE_COLUMNS)
-    ok, err = _ok_rows(table)
-    cats, by_name = _category_table(output_uri, storage, ok)
     if gt is None:
-        ids = integer_image_ids([r["image_id"] for r in ok])
-        image_of = {r["image_id"]: ids[r["image_id"]] for r in ok}
-        cat_map = {c["id"]: c["id"] for c in cats}
-    else:
-        exact, base = gt_file_index(gt)
-        image_of = {r["image_id"]: match_gt_image(r, exact, base) for r in ok}
-        gt_by_name = {c["name"]: c["id"] for c in gt.get("categories", [])}
-        gt_by_lower = {k.lower(): v for k, v in gt_by_name.items()}
-        cat_map = {}
-        for c in cats:
-            cat_map[c["id"]] = gt_by_name.get(c["name"], gt_by_lower.get(c["name"].lower(), c["id"]))
+        raise ExportError("coco-results needs the ground truth the results will be scored against "
+                          "(--gt GT.json; images are matched to it by file name); to score against "
+                          "this run's own 'coco' export, pass that file as the ground truth")
+    ok, err, cats, by_name, dropped = load_instances(output_uri, storage, min_score, score_thresholds,
+                                                     table=table)
+    exact, base = gt_file_index(gt)
+    image_of = {r["image_id"]: match_gt_image(r, exact, base) for r in ok}
+    gt_by_name = {c["name"]: c["id"] for c in gt.get("categories", [])}
+    gt_by_lower = {k.lower(): v for k, v in gt_by_name.items()}
+    cat_map = {}
+    for c in cats:
+        cat_map[c["id"]] = gt_by_name.get(c["name"], gt_by_lower.get(c["name"].lower(), c["id"]))
     results = []
     for r in ok:
         img_id = image_of[r["image_id"]]
@@ -245,7 +345,7 @@ def coco_results(output_uri: str, storage: StorageSpec | None = None, gt: dict |
     matched = sorted({v for v in image_of.values() if v is not None})
     counts = {"images": len(ok), "matched_images": len(matched),
               "unmatched_images": sum(v is None for v in image_of.values()), "results": len(results),
-              "errors": len(err), "matched_gt_ids": matched}
+              "errors": len(err), "dropped_low_score": dropped, "matched_gt_ids": matched}
     return results, counts
 
 
@@ -347,35 +447,84 @@ def read_panoptic(json_path: str, storage: StorageSpec | None = None) -> dict[in
 
 # ----------------------------------------------------------------------------- entry point
 
+def export_coco(output_uri: str, out_path: str, storage: StorageSpec | None = None, *,
+                min_score: float | None = None, score_thresholds: dict[str, float] | None = None) -> dict:
+    """Write the ``coco`` instances JSON to ``out_path``; returns counts."""
+    dataset, counts = coco_instances(output_uri, storage, min_score, score_thresholds)
+    st.write_bytes(out_path, json.dumps(dataset).encode(), storage)
+    return {"format": "coco", "path": out_path, **counts}
+
+
+def export_coco_results(output_uri: str, out_path: str, storage: StorageSpec | None = None, *,
+                        gt_json: str | None = None, min_score: float | None = None,
+                        score_thresholds: dict[str, float] | None = None) -> dict:
+    """Write the ``coco-results`` list against the ground truth ``gt_json`` (required); returns counts."""
+    if not gt_json:
+        coco_results(output_uri, storage, gt=None)  # raises ExportError
+    gt = load_json(gt_json, storage)
+    results, counts = coco_results(output_uri, storage, gt=gt, min_score=min_score,
+                                   score_thresholds=score_thresholds)
+    counts.pop("matched_gt_ids")
+    st.write_bytes(out_path, json.dumps(results).encode(), storage)
+    return {"format": "coco-results", "path": out_path, **counts}
+
+
+from pseudolabel.jobs import export_formats as _formats  # noqa: E402  (it uses the helpers above at call time)
+
+#: format name -> exporter ``fn(output_uri, out_path, storage=None, **options) -> counts``; an option a
+#: format does not take is refused by ``export``.
+EXPORTERS = {
+    "coco": export_coco,
+    "coco-results": export_coco_results,
+    "panoptic": panoptic,
+    "yolo": _formats.yolo,
+    "masks": _formats.masks,
+    "label-studio": _formats.label_studio,
+}
+FORMATS = tuple(EXPORTERS)
+
+
+def format_options(fmt: str) -> list[str]:
+    """The keyword options the exporter of ``fmt`` takes."""
+    import inspect
+
+    params = inspect.signature(EXPORTERS[fmt]).parameters.values()
+    return [p.name for p in params if p.kind == p.KEYWORD_ONLY or (p.default is not p.empty and p.name != "storage")]
+
+
 def export(output_uri: str, fmt: str, out_path: str, storage: StorageSpec | None = None,
-           gt_json: str | None = None, labeler: str | Sequence[str] | None = None) -> dict:
+           gt_json: str | None = None, labeler: str | Sequence[str] | None = None, **options: Any) -> dict:
     """Export a run's labels.
 
     Args:
         output_uri: the run's output folder (local path, file:// or s3://).
-        fmt: ``coco`` | ``coco-results`` | ``panoptic`` (see the module docstring).
-        out_path: the JSON to write (local path or s3://); panoptic PNGs go next to it.
+        fmt: a name in ``EXPORTERS`` (see the module docstring and ``export_formats``).
+        out_path: the JSON to write (coco, coco-results, panoptic, label-studio) or the dataset folder
+            (yolo, masks); local path or s3://.
         storage: endpoint/credentials for s3:// (used for reading the run and writing the export).
-        gt_json: for ``coco-results`` only: a COCO ground truth to match image/category ids against.
+        gt_json: for ``coco-results`` (required there): the COCO ground truth to match ids against.
         labeler: for ``panoptic`` only: the token labeler name(s) whose tokens are exported; None = all.
+        **options: the format's own options (``min_score``, ``score_thresholds``, ``split``,
+            ``lowest``, ...); None means "not given". ``score_thresholds`` not given = the run's
+            job.json thresholds, for the formats that take it.
 
     Returns:
-        JSON-serialisable counts: {"format", "path", "images", "annotations" | "results" | "segments",
-        "errors", ...}.
+        JSON-serialisable counts: {"format", "path", "images", "errors", ...}.
+
+    Raises:
+        ExportError: unknown format, an option the format does not take, or a request it cannot satisfy.
     """
     output_uri, out_path = str(output_uri), str(out_path)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if labeler is not None and fmt != "panoptic":
-        raise ValueError("labeler applies to the panoptic format only")
-    if fmt == "panoptic":
-        return panoptic(output_uri, out_path, storage, labeler)
-    if fmt == "coco":
-        dataset, counts = coco_instances(output_uri, storage)
-        st.write_bytes(out_path, json.dumps(dataset).encode(), storage)
-        return {"format": fmt, "path": out_path, **counts}
-    gt = load_json(gt_json, storage) if gt_json else None
-    results, counts = coco_results(output_uri, storage, gt=gt)
-    counts.pop("matched_gt_ids")
-    st.write_bytes(out_path, json.dumps(results).encode(), storage)
-    return {"format": fmt, "path": out_path, **counts}
+    if fmt not in EXPORTERS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORTERS)}")
+    given = {k: v for k, v in {"gt_json": gt_json, "labeler": labeler, **options}.items() if v is not None}
+    takes = format_options(fmt)
+    for name in given:
+        if name not in takes:
+            users = [f for f in EXPORTERS if name in format_options(f)]
+            if not users:
+                raise ExportError(f"unknown export option {name!r}")
+            raise ExportError(f"{name} applies to the {', '.join(users)} format{'s' if len(users) > 1 else ''} only")
+    if "score_thresholds" in takes and "score_thresholds" not in given:
+        given["score_thresholds"] = score_thresholds_from_job(output_uri, storage)
+    return EXPORTERS[fmt](output_uri, out_path, storage, **given)
