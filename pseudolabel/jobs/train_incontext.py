@@ -21,7 +21,7 @@ Network and loss follow SeFM's training:
 CPU tests and quick runs override the sizes (``model``, ``image_size``, ``batch_size``, ...). Usage::
 
     pseudolabel train-incontext JOB.yaml --set steps=500
-    # JOB.yaml: {output: /tmp/sefm, steps: 20000}      (the published scale, for a GPU)
+    # JOB.yaml: {output: /tmp/sefm, device: cuda, steps: 20000}   (the published scale, for a GPU)
     # or       {output: /tmp/sefm-small, model: {arch: sefm-small, width: 12, enc_blocks: [1, 2],
     #           dec_blocks: [1], refine_blocks: 1, heads: [1, 2], cell: 32}, image_size: 32, lr: 2e-3}
 
@@ -110,13 +110,6 @@ def answer_cell(net: SeFM, x: torch.Tensor, cell: int, layout: str) -> torch.Ten
     """The answer cells of ``net(x)``: (B, 3, cell, cell)."""
     y0, y1, x0, x1 = cv.answer_box(cell, layout)
     return net(x)[:, :, y0:y1, x0:x1]
-
-
-def answer_l1(net: SeFM, x: torch.Tensor, y: torch.Tensor, layout: str, mask: torch.Tensor | None = None,
-              component_weight: float = 0.0) -> torch.Tensor:
-    """L1 between the answer cell of ``net(x)`` and the target cells ``y``, per pixel weighted by
-    1 + component_weight · mask (mask: (B, 1, cell, cell) in [0, 1])."""
-    return sefm_loss(answer_cell(net, x, y.shape[-1], layout), y, None, 0.0, mask, component_weight)[0]
 
 
 # ----------------------------------------------------------------------------------------------

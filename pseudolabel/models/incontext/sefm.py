@@ -14,12 +14,12 @@ Architectures (``SeFMConfig.arch``):
   (TSA) blocks — 16×16 windowed spatial attention, channel attention and global attention in every
   block — width 32, encoder depths [2, 2, 4, 6], middle 6, decoder depths [3, 2, 4, 6] (deep to
   shallow), heads [1, 2, 4, 4, 8], output = ending conv + input. Its layers are described in
-  ``sefm_reference.py``. At the default size it has **145.3 M parameters** (145,287,555; 143,965,056
-  of them used by the forward pass; the rest are held by the layout and unused). The "about 205 M"
-  quoted for SeFM does not follow from this layout. Meant for a GPU: a 512×512 canvas (cell 256).
+  ``sefm_reference.py``. At the default size it has **204.8 M parameters** (204,791,715, the
+  published scale; 202,844,899 of them used by the forward pass, the rest held by the layout and
+  unused). Meant for a GPU: a 512×512 canvas (cell 256).
 - ``sefm-small``: a lighter restoration-transformer U-Net (Restormer-style blocks, attention across
   channels only), **not** the published layout. At its default size (width 48, encoder [4, 6, 6, 8],
-  decoder [4, 6, 6], 4 refinement blocks) it has 25.5 M parameters (25,469,499); the CPU training
+  decoder [4, 6, 6], 4 refinement blocks) it has 25.5 M parameters (25,472,823); the CPU training
   configuration ``train_incontext.small_config`` (width 12, two levels) has about 35 k. Its last
   projection is zero-initialised, so an untrained one returns its input.
 

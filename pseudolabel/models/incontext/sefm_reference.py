@@ -27,23 +27,25 @@ A TSA block (``TBlock``) is, in order and with no normalisation other than the o
 
 The three attentions:
 
-- spatial (``SAttention``): per window of N = window² pixels, q, k, v each from a separable conv
-  (3×3 depthwise with bias, ReLU, 1×1 pointwise with bias; zero padding at the window's border),
-  ``heads`` heads of channels/heads dims, softmax(q·kᵀ/√d + relative position bias) with a learned
-  ((2·window−1)², heads) bias table indexed by the pixel offset; then a linear projection.
+- spatial (``SAttention``): per window of N = window² pixels, q, k, v each from a 3×3 conv (a full
+  conv, despite its name ``depthwise``; bias; zero padding at the window's border), ReLU and a 1×1
+  conv (bias); ``heads`` heads of channels/heads dims, softmax(q·kᵀ/√d + relative position bias)
+  with a learned ((2·window−1)², heads) bias table indexed by the pixel offset; then a linear
+  projection.
 - channel (``CAttention``): 1×1 conv → q, k, v (no bias), 3×3 depthwise conv (no bias), per head
   L2-normalised q and k over pixels, softmax(q·kᵀ · temperature) between channels, 1×1 conv out.
 - global (``GAttention``): pixel-unshuffle by s = ``global_patch`` // heads (16, 8, 4, 4, 2 for
   heads 1, 2, 4, 4, 8), every s×s patch is one token of channels·s² dims; a linear map (no bias) to
   q, k, v of 64 dims per head, softmax(q·kᵀ/8) over all tokens of the image, a linear map back (with
-  bias), pixel-shuffle. Its attention spans the whole canvas: this is what relates the answer cell to
-  the demonstration cells.
+  bias), pixel-shuffle. It attends across the whole canvas (as the channel attention pools over it),
+  so the answer cell can see the demonstration cells.
 
-Parameters that the layout holds but its forward pass does not use are kept, so that state dicts of
-this layout load and parameter counts agree: ``GAttention.conv1_1`` / ``conv1_2`` (1×1 convs to and
-from channels/s) and ``FFN.norm``. At width 32 the network has 145,287,555 parameters, of which
-143,965,056 are used by the forward pass (the figure of about 205 M quoted for SeFM does not follow
-from this layout; see ``sefm.py``).
+Module and parameter names follow the layout, so a state dict of it loads (``load_layout_state_dict``;
+the window attention's ``relative_position_index`` buffers are recomputed here, not stored).
+Parameters that the layout holds but its forward pass does not use are kept, so that such state dicts
+load and parameter counts agree: ``GAttention.conv1_1`` / ``conv1_2`` (1×1 convs to and
+from channels/s) and ``FFN.norm``. At width 32 the network has 204,791,715 parameters (about 205 M),
+of which 202,844,899 are used by the forward pass.
 
 Inputs of any size: the input is zero-padded (bottom, right) to a multiple of
 ``TSAUNet.multiple`` — the least size for which every level's windows and global patches tile the
@@ -76,11 +78,13 @@ class LayerNorm2d(nn.Module):
 
 
 class SepConv2d(nn.Module):
-    """3×3 depthwise conv (bias), ReLU, 1×1 pointwise conv (bias): (n, C, h, w) -> (n, out, h, w)."""
+    """3×3 conv C → C (bias), ReLU, 1×1 conv C → out (bias): (n, C, h, w) -> (n, out, h, w).
+
+    The first conv is named ``depthwise`` in this layout but is a full (ungrouped) 3×3 conv."""
 
     def __init__(self, channels: int, out_channels: int, kernel_size: int = 3):
         super().__init__()
-        self.depthwise = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
+        self.depthwise = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
         self.pointwise = nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -325,3 +329,9 @@ class TSAUNet(nn.Module):
             feat = dec(up(feat) + skip)
         out = self.ending(feat) + xp[:, -3:]
         return out[:, :, :h, :w]
+
+
+def load_layout_state_dict(net: TSAUNet, state: dict[str, torch.Tensor]) -> None:
+    """Load a state dict of this layout strictly, ignoring stored ``relative_position_index`` buffers
+    (they only depend on the window size and are rebuilt by ``SAttention``)."""
+    net.load_state_dict({k: v for k, v in state.items() if not k.endswith(".relative_position_index")}, strict=True)
