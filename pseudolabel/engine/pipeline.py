@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
 import uuid
 import warnings
@@ -31,7 +32,7 @@ from pseudolabel.engine.cluster import connect
 from pseudolabel.engine.decode import fetch_decode
 from pseudolabel.engine.errors import OutputConflictError, ResourceError, WeightsError
 from pseudolabel.engine.sources import list_input
-from pseudolabel.engine.stage import DeviceStage, decode_then_host, host_stage, stats_actor
+from pseudolabel.engine.stage import DeviceStage, decode_then_host, host_stage, stats_actor, stats_totals
 from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import JobSpec, SpecError
 from pseudolabel.schemas.tables import MANIFEST_SCHEMA
@@ -297,6 +298,12 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True, ver
     return summary
 
 
+def device_stage_class(index: int, labeler: str) -> type:
+    """``DeviceStage`` under a name that says which labeler it runs (``Forward_1_directsam``), so Ray's
+    operator names and logs tell the stages of several labelers apart."""
+    return type(f"Forward_{index}_{re.sub(r'[^0-9A-Za-z]+', '_', labeler)}", (DeviceStage,), {})
+
+
 def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bool, run_id: str,
                   before_rows: int, total: int) -> dict:
     """Ray, the streaming plan and the checkpointed write; returns this run's seconds and images per
@@ -341,7 +348,7 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bo
             with warnings.catch_warnings():  # Ray 2.60-2.63 flag max_restarts as a deprecated keyword
                 warnings.simplefilter("ignore", DeprecationWarning)
                 ds = ds.map_batches(
-                    DeviceStage, batch_format="pyarrow", batch_size=res.batch_size,
+                    device_stage_class(i, job.labelers[i].name), batch_format="pyarrow", batch_size=res.batch_size,
                     compute=ActorPoolStrategy(min_size=res.min_actors or 1, max_size=res.actors),
                     num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor,
                     # Ray Data's own default for actor pools, stated: actors restart after a crash (the
@@ -373,9 +380,8 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bo
         bar.start()
         ds.write_parquet(lab_path, filesystem=lab_fs, max_rows_per_file=res.rows_per_file,
                          ray_remote_args={"num_cpus": res.host_cpus})
-        return ray.get(stats.get.remote(), timeout=30)
     finally:
         ctx.checkpoint_config = None
         if bar is not None:
             bar.stop()
-        ray.kill(stats)
+    return stats_totals(stats)

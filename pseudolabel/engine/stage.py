@@ -190,10 +190,29 @@ class RunStats:
 
 
 def stats_actor(name: str):
-    """Start the run's RunStats actor under ``name`` (no CPU reserved)."""
+    """Start the run's RunStats actor under ``name`` (no CPU reserved), on the driver's node: worker
+    nodes may be lost mid-run."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(RunStats).options(name=name, num_cpus=0, scheduling_strategy=here).remote()
+
+
+def stats_totals(actor, timeout: float = 30) -> dict:
+    """The actor's totals, or {} when it cannot answer (timings never fail a run), then stop it."""
     import ray
 
-    return ray.remote(RunStats).options(name=name, num_cpus=0).remote()
+    try:
+        return ray.get(actor.get.remote(), timeout=timeout)
+    except Exception as err:
+        log.warning("per-labeler timings unavailable (%s)", type(err).__name__)
+        return {}
+    finally:
+        try:
+            ray.kill(actor)
+        except Exception:
+            pass
 
 
 _STATS_HANDLES: dict[str, Any] = {}
