@@ -105,9 +105,14 @@ def first_file_watcher(fs, path: str, t0: float, result: dict):
             except FileNotFoundError:
                 files = []
             if files:
-                result["first"] = time.time() - t0
-                with fs.open(files[0], "rb") as f:
-                    result["first_rows"] = pq.ParquetFile(f).metadata.num_rows
+                seen = time.time() - t0
+                try:
+                    with fs.open(files[0], "rb") as f:
+                        rows = pq.ParquetFile(f).metadata.num_rows
+                except Exception:  # still being written: look again
+                    time.sleep(0.1)
+                    continue
+                result["first"], result["first_rows"] = seen, rows
                 return
             time.sleep(0.5)
 

@@ -32,7 +32,8 @@ from pseudolabel.engine.cluster import connect
 from pseudolabel.engine.decode import fetch_decode
 from pseudolabel.engine.errors import OutputConflictError, ResourceError, WeightsError
 from pseudolabel.engine.sources import list_input
-from pseudolabel.engine.stage import DeviceStage, decode_then_host, host_stage, stats_actor, stats_totals
+from pseudolabel.engine.run_stats import stats_actor, stats_totals
+from pseudolabel.engine.stage import DeviceStage, decode_then_host, host_stage
 from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import JobSpec, SpecError
 from pseudolabel.schemas.tables import MANIFEST_SCHEMA
