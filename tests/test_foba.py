@@ -7,6 +7,7 @@ import pytest
 import torch
 
 
+from halves import assert_same_output
 from pseudolabel.models.attention import CapturedAttention, encode_image, load_sd_components
 from pseudolabel.models.foba import (
     FoBa,
@@ -330,17 +331,6 @@ def test_refined_mask_is_the_closed_filled_and_of_difference_and_preliminary_mas
 
 # -- the two halves ---------------------------------------------------------------------------------
 
-def _same_output(a, b):
-    """Field by field, exactly: instances (mask, category, id, score, prompt) and layers."""
-    assert len(a.instances) == len(b.instances)
-    for x, y in zip(a.instances, b.instances):
-        assert np.array_equal(x.mask, y.mask) and x.mask.dtype == y.mask.dtype
-        assert (x.category_id, x.category, x.score, x.prompt) == (y.category_id, y.category, y.score, y.prompt)
-    assert a.layers.keys() == b.layers.keys()
-    for name in a.layers:
-        assert a.layers[name].dtype == b.layers[name].dtype and np.array_equal(a.layers[name], b.layers[name])
-
-
 @pytest.mark.parametrize("params, keys", [
     ({}, {"attention", "prelim", "plate", "reference"}),
     ({"refine": False}, {"attention"}),
@@ -381,7 +371,7 @@ def test_forward_then_host_half_equals_the_whole_labeler(tiny_sd, monkeypatch, p
         for name, value in payload.items():
             assert type(value) is np.ndarray and (value.dtype, value.shape) == layout[name]
         out = host.postprocess(image, prompt, unpack_payload(pack_payload(payload)))
-        _same_output(out, expected)
+        assert_same_output(out, expected)
     assert [o.instances[0].category for o in whole if o.instances] == ["cat", "zebra", "cat"]
 
 
@@ -434,4 +424,4 @@ def test_compile_wraps_the_inpainting_unet(tiny_sd, monkeypatch):
     images = _images()[:1]
     out = FoBa(spec)(images)
     assert len(calls) == FAST["inpaint_steps"]
-    _same_output(out[0], FoBa(spec.model_copy(update={"compile": False}))(images)[0])
+    assert_same_output(out[0], FoBa(spec.model_copy(update={"compile": False}))(images)[0])

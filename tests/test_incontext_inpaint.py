@@ -9,7 +9,8 @@ import pytest
 from pseudolabel.models.incontext.component import decode_query, dilate
 from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import LabelerSpec
-from test_incontext_seggpt import (_queries, assert_same_outputs, calibrated_threshold, save_tiny_seggpt,
+from halves import assert_same_outputs
+from test_incontext_seggpt import (_queries, calibrated_threshold, save_tiny_seggpt,
                                    split_outputs, watermark_pair)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -288,7 +288,8 @@ def test_sefm_mask_is_where_clean_differs_by_more_than_change_threshold(tmp_path
                                                ("float32", "vertical", "sefm-small"), ("float32", "grid", "sefm")])
 def test_sefm_split_is_exact(tmp_path, dtype, layout, arch):
     from pseudolabel.models.base import Labeler
-    from test_incontext_seggpt import assert_same_outputs, split_outputs
+    from halves import assert_same_outputs
+    from test_incontext_seggpt import split_outputs
 
     ck = perturbed_checkpoint(tmp_path / "ck", seed=1, layout=layout, base=TINY if arch == "sefm-small" else REF_TINY)
     a_in, a_out = _demo_pair(tmp_path, seed=0)
@@ -315,7 +316,8 @@ def test_sefm_split_is_exact(tmp_path, dtype, layout, arch):
 
 
 def test_sefm_host_half_loads_no_weights_and_reads_no_demonstration(tmp_path):
-    from test_incontext_seggpt import assert_same_outputs, split_outputs
+    from halves import assert_same_outputs
+    from test_incontext_seggpt import split_outputs
 
     ck = perturbed_checkpoint(tmp_path / "ck", seed=1)
     demo_in, demo_out = _demo_pair(tmp_path)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from halves import assert_same_outputs
 from pseudolabel.models.incontext.component import decode_query, dilate
 from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import LabelerSpec
@@ -151,22 +152,6 @@ def split_outputs(lab, images, host=None):
     shipped = [unpack_payload(pack_payload(pl)) for pl in payloads]
     host = host or type(lab).host_half(lab.spec, lab.storage)
     return [host.postprocess(im, None, pl) for im, pl in zip(images, shipped)], payloads
-
-
-def assert_same_outputs(expected, actual):
-    """LabelOutputs equal field by field: layers, instances (mask, category, id, score, prompt), tokens."""
-    assert len(expected) == len(actual)
-    for a, b in zip(expected, actual):
-        assert a.layers.keys() == b.layers.keys()
-        for name in a.layers:
-            assert a.layers[name].dtype == b.layers[name].dtype
-            np.testing.assert_array_equal(a.layers[name], b.layers[name])
-        assert len(a.instances) == len(b.instances)
-        for x, y in zip(a.instances, b.instances):
-            assert x.mask.dtype == y.mask.dtype == bool
-            np.testing.assert_array_equal(x.mask, y.mask)
-            assert (x.category_id, x.category, x.score, x.prompt) == (y.category_id, y.category, y.score, y.prompt)
-        assert a.tokens is None and b.tokens is None
 
 
 def test_split_is_exact_and_payloads_are_compact(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from halves import assert_same_output
 from pseudolabel.models.iseg import (
     ISeg,
     combine_seed_columns,
@@ -451,18 +452,6 @@ def test_mask_score_is_the_mean_map_value_inside_the_mask(lab, monkeypatch):
 
 # ------------------------------------------------------------------------------- the two halves
 
-def _same_output(a, b):
-    """Field by field, exactly: instances (mask, category, id, score, prompt) and layers."""
-    assert len(a.instances) == len(b.instances)
-    for x, y in zip(a.instances, b.instances):
-        assert np.array_equal(x.mask, y.mask) and x.mask.dtype == y.mask.dtype
-        assert (x.category_id, x.category, x.score, x.prompt) == (y.category_id, y.category, y.score, y.prompt)
-    assert a.layers.keys() == b.layers.keys()
-    for name in a.layers:
-        assert a.layers[name].dtype == b.layers[name].dtype and np.array_equal(a.layers[name], b.layers[name])
-    assert a.tokens is None and b.tokens is None
-
-
 def test_forward_then_host_half_equals_the_whole_labeler(lab):
     """labeler(images) == forward on the device half, each payload through the engine's byte format,
     postprocess on a host half built from the spec alone (its weights path does not even exist)."""
@@ -499,7 +488,7 @@ def test_forward_then_host_half_equals_the_whole_labeler(lab):
         data = pack_payload(payload)
         assert isinstance(data, bytes)
         out = host.postprocess(image, prompt, unpack_payload(data))
-        _same_output(out, expected)
+        assert_same_output(out, expected)
         checked += len(out.instances)
     assert checked >= 6 and whole[1].instances and whole[2].instances and not whole[4].instances
 
