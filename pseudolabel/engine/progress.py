@@ -64,7 +64,8 @@ class CommittedProgress(threading.Thread):
                 self._bar.set_postfix(errors=self.errors)
 
     def run(self) -> None:
-        while not self._halt.wait(self.interval):
+        # a listing costs one request per thousand files on object stores: poll less often as they grow
+        while not self._halt.wait(max(self.interval, len(self._seen) / 500)):
             self.poll()
 
     def stop(self) -> None:
