@@ -195,3 +195,12 @@ def two_labeler_rows(mode: str = "perfect") -> list[dict]:
                  for q in range(4)]
         r["subobjects"] = other + r["subobjects"]
     return rows
+
+
+def write_rows(out, rows: list[dict], job: dict | None = None) -> str:
+    """A run folder with ``rows`` as its one labels file (and ``job`` as its job.json); returns its path."""
+    (out / "labels").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=LABELS_SCHEMA), out / "labels" / "p.parquet")
+    if job is not None:
+        (out / "job.json").write_text(json.dumps(job))
+    return str(out)

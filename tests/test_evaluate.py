@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pseudolabel.jobs import metrics as M
-from labels_fixtures import GT_SHAPES, gt_coco, shape_masks, write_run
+from labels_fixtures import GT_SHAPES, gt_coco, shape_masks, write_rows, write_run
 
 
 # ---------------------------------------------------------------- metrics on hand-made maps
@@ -328,19 +328,6 @@ def test_evaluate_tokens_curve_from_boundary_layers(tmp_path, gt_path):
 
 # ---------------------------------------------------------------- tokens: curve settings, labeler filter
 
-def _write_rows(out, rows, job: dict | None = None) -> str:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pseudolabel.schemas.tables import LABELS_SCHEMA
-
-    (out / "labels").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=LABELS_SCHEMA), out / "labels" / "p.parquet")
-    if job is not None:
-        (out / "job.json").write_text(json.dumps(job))
-    return str(out)
-
-
 def _shifted_boundary_rows(shift: int = 3):
     """Perfect rows whose uint16 ``boundary`` layer (labeler ``directsam``) has every GT edge ``shift`` px
     off (down and right)."""
@@ -362,7 +349,7 @@ def test_evaluate_tokens_curve_uses_tolerances_and_the_runs_settings(tmp_path, g
 
     curve = str(tmp_path / "curve.png")
     # a run without job.json: partition, no token cap
-    plain = _write_rows(tmp_path / "plain", _shifted_boundary_rows())
+    plain = write_rows(tmp_path / "plain", _shifted_boundary_rows())
     loose = evaluate(plain, gt_path, task="tokens", curve_png=curve)
     strict = evaluate(plain, gt_path, task="tokens", curve_png=curve, precision_tol=1, recall_tol=1, border=0)
     assert loose["curve_settings"] == {"mode": "partition", "max_tokens": None, "min_area": 0}
@@ -373,7 +360,7 @@ def test_evaluate_tokens_curve_uses_tolerances_and_the_runs_settings(tmp_path, g
     # the directsam labeler's post-processing from the run's job.json (min_area at its default)
     job = {"labelers": [{"name": "classical_tokens", "params": {"mode": "partition"}},
                         {"name": "directsam", "params": {"mode": "simple", "max_tokens": 2}}]}
-    capped = evaluate(_write_rows(tmp_path / "run", _shifted_boundary_rows(), job), gt_path, task="tokens",
+    capped = evaluate(write_rows(tmp_path / "run", _shifted_boundary_rows(), job), gt_path, task="tokens",
                       curve_png=curve)
     assert capped["curve_settings"] == {"mode": "simple", "max_tokens": 2, "min_area": 0}
     assert max(p["tokens"] for p in loose["curve"]) > 2
@@ -389,7 +376,7 @@ def _two_labeler_rows():
 def test_evaluate_tokens_labeler_filter(tmp_path, gt_path):
     from pseudolabel.jobs.evaluate import evaluate
 
-    out = _write_rows(tmp_path / "run", _two_labeler_rows())
+    out = write_rows(tmp_path / "run", _two_labeler_rows())
     merged = evaluate(out, gt_path, task="tokens")
     only_test = evaluate(out, gt_path, task="tokens", labeler="test")
     only_other = evaluate(out, gt_path, task="tokens", labeler=["other"])
@@ -520,7 +507,7 @@ def test_evaluate_partial_gt_coverage_warns_and_scores_the_matched_categories(tm
     rows = label_rows("perfect")
     for r in rows:  # the run knows no "wedge"
         r["annotations"] = [a for a in r["annotations"] if a["category"] != "wedge"]
-    out = _write_rows(tmp_path / "run", rows)
+    out = write_rows(tmp_path / "run", rows)
     with caplog.at_level("WARNING", logger="pseudolabel.jobs.evaluate"):
         r = evaluate(out, gt_path)
     warnings = [rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING"]
@@ -545,7 +532,7 @@ def test_evaluate_curve_without_boundary_layers_names_the_fix(tmp_path, gt_path)
         evaluate(out, gt_path, task="tokens", curve_png=curve)
     assert "save_boundary: true" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(EvaluationError, match="of labeler test in the run .*; it has those of directsam"):
-        evaluate(_write_rows(tmp_path / "run", _shifted_boundary_rows()), gt_path, task="tokens", curve_png=curve,
+        evaluate(write_rows(tmp_path / "run", _shifted_boundary_rows()), gt_path, task="tokens", curve_png=curve,
                  labeler="test")
 
 

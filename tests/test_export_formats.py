@@ -12,12 +12,11 @@ import xml.etree.ElementTree as ET
 
 import cv2
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from labels_fixtures import CATEGORIES, GT_SHAPES, H, W, label_rows, render_image, shape_masks, write_run
+from labels_fixtures import (CATEGORIES, GT_SHAPES, H, W, label_rows, render_image, shape_masks, write_rows,
+                             write_run)
 from pseudolabel import storage as st
 from pseudolabel.errors import UsageError
 from pseudolabel.jobs.export import EXPORTERS, ExportError, export, score_thresholds_from_job
@@ -30,7 +29,6 @@ from pseudolabel.jobs.export_formats import (
     split_of,
 )
 from pseudolabel.schemas.coco import mask_to_rle, rle_to_mask
-from pseudolabel.schemas.tables import LABELS_SCHEMA
 
 N_ANN = sum(len(s) for s in GT_SHAPES)
 STEMS = {1: "img_1", 2: "img_2", 3: "img_3"}
@@ -48,14 +46,6 @@ def _fill(polys_xy: list[np.ndarray], shape=(H, W)) -> np.ndarray:
 
 def _read_png(path) -> np.ndarray:
     return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-
-
-def _write_rows(out, rows, job: dict | None = None) -> str:
-    (out / "labels").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=LABELS_SCHEMA), out / "labels" / "p.parquet")
-    if job is not None:
-        (out / "job.json").write_text(json.dumps(job))
-    return str(out)
 
 
 # ---------------------------------------------------------------- registry
@@ -112,7 +102,7 @@ def test_yolo_multi_part_instance_gives_one_line_per_outer_contour(tmp_path):
     m[35:45, 50:60] = False  # a hole: not kept
     m[60, 2] = True  # a one-pixel speck
     rows[0]["annotations"] = [dict(rows[0]["annotations"][0], segmentation=mask_to_rle(m))]
-    out = _write_rows(tmp_path / "run", rows)
+    out = write_rows(tmp_path / "run", rows)
     info = export(out, "yolo", str(tmp_path / "yolo"), images="none")
     assert info["polygons"] == 3 and info["images_copied"] == info["images_linked"] == 0
     lines = read_yolo_labels((tmp_path / "yolo" / "labels" / "img_1.txt").read_text())
@@ -210,7 +200,7 @@ def test_masks_overlap_higher_score_wins_and_uint16(tmp_path):
     rows[0]["annotations"] = [dict(base, segmentation=mask_to_rle(a), score=0.5, category_id=300, category="big"),
                               dict(base, segmentation=mask_to_rle(b), score=0.9, category_id=2, category="disc"),
                               dict(base, segmentation=mask_to_rle(c), score=0.9, category_id=2, category="disc")]
-    out = _write_rows(tmp_path / "run", rows)
+    out = write_rows(tmp_path / "run", rows)
     info = export(out, "masks", str(tmp_path / "m"))
     assert info["semantic_dtype"] == "uint16" and info["hidden_instances"] == 1
     sem = _read_png(tmp_path / "m" / "SegmentationClass" / "img_1.png")
@@ -300,7 +290,7 @@ def test_label_studio_polygons_and_lowest(tmp_path):
     for k, r in enumerate(rows[:3]):
         for a in r["annotations"]:
             a["score"] = [0.6, 0.3, 0.9][k]
-    out = _write_rows(tmp_path / "run", rows)
+    out = write_rows(tmp_path / "run", rows)
     path = tmp_path / "poly.json"
     info = export(out, "label-studio", str(path), shape="polygon", image_prefix="/data/local-files/?d=imgs/")
     assert info["results"] == N_ANN
