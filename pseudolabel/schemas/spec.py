@@ -128,6 +128,10 @@ class ResourcesSpec(_Strict):
                              "GPU never waits for them; or 'actor': inside the labeler's actor after its forward "
                              "pass (one call, as a labeler that only implements label)")
     rows_per_file: int | None = Field(None, ge=1, description="at most this many rows per output Parquet file")
+    max_batch_pixels: int = Field(
+        64_000_000, gt=0, description="memory budget: at most this many decoded pixels in one decode block or one "
+                                      "labeler batch; larger batches are split (a single image larger than this "
+                                      "still runs alone, up to input.max_pixels)")
 
 
 class JobSpec(_Strict):

@@ -129,6 +129,8 @@ LABELS_SCHEMA = pa.schema(
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+#: a transient failure (network, throttling, 5xx) that outlived the retries: the next run labels it again
+STATUS_RETRY = "retry"
 
 
 def empty_label_row(image_id: str, uri: str, member: str | None, file_name: str | None = None) -> dict:
