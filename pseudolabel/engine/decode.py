@@ -143,7 +143,7 @@ def _stream_tar_members(fs, path: str, wanted: set[str]) -> dict[str, bytes | Ex
 
 
 def fetch_decode(batch: pa.Table, storage: StorageSpec | None, max_pixels: int,
-                 image_column: str | None = None) -> pa.Table:
+                 image_column: str | None = None, max_batch_pixels: int | None = None) -> pa.Table:
     """map_batches task: manifest batch -> the same rows with pixels/width/height/status/error.
 
     A row whose bytes cannot be fetched or decoded gets status ``error``, a message, and no pixels.

@@ -333,7 +333,8 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bo
         parts, rows = manifest_parts(job)
         ds = ray.data.read_datasource(ManifestDatasource(parts, rows, st, res.decode_batch_size),
                                       num_cpus=res.decode_cpus)
-        decode_kwargs = dict(storage=st, max_pixels=job.input.max_pixels, image_column=job.input.image_column)
+        decode_kwargs = dict(storage=st, max_pixels=job.input.max_pixels, image_column=job.input.image_column,
+                             max_batch_pixels=res.max_batch_pixels)
         provenance = {
             "labelers": [lab.name for lab in job.labelers],
             "weights": [lab.weights or "" for lab in job.labelers],
@@ -358,7 +359,8 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bo
                     max_restarts=-1,
                     fn_constructor_kwargs=dict(spec=job.labelers[i].model_dump(mode="json"), index=i,
                                                storage=st.model_dump(), gpus_per_actor=res.gpus_per_actor,
-                                               whole=res.host == "actor", stats=stats_name),
+                                               whole=res.host == "actor", stats=stats_name,
+                                               max_batch_pixels=res.max_batch_pixels),
                 )
         # host halves of every labeler + encoding, in CPU tasks (as many at once as the CPUs allow)
         sources = []

@@ -110,11 +110,12 @@ class DeviceStage:
         storage: storage settings for weights on s3://.
         gpus_per_actor: GPUs Ray gave each actor (decides ``device: auto``).
         whole: run the whole labeler here (``resources.host: actor``) even when it splits.
+        max_batch_pixels: memory budget of one forward call (``resources.max_batch_pixels``); None: no limit.
     """
 
     def __init__(self, spec: dict, index: int, storage: dict | None, gpus_per_actor: float, whole: bool = False,
-                 stats: str | None = None):
-        self.index, self.stats = index, stats
+                 stats: str | None = None, max_batch_pixels: int | None = None):
+        self.index, self.stats, self.max_batch_pixels = index, stats, max_batch_pixels
         self.spec = LabelerSpec.model_validate(spec)
         self.name = self.spec.name
         device = resolve_device(self.spec.device, gpus_per_actor)
