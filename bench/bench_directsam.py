@@ -44,7 +44,8 @@ def main() -> None:
     import pseudolabel
     from pseudolabel.jobs.demo_data import generate, render_index
     from pseudolabel.jobs.labels_io import read_labels
-    from pseudolabel.models.directsam import DirectSAM, resolve_dtype, segformer_config
+    from pseudolabel.models.device import resolve_dtype
+    from pseudolabel.models.directsam import DirectSAM, segformer_config
     from pseudolabel.models.directsam_pyramid import image_views, reference_pyramid_probs
     from pseudolabel.models.tokens import boundary_to_tokens
     from pseudolabel.schemas.spec import LabelerSpec
@@ -59,7 +60,7 @@ def main() -> None:
     data = os.path.join(tmp, "demo")
     generate(data, images=args.images, shards=1, size=args.image_size, progress=False)
     images = [render_index(0, i, args.image_size).image for i in range(args.images)]
-    dtype = resolve_dtype(args.dtype, args.device)
+    dtype = resolve_dtype(args.dtype, args.device, DirectSAM.cuda_dtype)
     rows = []
     for layers in args.layers:
         # random weights are uncalibrated: threshold at the median of the maps so images get many tokens

@@ -170,7 +170,8 @@ def engine_row(job: dict, device: str) -> dict:
 def directsam_rows(args, tmp: str, images: list[np.ndarray], folder: str) -> list[tuple]:
     from transformers import SegformerForSemanticSegmentation, SegformerImageProcessorPil
 
-    from pseudolabel.models.directsam import DirectSAM, resolve_dtype, segformer_config
+    from pseudolabel.models.device import resolve_dtype
+    from pseudolabel.models.directsam import DirectSAM, segformer_config
     from pseudolabel.schemas.spec import LabelerSpec
 
     res = args.directsam_resolution
@@ -182,7 +183,7 @@ def directsam_rows(args, tmp: str, images: list[np.ndarray], folder: str) -> lis
     spec = dict(name="directsam", weights=model_dir, dtype=args.dtype, params=params)
     rows = []
     lab = DirectSAM(LabelerSpec(**spec), device=args.device)
-    dtype = resolve_dtype(args.dtype, args.device)
+    dtype = resolve_dtype(args.dtype, args.device, DirectSAM.cuda_dtype)
     x = torch.randn(args.batch, 3, res, res, device=args.device, dtype=dtype)
     with torch.inference_mode():
         rows.append(("directsam", "network alone, eager", rate(lambda: lab.model(pixel_values=x), args.batch,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pytest
 import torch
 
 from pseudolabel.models.device import compiled, to_host
@@ -53,3 +54,20 @@ def test_compile_unavailable_at_wrap_time_runs_eager(monkeypatch, caplog):
         f = compiled(lambda x: x - 1, True, "iseg")
     assert f(1) == 0
     assert any("iseg: torch.compile unavailable" in r.getMessage() for r in caplog.records)
+
+
+def test_one_dtype_rule_for_every_labeler():
+    import torch
+
+    from pseudolabel.models.device import resolve_dtype
+    from pseudolabel.models.registry import labeler_class
+
+    assert resolve_dtype("auto", "cpu", "bfloat16") == torch.float32
+    assert resolve_dtype(None, "mps") == torch.float32
+    assert resolve_dtype("auto", "cuda:3", "bfloat16") == torch.bfloat16
+    assert resolve_dtype("float16", "cpu") == torch.float16  # as asked, on any device
+    assert resolve_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="int8"):
+        resolve_dtype("int8", "cpu")
+    assert labeler_class("directsam").cuda_dtype == "bfloat16"
+    assert {labeler_class(n).cuda_dtype for n in ("evf_sam", "iseg", "foba", "incontext")} == {"float16"}

@@ -103,6 +103,8 @@ class Labeler:
     baseline: ClassVar[bool] = False
     #: labelers that need no weights leave this None; others name a default hub id or None
     default_weights: ClassVar[str | None] = None
+    #: what the spec's ``dtype: auto`` means on CUDA (float32 on other devices; see ``models.device``)
+    cuda_dtype: ClassVar[str] = "float16"
 
     def __init__(self, spec: LabelerSpec, *, device: str = "cpu", storage: StorageSpec | None = None):
         self.spec = spec
@@ -111,6 +113,13 @@ class Labeler:
         self.storage = storage or StorageSpec()
         self.ontology: list[OntologyEntry] = list(spec.ontology)
         self.setup_host()
+
+    def compute_dtype(self):
+        """The torch dtype of this labeler's network: the spec's ``dtype`` as asked; ``auto`` =
+        ``cuda_dtype`` on CUDA, float32 elsewhere (``models.device.resolve_dtype``)."""
+        from pseudolabel.models.device import resolve_dtype
+
+        return resolve_dtype(self.spec.dtype, self.device, self.cuda_dtype)
 
     # -- the two halves --------------------------------------------------------------------------------
 

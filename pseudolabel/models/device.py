@@ -1,4 +1,7 @@
-"""Device-half helpers shared by the labelers: copies to the host and optional ``torch.compile``.
+"""Device-half helpers shared by the labelers: the dtype rule, copies to the host and optional ``torch.compile``.
+
+- ``resolve_dtype``: the one meaning of a labeler spec's ``dtype``: a named dtype is used as asked on
+  any device; ``auto`` is the labeler's ``cuda_dtype`` on CUDA and float32 elsewhere.
 
 - ``to_host``: device tensors -> NumPy arrays for a payload. On CUDA each tensor is copied into pinned
   host memory with a non-blocking copy and the stream is synchronised once for the whole list, so
@@ -16,6 +19,31 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+
+#: spec dtype names -> torch dtypes
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(requested: str | torch.dtype | None, device: str, cuda_dtype: str = "float16") -> torch.dtype:
+    """The torch dtype a labeler computes in.
+
+    Args:
+        requested: the spec's ``dtype`` (``auto``, ``float32``, ``float16``, ``bfloat16``), a torch dtype,
+            or None (= ``auto``).
+        device: the torch device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``).
+        cuda_dtype: what ``auto`` means on CUDA for this labeler (its ``Labeler.cuda_dtype``).
+
+    Returns:
+        a named dtype as asked, on any device; ``auto``: ``cuda_dtype`` on CUDA, float32 elsewhere.
+    """
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested in (None, "auto"):
+        return DTYPES[cuda_dtype] if str(device).startswith("cuda") else torch.float32
+    try:
+        return DTYPES[requested]
+    except KeyError:
+        raise ValueError(f"dtype {requested!r}: expected one of auto, {', '.join(DTYPES)}") from None
 
 
 def to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:

@@ -90,13 +90,6 @@ class DirectSAMParams(LabelerParams):
     embedding_resolution: int = Field(448, ge=14, description="square input side of the embedding backbone")
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """``"auto"`` = bfloat16 on CUDA, float32 elsewhere; otherwise the named dtype."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-
-
 #: SegFormer encoder sizes (MiT-B0..B5): depths, hidden sizes, decoder width; "tiny" is for tests
 SEGFORMER_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], decoder_hidden_size=32,
@@ -223,6 +216,7 @@ def mask_pool(features: torch.Tensor, label_map: torch.Tensor, n_tokens: int) ->
 
 class DirectSAM(Labeler):
     name = "directsam"
+    cuda_dtype = "bfloat16"  # SegFormer runs in bf16 on CUDA without overflow in its attention
     Params = DirectSAMParams
     summary = ("Subobject tokens from DirectSAM boundary maps (Segformer, crop pyramid, connected components; "
                "optional watershed partition)")
@@ -233,7 +227,7 @@ class DirectSAM(Labeler):
         p = self.params
         # 1. weights: hub id / local dir / s3:// prefix copied once per node
         local = resolve_weights(self.weights_id, self.storage, spec.revision)
-        self.dtype = resolve_dtype(spec.dtype, device)
+        self.dtype = self.compute_dtype()
         self.model = load_segformer(local, device, self.dtype, spec.revision)
         self._network = compiled(self.model, spec.compile, self.name)
         # 2. the checkpoint's image processor (size, resample, rescale, normalise); Segformer defaults otherwise

@@ -44,15 +44,6 @@ class EvfSamParams(LabelerParams):
     max_text_tokens: int = Field(512, ge=4, description="truncate tokenised prompts to this many tokens")
 
 
-def _torch_dtype(dtype: str, device: str) -> torch.dtype:
-    """The spec's dtype on CUDA (``auto`` = float16, as the reference runs); always float32 elsewhere."""
-    if not device.startswith("cuda"):
-        return torch.float32
-    if dtype == "auto":
-        return torch.float16
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-
-
 def _local_checkpoint(weights: str, storage, revision: str | None) -> str:
     """A local directory for a local path, an s3:// prefix or a hub id.
 
@@ -85,7 +76,7 @@ class EvfSamLabeler(Labeler):
         super().__init__(spec, device=device, storage=storage)     # setup_host: the ontology check, self.pairs
         # 1. model and tokenizer from the checkpoint directory
         path = _local_checkpoint(self.weights_id, self.storage, spec.revision)
-        self.dtype = _torch_dtype(spec.dtype, device)
+        self.dtype = self.compute_dtype()
         self.model = load_evf_sam(path, device=device, dtype=self.dtype)
         cfg = self.model.config
         self.variant = cfg.variant

@@ -104,13 +104,6 @@ def decode_image(data: bytes) -> np.ndarray:
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
-def _torch_dtype(dtype: str, device: str) -> torch.dtype:
-    """``auto``: float16 on CUDA, float32 elsewhere; a name: that dtype (on any device, as asked)."""
-    if dtype == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, dtype)
-
-
 class InContextSeparator(Labeler):
     name = "incontext"
     Params = InContextParams
@@ -201,7 +194,7 @@ class InContextSeparator(Labeler):
         else:
             raise ValueError("incontext backend 'sefm' needs weights: SeFM has no public weights; train a "
                              "checkpoint with `pseudolabel train-incontext` and pass its directory as weights")
-        self.dtype = _torch_dtype(self.spec.dtype, self.device)
+        self.dtype = self.compute_dtype()
         self.net.to(device=self.device, dtype=self.dtype).eval()
         self.run_net = compiled(self.net, self.spec.compile, "incontext")
         self.cell = p.cell or self.net.config.cell
@@ -248,7 +241,7 @@ class InContextSeparator(Labeler):
 
         p = self.params
         weights = resolve_weights(self.weights_id, self.storage, self.spec.revision)
-        self.finder = SegGptFinder(weights, device=self.device, dtype=_torch_dtype(self.spec.dtype, self.device),
+        self.finder = SegGptFinder(weights, device=self.device, dtype=self.compute_dtype(),
                                    embedding_type=p.embedding_type, compile=self.spec.compile)
         self.demo_masks = [difference_mask(a, b, p.demo_threshold, p.mask_open_radius, p.mask_close_radius,
                                            p.min_area) for a, b in self.pairs]
