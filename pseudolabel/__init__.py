@@ -5,9 +5,13 @@
 """
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("pseudolabel")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
 
 
 def run(spec: Any, address: str | None = None, progress: bool = True, verbose: bool = False, **overrides: Any) -> dict:

@@ -120,6 +120,9 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"pseudolabel {__version__}"
+    from importlib.metadata import version
+
+    assert __version__ == version("pseudolabel")  # one source of truth: the installed distribution
 
 
 def test_read_commands_refuse_a_path_that_holds_no_run(tmp_path, capsys):
