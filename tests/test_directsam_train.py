@@ -134,3 +134,50 @@ def test_split_file_name_finds_tar_and_parquet_containers():
     assert split_file_name("d/p.parquet/img.png") == ("d/p.parquet/img.png", None)
     assert split_file_name("00000/img.png") == ("00000/img.png", None)
     assert split_file_name("x.tar") == ("x.tar", None)
+
+
+def test_every_coco_segmentation_form_gives_the_same_label(tmp_path):
+    """Polygons, uncompressed RLE and compressed RLE of the same shapes rasterise to the same label."""
+    import json
+
+    import cv2
+    import torch
+    from pycocotools import mask as mask_utils
+
+    from pseudolabel.jobs.train_directsam import CocoBoundaryData, TrainSpec
+
+    h, w = 40, 60
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((h, w, 3), 128, np.uint8))
+    square = np.zeros((h, w), np.uint8)
+    square[8:24, 10:30] = 1
+    bar = np.zeros((h, w), np.uint8)
+    bar[28:36, 5:55] = 1
+    compressed = mask_utils.encode(np.asfortranarray(square))
+    compressed["counts"] = compressed["counts"].decode()
+    flat = bar.flatten(order="F")
+    runs, value, n = [], 0, 0
+    for v in flat:  # uncompressed RLE: alternating run lengths starting with zeros
+        if v != value:
+            runs.append(n)
+            value, n = v, 0
+        n += 1
+    runs.append(n)
+    forms = {
+        "polygon": [{"segmentation": [[10, 8, 30, 8, 30, 24, 10, 24]]}, {"segmentation": [[5, 28, 55, 28, 55, 36, 5, 36]]}],
+        "rle": [{"segmentation": compressed}, {"segmentation": {"size": [h, w], "counts": runs}}],
+    }
+    labels = {}
+    for name, anns in forms.items():
+        coco = {"images": [{"id": 1, "file_name": "a.png"}],
+                "annotations": [dict(a, id=i + 1, image_id=1, category_id=1) for i, a in enumerate(anns)],
+                "categories": [{"id": 1, "name": "thing"}]}
+        (tmp_path / f"{name}.json").write_text(json.dumps(coco))
+        spec = TrainSpec(data=str(tmp_path), coco_json=str(tmp_path / f"{name}.json"), output="unused",
+                         resolution=w, cache_examples=0)
+        labels[name] = CocoBoundaryData(spec).example(0)[1]
+    expected = boundary_label(masks_to_segments(np.stack([square, bar]).astype(bool)), 3)
+    expected = torch.from_numpy(cv2.resize(expected, (w, w), interpolation=cv2.INTER_NEAREST))
+    assert int(expected.sum()) > 0
+    # polygons rasterise their corners inclusively: compare with a one-pixel tolerance on the contours
+    assert torch.equal(labels["rle"], expected)
+    assert (labels["polygon"] != expected).float().mean() < 0.05

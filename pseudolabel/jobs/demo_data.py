@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from pseudolabel import storage as st
 from pseudolabel.engine.encode import decode_png, encode_png  # noqa: F401  (re-exported for callers)
@@ -484,38 +485,6 @@ def shard_of(index: int, images: int, shards: int) -> int:
 # Writing
 # ----------------------------------------------------------------------------------------------
 
-class _Progress:
-    """tqdm when installed, else a counter line on stderr; silent when disabled."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.n, self._bar, self._t0, self._last = total, enabled, 0, None, time.time(), 0.0
-        if enabled:
-            try:
-                from tqdm import tqdm
-                self._bar = tqdm(total=total, desc="demo-data", unit="img", file=sys.stderr)
-            except ImportError:
-                self._bar = None
-
-    def update(self) -> None:
-        self.n += 1
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.update(1)
-            return
-        now = time.time()
-        if now - self._last > 0.5 or self.n == self.total:
-            self._last = now
-            rate = self.n / max(now - self._t0, 1e-9)
-            print(f"\rdemo-data: {self.n}/{self.total} images ({rate:.1f} img/s)", end="", file=sys.stderr)
-            if self.n == self.total:
-                print(file=sys.stderr)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
 class _ShardWriter:
     """Writes the images of one shard in the chosen layout through an fsspec filesystem."""
 
@@ -607,7 +576,7 @@ def generate(out_uri: str, images: int = 64, shards: int = 4, seed: int = 0, siz
     comp_images: list[dict] = []
     used_shards: list[int] = []
     writer: _ShardWriter | None = None
-    bar = _Progress(images, progress)
+    bar = tqdm(total=images, desc="demo-data", unit="img", file=sys.stderr, disable=not progress)
     try:
         for i in range(images):
             # 1. render

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import cv2
 import numpy as np
 
 from pseudolabel import storage as st
@@ -66,14 +65,12 @@ def curve_points(probs: Sequence[np.ndarray], gt_label_maps: Sequence[np.ndarray
 
 def plot_png(rows: list[dict], title: str = "boundary recall vs tokens") -> bytes:
     """PNG bytes of recall and ASA (y, 0..1) against mean token count (x, log scale)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return _plot_cv2(rows, title)
     import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     pts = sorted(rows, key=lambda r: r["tokens"])
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -88,46 +85,6 @@ def plot_png(rows: list[dict], title: str = "boundary recall vs tokens") -> byte
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
-
-
-def _plot_cv2(rows: list[dict], title: str) -> bytes:
-    w, h, left, right, top, bottom = 640, 420, 60, 20, 40, 50
-    img = np.full((h, w, 3), 255, np.uint8)
-    pts = sorted(rows, key=lambda r: r["tokens"])
-    xs = np.log10(np.maximum([r["tokens"] for r in pts], 1.0)) if pts else np.zeros(0)
-    x_lo, x_hi = (float(xs.min()), float(xs.max())) if len(xs) else (0.0, 1.0)
-    if x_hi - x_lo < 1e-6:
-        x_lo, x_hi = x_lo - 0.5, x_hi + 0.5
-
-    def to_px(x: float, y: float) -> tuple[int, int]:
-        px = left + (x - x_lo) / (x_hi - x_lo) * (w - left - right)
-        py = h - bottom - y * (h - top - bottom)
-        return int(round(px)), int(round(py))
-
-    black, grey = (0, 0, 0), (200, 200, 200)
-    # 1. axes and grid
-    for y in (0.0, 0.25, 0.5, 0.75, 1.0):
-        cv2.line(img, to_px(x_lo, y), to_px(x_hi, y), grey, 1)
-        cv2.putText(img, f"{y:.2f}", (5, to_px(x_lo, y)[1] + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, black, 1)
-    for x in np.linspace(x_lo, x_hi, 5):
-        px = to_px(float(x), 0.0)
-        cv2.putText(img, f"{10 ** x:.0f}", (px[0] - 10, px[1] + 18), cv2.FONT_HERSHEY_SIMPLEX, 0.4, black, 1)
-    cv2.rectangle(img, to_px(x_lo, 1.0), to_px(x_hi, 0.0), black, 1)
-    cv2.putText(img, title, (left, 25), cv2.FONT_HERSHEY_SIMPLEX, 0.55, black, 1)
-    cv2.putText(img, "tokens per image (log)", (w // 2 - 80, h - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.45, black, 1)
-    # 2. series (RGB canvas: recall orange, ASA blue), legend bottom right
-    for key, colour, label_y in (("recall", (200, 90, 30), h - bottom - 30), ("asa", (30, 140, 240), h - bottom - 12)):
-        series = [to_px(float(x), r[key]) for x, r in zip(xs, pts)]
-        for a, b in zip(series, series[1:]):
-            cv2.line(img, a, b, colour, 2, cv2.LINE_AA)
-        for p in series:
-            cv2.circle(img, p, 4, colour, -1, cv2.LINE_AA)
-        cv2.putText(img, "boundary recall" if key == "recall" else "ASA", (w - 170, label_y),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1)
-    ok, buf = cv2.imencode(".png", img[:, :, ::-1])
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
 
 
 def token_recall_curve(probs: Sequence[np.ndarray], gt_label_maps: Sequence[np.ndarray], out_png: str,

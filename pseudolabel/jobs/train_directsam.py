@@ -29,6 +29,8 @@ or ``train_directsam({...})`` from Python; it returns ``{"output", "steps", "los
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import posixpath
 import time
@@ -39,8 +41,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 import torch
-
-from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pseudolabel import storage as st
@@ -125,24 +126,6 @@ def boundary_label(segments: np.ndarray, thickness: int = 3) -> np.ndarray:
     return canvas
 
 
-def annotation_masks(anns: list[dict], height: int, width: int) -> np.ndarray:
-    """(N, H, W) bool masks of COCO annotations (polygons, compressed or uncompressed RLE)."""
-    masks = []
-    for ann in anns:
-        seg = ann.get("segmentation")
-        if not seg:
-            continue
-        if isinstance(seg, list):  # polygons
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-        elif isinstance(seg.get("counts"), list):  # uncompressed RLE
-            rle = mask_utils.frPyObjects(seg, height, width)
-        else:
-            counts = seg["counts"]
-            rle = {"size": seg["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-        masks.append(mask_utils.decode(rle).astype(bool))
-    return np.stack(masks) if masks else np.zeros((0, height, width), bool)
-
-
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
@@ -178,9 +161,10 @@ class CocoBoundaryData:
         self.spec = spec
         coco = json.loads(st.read_bytes(spec.coco_json, spec.storage))
         self.images = sorted(coco["images"], key=lambda im: im["id"])[: spec.limit]
-        self.anns: dict[Any, list[dict]] = {}
-        for ann in coco.get("annotations", []):
-            self.anns.setdefault(ann["image_id"], []).append(ann)
+        self.coco = COCO()  # pycocotools' index: annToMask reads polygons, RLE and uncompressed RLE
+        self.coco.dataset = coco
+        with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints its progress
+            self.coco.createIndex()
         if not self.images:
             raise FileNotFoundError(f"no images in {spec.coco_json}")
         self.fs, self.root = st.filesystem(spec.data, spec.storage)
@@ -281,7 +265,10 @@ class CocoBoundaryData:
         info = self.images[i]
         h, w = rgb.shape[:2]
         # 1. label at the original size, then nearest-resized (like the image processor does)
-        segments = masks_to_segments(annotation_masks(self.anns.get(info["id"], []), h, w))
+        self.coco.imgs[info["id"]].update(height=h, width=w)  # annToMask rasterises at the decoded size
+        anns = [a for a in self.coco.imgToAnns.get(info["id"], []) if a.get("segmentation")]
+        masks = np.stack([self.coco.annToMask(a).astype(bool) for a in anns]) if anns else np.zeros((0, h, w), bool)
+        segments = masks_to_segments(masks)
         label = boundary_label(segments, self.spec.line_thickness)
         r = self.spec.resolution
         label = cv2.resize(label, (r, r), interpolation=cv2.INTER_NEAREST)

@@ -131,12 +131,3 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 #: a transient failure (network, throttling, 5xx) that outlived the retries: the next run labels it again
 STATUS_RETRY = "retry"
-
-
-def empty_label_row(image_id: str, uri: str, member: str | None, file_name: str | None = None) -> dict:
-    """A `labels` row with every list column empty; the engine fills it in stage by stage."""
-    return {
-        "image_id": image_id, "uri": uri, "member": member, "file_name": file_name,
-        "width": 0, "height": 0, "status": STATUS_OK, "error": None,
-        "annotations": [], "subobjects": [], "layers": [], "provenance": None,
-    }
