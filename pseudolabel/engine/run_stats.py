@@ -15,7 +15,7 @@ class RunStats:
     """Seconds and images per (labeler index, phase) summed over every actor and task of one run; a
     named Ray actor (``stats_actor``) the stages report to, read by the driver for ``summary.json``."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.totals: dict[tuple[int, str], list[float]] = {}
 
     def add(self, index: int, phase: str, seconds: float, images: int) -> None:

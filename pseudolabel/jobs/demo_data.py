@@ -43,6 +43,7 @@ import sys
 import tarfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
@@ -289,8 +290,8 @@ def add_shadow(image: np.ndarray, mask_of_caster: np.ndarray, rng: np.random.Gen
     darkness = float(rng.uniform(0.35, 0.6)) if darkness is None else float(darkness)
     softness = float(rng.uniform(0.0, 2.0)) if softness is None else float(softness)
     # 1. shift the silhouette
-    shift = np.float32([[1, 0, offset[0]], [0, 1, offset[1]]])
-    alpha = cv2.warpAffine(mask_of_caster.astype(np.float32), shift, (w, h), flags=cv2.INTER_NEAREST,
+    shift = np.array([[1, 0, offset[0]], [0, 1, offset[1]]], np.float32)
+    alpha: np.ndarray = cv2.warpAffine(mask_of_caster.astype(np.float32), shift, (w, h), flags=cv2.INTER_NEAREST,
                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     # 2. soften its edge, scale to the shadow's darkness, drop faint fringes and the caster itself
     if softness > 0.3:
@@ -310,7 +311,7 @@ def _text_layer(h: int, w: int, rng: np.random.Generator, text: str) -> np.ndarr
     (tw, th), _ = cv2.getTextSize(text, font, 1.0, thickness)
     scale = rng.uniform(0.5, 0.85) * w / max(tw, 1)
     (tw, th), base = cv2.getTextSize(text, font, scale, thickness)
-    layer = np.zeros((h, w), np.uint8)
+    layer: np.ndarray = np.zeros((h, w), np.uint8)
     org = (int((w - tw) / 2), int((h + th) / 2))
     cv2.putText(layer, text, org, font, scale, 255, thickness, cv2.LINE_AA)
     rot = cv2.getRotationMatrix2D((w / 2, h / 2), float(rng.uniform(-35, 35)), 1.0)
@@ -359,7 +360,7 @@ def add_watermark(image: np.ndarray, rng: np.random.Generator, text: str | None 
         color = (255, 255, 255) if rng.uniform() < 0.75 else (0, 0, 0)
     alpha = cover * opacity
     alpha[alpha < _MIN_ALPHA] = 0.0
-    out = image.astype(np.float32) * (1 - alpha[..., None]) + np.float32(color)[None, None] * alpha[..., None]
+    out = image.astype(np.float32) * (1 - alpha[..., None]) + np.array(color, np.float32)[None, None] * alpha[..., None]
     return np.clip(np.rint(out), 0, 255).astype(np.uint8), alpha > 0
 
 
@@ -369,7 +370,9 @@ def add_watermark(image: np.ndarray, rng: np.random.Generator, text: str | None 
 
 def _covers(amodal: list[np.ndarray]) -> list[np.ndarray]:
     """For each mask, the union of the masks painted after it (same order as ``amodal``)."""
-    out, acc = [], np.zeros_like(amodal[0]) if amodal else None
+    if not amodal:
+        return []
+    out, acc = [], np.zeros_like(amodal[0])
     for m in reversed(amodal):
         out.append(acc.copy())
         acc |= m
@@ -492,7 +495,8 @@ class _ShardWriter:
         self.fs, self.root, self.layout, self.shard = fs, root, layout, shard
         self.pending: dict[str, bytes] = {}
         self.rows: list[dict] = []
-        self._file = self._tar = None
+        self._file: Any = None  # the tar file's byte stream on ``fs``
+        self._tar: tarfile.TarFile | None = None
         if layout == "webdataset":
             path = posixpath.join(root, "images", f"shard-{shard:05d}.tar")
             fs.makedirs(posixpath.dirname(path), exist_ok=True)
@@ -516,6 +520,7 @@ class _ShardWriter:
         if self.layout == "folder":
             self.add_file(posixpath.join("images", rel), png)
         elif self.layout == "webdataset":
+            assert self._tar is not None, "a webdataset shard opens its tar file"
             for member, data in ((f"{key}.png", png), (f"{key}.json", json.dumps(meta, sort_keys=True).encode())):
                 info = tarfile.TarInfo(member)
                 info.size, info.mtime, info.mode = len(data), 0, 0o644

@@ -22,14 +22,14 @@ from pseudolabel.jobs.metrics import (
     fill_unassigned,
     prf_from_counts,
 )
-from pseudolabel.models.tokens import boundary_to_tokens
+from pseudolabel.models.tokens import Mode, boundary_to_tokens
 from pseudolabel.schemas.spec import StorageSpec
 
 DEFAULT_THRESHOLDS = (0.02, 0.03, 0.05, 0.08, 0.12, 0.18, 0.25, 0.35, 0.5, 0.65)
 
 
 def curve_points(probs: Sequence[np.ndarray], gt_label_maps: Sequence[np.ndarray],
-                 thresholds: Sequence[float] = DEFAULT_THRESHOLDS, mode: str = "partition",
+                 thresholds: Sequence[float] = DEFAULT_THRESHOLDS, mode: Mode = "partition",
                  max_tokens: int | None = None, min_area: int = 0, precision_tol: float = PRECISION_TOL,
                  recall_tol: float = RECALL_TOL, border: int = BORDER) -> list[dict]:
     """Score the tokens of every threshold.
@@ -88,7 +88,7 @@ def plot_png(rows: list[dict], title: str = "boundary recall vs tokens") -> byte
 
 
 def token_recall_curve(probs: Sequence[np.ndarray], gt_label_maps: Sequence[np.ndarray], out_png: str,
-                       thresholds: Sequence[float] = DEFAULT_THRESHOLDS, mode: str = "partition",
+                       thresholds: Sequence[float] = DEFAULT_THRESHOLDS, mode: Mode = "partition",
                        max_tokens: int | None = None, min_area: int = 0,
                        storage: StorageSpec | None = None, title: str = "boundary recall vs tokens",
                        precision_tol: float = PRECISION_TOL, recall_tol: float = RECALL_TOL,

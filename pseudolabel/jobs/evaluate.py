@@ -341,9 +341,12 @@ def evaluate_tokens(output_uri: str, gt: dict, storage: StorageSpec | None = Non
         cols.append("layers")
     pairs, unmatched, errors = _matched_rows(output_uri, storage, gt, cols)
     coco_gt = _coco(gt)
-    totals = defaultdict(int)
-    per_image = defaultdict(list)
-    probs, gt_maps, layer_labelers, other_layers = [], [], set(), set()
+    totals: defaultdict[str, int] = defaultdict(int)
+    per_image: defaultdict[str, list[float]] = defaultdict(list)
+    probs: list[np.ndarray] = []
+    gt_maps: list[np.ndarray] = []
+    layer_labelers: set[str | None] = set()
+    other_layers: set[str] = set()
     skipped = 0
     for r, gid in pairs:
         img = coco_gt.imgs[gid]
@@ -369,12 +372,12 @@ def evaluate_tokens(output_uri: str, gt: dict, storage: StorageSpec | None = Non
         # 3. metrics
         b = M.boundary_prf(pred, gt_map, precision_tol=precision_tol, recall_tol=recall_tol, border=border)
         correct, total = M.asa_counts(M.fill_unassigned(pred), gt_map)
-        for k in ("pred_pixels", "pred_matched", "gt_pixels", "gt_matched"):
-            totals[k] += b[k]
+        for key in ("pred_pixels", "pred_matched", "gt_pixels", "gt_matched"):
+            totals[key] += b[key]
         totals["asa_correct"] += correct
         totals["asa_total"] += total
-        for k in ("precision", "recall", "f1"):
-            per_image[k].append(b[k])
+        for key in ("precision", "recall", "f1"):
+            per_image[key].append(b[key])
         per_image["asa"].append(correct / total if total else 1.0)
         per_image["tokens"].append(M.token_count(pred))
     micro = M.prf_from_counts(totals["pred_pixels"], totals["pred_matched"], totals["gt_pixels"], totals["gt_matched"])
@@ -427,6 +430,8 @@ def _semantic_png(root: str, file_name: str, storage) -> np.ndarray | None:
         if st.exists(uri, storage):
             raw = np.frombuffer(st.read_bytes(uri, storage), np.uint8)
             m = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+            if m is None:
+                raise EvaluationError(f"{uri}: not a readable image")
             return m if m.ndim == 2 else m[..., 0]
     return None
 

@@ -74,6 +74,7 @@ import os
 import posixpath
 import re
 from collections import Counter
+from typing import Any
 from xml.sax.saxutils import quoteattr
 
 import cv2
@@ -266,6 +267,7 @@ def yolo(output_uri: str, out_path: str, storage: StorageSpec | None = None, *,
         if images != "none":
             image_counts[_write_image(r, st.join(root, "images", *sub, stem), images, storage)] += 1
     names = {k: c["name"] for k, c in enumerate(cats)}
+    data: dict[str, Any]
     if fractions:
         data = {"path": root, **{k: f"images/{k}" for k in fractions}}
         data.setdefault("val", "images/train")
@@ -419,7 +421,8 @@ def label_studio(output_uri: str, out_path: str, storage: StorageSpec | None = N
                                                         columns=_LS_COLUMNS)
     name_of = {c["id"]: c["name"] for c in cats}
     kind = "brushlabels" if shape == "brush" else "polygonlabels"
-    tasks, n_results = [], 0
+    tasks: list[dict[str, Any]] = []
+    n_results = 0
     for r in ok:
         h, w = int(r["height"]), int(r["width"])
         anns = r["annotations"] or []

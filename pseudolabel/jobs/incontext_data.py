@@ -28,6 +28,7 @@ parameters: two compositions differ only by the layers that differ. Images are (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -37,7 +38,11 @@ from pseudolabel.models.incontext import canvas as cv
 from pseudolabel.models.incontext.sefm_loss import NUM_COMPONENT_TYPES
 
 SHAPE_KINDS: tuple[str, ...] = tuple(c["name"] for c in dd.CATEGORIES)
-KINDS: tuple[str, ...] = ("shadow", "watermark", "logo", *SHAPE_KINDS)
+#: a component kind: shadow, watermark, logo, then the demo data's shape categories
+Kind = Literal["shadow", "watermark", "logo", "circle", "square", "triangle", "star", "ellipse"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
+if KINDS != ("shadow", "watermark", "logo", *SHAPE_KINDS):
+    raise RuntimeError(f"Kind {KINDS} does not list the demo data's categories {SHAPE_KINDS}")
 assert len(KINDS) <= NUM_COMPONENT_TYPES
 #: at most this many kinds in one scene (one base shape category must stay free to cast shadows)
 MAX_SCENE_KINDS = 4
@@ -170,7 +175,7 @@ def synthesize_example(rng: np.random.Generator, kinds, removed: str, size: int,
     return Example(demo_in, demo_out, query, target, mask, type_vector([removed]), kinds, removed, (a, b))
 
 
-def make_batch(rng: np.random.Generator, components, n: int, cell: int, layout: str, size: int,
+def make_batch(rng: np.random.Generator, components, n: int, cell: int, layout: cv.Layout, size: int,
                scene_components: int = 2, kept=None, backgrounds: list[np.ndarray] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """n examples stitched into canvases.

@@ -38,24 +38,24 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from pseudolabel import storage as st
-from pseudolabel.jobs.incontext_data import KINDS, MAX_SCENE_KINDS, make_batch
+from pseudolabel.jobs.incontext_data import KINDS, MAX_SCENE_KINDS, Kind, make_batch
 from pseudolabel.models.incontext import canvas as cv
 from pseudolabel.models.incontext.sefm import SeFM, SeFMConfig
 from pseudolabel.models.incontext.sefm_loss import (ADVERSARIAL_WEIGHT, ComponentDiscriminator,
                                                      discriminator_loss, sefm_loss)
 from pseudolabel.schemas.spec import SpecError, StorageSpec, validate_spec
 
-Component = Literal[KINDS]
+Component = Kind
 
 
-def small_config(cell: int = 64, layout: str = "grid") -> SeFMConfig:
+def small_config(cell: int = 64, layout: cv.Layout = "grid") -> SeFMConfig:
     """A small ``sefm-small`` (about 35k parameters) that trains on CPU in minutes: width 12, two levels."""
     return SeFMConfig(arch="sefm-small", in_channels=3 if layout == "grid" else 6, width=12, enc_blocks=[1, 2],
                       dec_blocks=[1], refine_blocks=1, heads=[1, 2], ffn_expansion=2.0, cell=cell, layout=layout)
@@ -106,7 +106,7 @@ class TrainSpec(BaseModel):
     log_every: int = Field(25, ge=1)
 
 
-def answer_cell(net: SeFM, x: torch.Tensor, cell: int, layout: str) -> torch.Tensor:
+def answer_cell(net: SeFM, x: torch.Tensor, cell: int, layout: cv.Layout) -> torch.Tensor:
     """The answer cells of ``net(x)``: (B, 3, cell, cell)."""
     y0, y1, x0, x1 = cv.answer_box(cell, layout)
     return net(x)[:, :, y0:y1, x0:x1]
@@ -139,6 +139,8 @@ def _model_fields_given(original: Any, spec: TrainSpec, overrides: dict[str, Any
 
 def load_init(spec: TrainSpec, given: set[str]) -> SeFM:
     """The ``init_from`` checkpoint, after checking that the fields set in ``model`` agree with it."""
+    if spec.init_from is None:
+        raise SpecError("load_init needs init_from")
     net = SeFM.from_pretrained(spec.init_from)
     have, want = net.config.model_dump(), spec.model.model_dump()
     bad = [k for k in sorted(given) if k in have and want[k] != have[k]]
@@ -215,13 +217,13 @@ def train_incontext(spec: "TrainSpec | dict | str | Path", **overrides: Any) -> 
         if fixed is None:
             x, y, m, types = batch(spec.batch_size)
         else:
-            idx = [(step * spec.batch_size + i) % spec.examples for i in range(spec.batch_size)]
+            idx = [(step * spec.batch_size + i) % len(fixed[0]) for i in range(spec.batch_size)]  # spec.examples
             x, y, m, types = (t[idx] for t in fixed)
         x, y, m, types = (t.to(spec.device) for t in (x, y, m, types))
         out = answer_cell(net, x, cell, layout)
         # 4a. the discriminator first: the clean target holds no component, the answer the removed type
         probs = None
-        if disc is not None:
+        if disc is not None and d_opt is not None:
             d_loss = discriminator_loss(disc, out, y, types)
             d_opt.zero_grad(set_to_none=True)
             d_loss.backward()

@@ -32,12 +32,15 @@ by image and turns a failure of one image into an error row.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from pseudolabel.schemas.spec import LabelerSpec, OntologyEntry, StorageSpec
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11+; annotations only
 
 
 class LabelerParams(BaseModel):
@@ -87,13 +90,26 @@ class LabelOutput:
     layers: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def entry_id(entry: OntologyEntry) -> int:
+    """The category id of an ontology entry of a validated ``LabelerSpec`` (its validator sets every id)."""
+    if entry.id is None:
+        raise ValueError(f"ontology entry {entry.category!r} has no id; build it through LabelerSpec")
+    return int(entry.id)
+
+
 #: what the device half hands the host half for one image: named host arrays, or None
 Payload = dict[str, np.ndarray] | None
 
+#: the payload type of one labeler: ``dict[str, np.ndarray]`` with a device half, ``None`` without
+PayloadT = TypeVar("PayloadT", bound=Payload)
 
-class Labeler:
+
+class Labeler(Generic[PayloadT]):
     """Base class of every labeler. Subclasses set ``name``, ``Params`` and implement either
-    ``postprocess`` (with ``forward`` when there is a network), or ``label`` alone."""
+    ``postprocess`` (with ``forward`` when there is a network), or ``label`` alone.
+
+    The type parameter is the payload the two halves exchange: ``Labeler[dict[str, np.ndarray]]``
+    for a labeler with a network, ``Labeler[None]`` for one without (a bare ``Labeler`` is either)."""
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[LabelerParams]] = LabelerParams
@@ -127,11 +143,11 @@ class Labeler:
         """Host-side state derived from the spec alone (category tables, ...); runs in every instance,
         before a subclass constructor loads its model, and in ``host_half`` instances."""
 
-    def forward(self, images: list[np.ndarray], prompts: list[Any]) -> list[Payload]:
+    def forward(self, images: list[np.ndarray], prompts: list[Any]) -> list[PayloadT]:
         """Device half: N images -> N payloads. The default (no network) gives None for each image."""
-        return [None] * len(images)
+        return cast("list[PayloadT]", [None] * len(images))
 
-    def postprocess(self, image: np.ndarray, prompt: Any, payload: Payload) -> LabelOutput:
+    def postprocess(self, image: np.ndarray, prompt: Any, payload: PayloadT) -> LabelOutput:
         """Host half for one image: its (H, W, 3) uint8 RGB pixels, prompt and payload -> LabelOutput."""
         raise NotImplementedError
 
@@ -155,7 +171,7 @@ class Labeler:
         return cls.forward is not Labeler.forward
 
     @classmethod
-    def host_half(cls, spec: LabelerSpec, storage: StorageSpec | None = None) -> "Labeler":
+    def host_half(cls, spec: LabelerSpec, storage: StorageSpec | None = None) -> Self:
         """An instance for ``postprocess`` only: the base constructor and ``setup_host``, no model."""
         obj = cls.__new__(cls)
         Labeler.__init__(obj, spec, device="cpu", storage=storage)

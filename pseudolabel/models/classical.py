@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from pydantic import Field
 
-from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput, Tokens
+from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput, Tokens, entry_id
 from pseudolabel.models.tokens import boundary_to_tokens
 
 RNG_SEED = 12345
@@ -129,7 +129,8 @@ def border_contrast_saliency(image: np.ndarray, band: float = 0.06, clusters: in
     k = max(1, min(int(clusters), len(samples)))
     cv2.setRNGSeed(RNG_SEED)
     criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
-    _, assign, centres = cv2.kmeans(samples, k, None, criteria, 2, cv2.KMEANS_PP_CENTERS)
+    # OpenCV accepts bestLabels=None; its stubs require an array
+    _, assign, centres = cv2.kmeans(samples, k, None, criteria, 2, cv2.KMEANS_PP_CENTERS)  # type: ignore[call-overload]
     frac = np.bincount(assign.ravel(), minlength=k) / len(samples)
     keep = frac >= min(min_cluster_fraction, frac.max())
     centres = centres[keep]
@@ -198,7 +199,8 @@ def run_grabcut(bgr: np.ndarray, mask: np.ndarray, rect: tuple[int, int, int, in
     fgd = np.zeros((1, 65), np.float64)
     cv2.setRNGSeed(RNG_SEED)
     mode = cv2.GC_INIT_WITH_MASK if rect is None else cv2.GC_INIT_WITH_RECT
-    cv2.grabCut(bgr, mask, rect, bgd, fgd, int(iterations), mode)
+    # OpenCV accepts rect=None with GC_INIT_WITH_MASK; its stubs require a sequence
+    cv2.grabCut(bgr, mask, rect, bgd, fgd, int(iterations), mode)  # type: ignore[arg-type]
     fg = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
     return fg, fgd, bgd
 
@@ -262,7 +264,7 @@ class EdgeTokensParams(LabelerParams):
     max_side: int | None = Field(1024, ge=16, description="compute the edge map at most at this longest side")
 
 
-class EdgeTokens(Labeler):
+class EdgeTokens(Labeler[None]):
     """Baseline subobject tokens: an edge-strength map (median + Gaussian smoothing, Lab Scharr gradient,
     percentile normalisation) through the same boundary -> tokens post-processing as ``directsam``.
 
@@ -271,6 +273,7 @@ class EdgeTokens(Labeler):
 
     name: ClassVar[str] = "classical_tokens"
     Params = EdgeTokensParams
+    params: EdgeTokensParams  # the validated Params of this labeler
     summary: ClassVar[str] = "baseline: edge-gradient boundary map -> subobject tokens (no weights)"
     baseline: ClassVar[bool] = True
 
@@ -302,7 +305,7 @@ class GrabCutParams(LabelerParams):
     max_instances: int = Field(20, ge=1, description="without prompts: keep at most this many components")
 
 
-class GrabCutForeground(Labeler):
+class GrabCutForeground(Labeler[None]):
     """Baseline foreground masks with OpenCV GrabCut (no weights).
 
     - With box prompts (``prompts["boxes_xyxy"]``, pixels [x0, y0, x1, y1]): one GrabCut per box on a
@@ -323,21 +326,26 @@ class GrabCutForeground(Labeler):
 
     name: ClassVar[str] = "classical_grabcut"
     Params = GrabCutParams
+    params: GrabCutParams  # the validated Params of this labeler
     summary: ClassVar[str] = "baseline: GrabCut foreground masks from box prompts or a saliency init (no weights)"
     baseline: ClassVar[bool] = True
     DEFAULT_CATEGORY: ClassVar[tuple[int, str]] = (1, "foreground")
 
     # -- categories ---------------------------------------------------------------------------
-    def resolve_category(self, name: str | None) -> tuple[int, str] | None:
-        """(id, category) for a prompt's category name, or None when the ontology has no such entry."""
+    def default_category(self) -> tuple[int, str]:
+        """(id, category) of instances without a category name: the ontology's first entry."""
         if not self.ontology:
             return self.DEFAULT_CATEGORY
-        if name is None:
-            entry = self.ontology[0]
-            return int(entry.id), entry.category
+        entry = self.ontology[0]
+        return entry_id(entry), entry.category
+
+    def resolve_category(self, name: str | None) -> tuple[int, str] | None:
+        """(id, category) for a prompt's category name, or None when the ontology has no such entry."""
+        if not self.ontology or name is None:
+            return self.default_category()
         for entry in self.ontology:
             if name == entry.category or name in entry.prompts:
-                return int(entry.id), entry.category
+                return entry_id(entry), entry.category
         return None
 
     # -- one image ----------------------------------------------------------------------------
@@ -364,7 +372,7 @@ class GrabCutForeground(Labeler):
         # 3. segment, split into components
         fg, fgd, bgd = run_grabcut(bgr, mask, rect, p.iterations)
         min_area = int(np.ceil(p.min_area_fraction * sh * sw))
-        category = self.resolve_category(None)
+        category = self.default_category()
         instances = []
         for comp in components_above(fg, min_area)[: p.max_instances]:
             instances.append(Instance(mask=upsample_mask(comp, (h, w)), category_id=category[0],
@@ -447,6 +455,7 @@ class ClassicalInpaint(GrabCutForeground):
 
     name: ClassVar[str] = "classical_inpaint"
     Params = ClassicalInpaintParams
+    params: ClassicalInpaintParams  # the validated Params of this labeler
     summary: ClassVar[str] = "baseline: GrabCut foreground + OpenCV inpainting -> background plate (no weights)"
     baseline: ClassVar[bool] = True
 

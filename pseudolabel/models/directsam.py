@@ -165,10 +165,12 @@ def load_segformer(weights: str, device: str, dtype: torch.dtype, revision: str 
     """SegformerForSemanticSegmentation (num_labels=1) from a local dir or hub id, in eval mode."""
     from transformers import SegformerForSemanticSegmentation
 
-    model = SegformerForSemanticSegmentation.from_pretrained(weights, revision=revision)
+    # transformers takes revision=None as its default branch; its annotation says str
+    model = SegformerForSemanticSegmentation.from_pretrained(weights, revision=revision)  # type: ignore[arg-type]
     if model.config.num_labels != 1:
         raise ValueError(f"{weights}: DirectSAM needs a num_labels=1 Segformer, got {model.config.num_labels}")
-    return model.to(device=device, dtype=dtype).eval()
+    # transformers' wrapper around Module.to hides its signature from type checkers
+    return model.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
 
 
 def load_backbone(weights: str, revision: str | None = None):
@@ -183,7 +185,8 @@ def load_backbone(weights: str, revision: str | None = None):
         cls = MODEL_FOR_BACKBONE_MAPPING[type(config)]
     except KeyError:
         raise ValueError(f"{weights}: {type(config).__name__} has no transformers backbone class") from None
-    return cls.from_pretrained(weights, revision=revision)
+    # the auto mapping's values are model classes; its annotation says a tuple of them
+    return cls.from_pretrained(weights, revision=revision)  # type: ignore[attr-defined]
 
 
 def mask_pool(features: torch.Tensor, label_map: torch.Tensor, n_tokens: int) -> torch.Tensor:
@@ -214,10 +217,11 @@ def mask_pool(features: torch.Tensor, label_map: torch.Tensor, n_tokens: int) ->
     return (cover @ feats.T) / cover.sum(1, keepdim=True).clamp_min(1.0)
 
 
-class DirectSAM(Labeler):
+class DirectSAM(Labeler[dict[str, np.ndarray]]):
     name = "directsam"
     cuda_dtype = "bfloat16"  # SegFormer runs in bf16 on CUDA without overflow in its attention
     Params = DirectSAMParams
+    params: DirectSAMParams  # the validated Params of this labeler
     summary = ("Subobject tokens from DirectSAM boundary maps (Segformer, crop pyramid, connected components; "
                "optional watershed partition)")
     default_weights = "chendelong/DirectSAM-1800px-0424"
@@ -235,7 +239,7 @@ class DirectSAM(Labeler):
         self.preprocessing = Preprocessing.from_config(config, p.resolution, DEFAULT_RESOLUTION, p.fast_resize)
         self.resolution = self.preprocessing.size[0]
         # 3. optional embedding backbone
-        self.backbone = None
+        self.backbone: torch.nn.Module | None = None
         if p.embedding_weights:
             emb_local = resolve_weights(p.embedding_weights, self.storage)
             self.backbone = load_backbone(emb_local).to(device=device, dtype=self.dtype).eval()
@@ -259,6 +263,8 @@ class DirectSAM(Labeler):
     def feature_maps(self, images: list[np.ndarray]) -> torch.Tensor:
         """(N, C, h, w) float32: the embedding backbone's last feature map at ``embedding_resolution``."""
         res = self.params.embedding_resolution
+        if self.backbone is None:
+            raise RuntimeError("feature_maps needs embedding_weights")
         with torch.inference_mode():
             pixels = preprocess(images, res, self.device, self.emb_mean, self.emb_std)
             return self.backbone(pixel_values=pixels.to(self.dtype)).feature_maps[-1].float()

@@ -200,14 +200,15 @@ def parse_resample(value: Any) -> int:
 
 
 def _three(value: Any, default: Sequence[float]) -> tuple[float, float, float]:
+    """Per-channel values: a config's scalar or 3-sequence, or ``default`` when it is None."""
     if value is None:
-        return tuple(float(v) for v in default)
+        value = default
     if isinstance(value, (int, float)):
-        return (float(value),) * 3
-    values = tuple(float(v) for v in value)
+        return float(value), float(value), float(value)
+    values = [float(v) for v in value]
     if len(values) != 3:
         raise ValueError(f"expected 3 per-channel values, got {list(value)}")
-    return values
+    return values[0], values[1], values[2]
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,7 @@ class Preprocessing:
         """(3, 256) float32: the network input for each uint8 value of each channel (steps 2 and 3)."""
         out = []
         for c in range(3):
-            x = np.arange(256, dtype=np.uint8)
+            x: np.ndarray = np.arange(256, dtype=np.uint8)
             if self.do_rescale:
                 x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
             x = x.astype(np.float32)
@@ -365,7 +366,7 @@ def pyramid_probs(images: Sequence[np.ndarray | torch.Tensor], forward: Forward,
         N tensors (H, W) float32 in [0, 1] on ``device``.
     """
     pre = resolution if isinstance(resolution, Preprocessing) else Preprocessing(
-        size=(int(resolution), int(resolution)), mean=tuple(mean), std=tuple(std))
+        size=(int(resolution), int(resolution)), mean=_three(mean, IMAGENET_MEAN), std=_three(std, IMAGENET_STD))
     # 1. every view of every image, sorted by crop size so equal sizes share upsample calls
     if pre.fast_resize:
         tensors = [as_chw_uint8(img, device) for img in images]
@@ -419,7 +420,8 @@ def _crop(image: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
     return image[:, y0:y1, x0:x1]
 
 
-def _group_by_size(views):
+def _group_by_size(views: Sequence[Any]) -> list[tuple[tuple[int, int], list]]:
+    """Views (each with its (x0, y0, x1, y1) crop box second) grouped by crop (height, width)."""
     groups: dict[tuple[int, int], list] = {}
     for v in views:
         x0, y0, x1, y1 = v[1]

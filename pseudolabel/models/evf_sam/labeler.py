@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput
+from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput, entry_id
 from pseudolabel.models.device import compiled, to_host
 from pseudolabel.models.evf_sam.model import MULTITASK_TOKEN, checkpoint_multitask, load_evf_sam, load_tokenizer
 from pseudolabel.models.evf_sam.postprocess import select_instances
@@ -60,9 +60,10 @@ def _local_checkpoint(weights: str, storage, revision: str | None) -> str:
     return snapshot_download(repo_id=weights, revision=revision)
 
 
-class EvfSamLabeler(Labeler):
+class EvfSamLabeler(Labeler[dict[str, np.ndarray]]):
     name = "evf_sam"
     Params = EvfSamParams
+    params: EvfSamParams  # the validated Params of this labeler
     summary = "EVF-SAM: text-prompted instance masks (BEiT-3 early fusion + SAM / SAM-2), one per ontology prompt"
     default_weights = "YxZhang/evf-sam2"
 
@@ -155,7 +156,7 @@ class EvfSamLabeler(Labeler):
         instances = []
         for k in keep:
             entry, text = self.pairs[k]
-            instances.append(Instance(mask=masks[k], category_id=int(entry.id), category=entry.category,
+            instances.append(Instance(mask=masks[k], category_id=entry_id(entry), category=entry.category,
                                       score=float(scores[k]), prompt=text))
         return LabelOutput(instances=instances)
 

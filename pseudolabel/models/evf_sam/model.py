@@ -142,7 +142,7 @@ class EvfSam(nn.Module):
 
         The first output token (the fused class token) through Linear-ReLU-Linear.
         """
-        dtype = self.text_hidden_fcs[0][0].weight.dtype
+        dtype = next(self.text_hidden_fcs.parameters()).dtype  # text_hidden_fcs.0.0.weight
         hidden = self.mm_extractor.beit3(beit_pixels.to(dtype), input_ids, text_padding_position=attention_mask == 0)
         return self.text_hidden_fcs[0](hidden[:, 0])
 

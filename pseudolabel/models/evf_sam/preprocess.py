@@ -53,8 +53,9 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 def resize_longest_side(image: np.ndarray, size: int) -> np.ndarray:
     """(H, W, 3) uint8 -> (h', w', 3) uint8 with max(h', w') == size: PIL bilinear (SAM's ResizeLongestSide)."""
-    nh, nw = longest_side_shape(*image.shape[:2], size)
-    return np.array(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+    h, w = image.shape[:2]
+    nh, nw = longest_side_shape(h, w, size)
+    return np.array(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
 
 
 def _bilinear_square(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -18,7 +18,13 @@ import re
 from typing import Any
 
 import torch
-from transformers import Sam2Config, Sam2Model, SamConfig, SamModel
+from transformers import (
+    Sam2Config,
+    Sam2Model,
+    SamConfig,
+    SamMaskDecoderConfig,
+    SamModel,
+)
 
 SAM_VARIANTS = ("sam", "sam2")
 
@@ -49,12 +55,15 @@ def sam_config(variant: str, overrides: dict[str, Any] | None = None, scale: str
                           global_attn_indexes=[7, 15, 23, 31], window_size=14, output_channels=256,
                           image_size=1024, patch_size=16)
             config = SamConfig(vision_config=vision)
-        config.mask_decoder_config.layer_norm_eps = SAM_H_TWO_WAY_LAYER_NORM_EPS
+        decoder = config.mask_decoder_config
+        if not isinstance(decoder, SamMaskDecoderConfig):  # SamConfig always builds one
+            raise TypeError(f"SamConfig.mask_decoder_config is a {type(decoder).__name__}")
+        decoder.layer_norm_eps = SAM_H_TWO_WAY_LAYER_NORM_EPS
         return config
     if variant == "sam2":
         if overrides:
             return Sam2Config(**overrides)
-        presets = {
+        presets: dict[str, dict[str, Any]] = {
             "large": dict(hidden_size=144, num_attention_heads=2, blocks_per_stage=[2, 6, 36, 4],
                           embed_dim_per_stage=[144, 288, 576, 1152], num_attention_heads_per_stage=[2, 4, 8, 16],
                           window_size_per_stage=[8, 4, 16, 8], global_attention_blocks=[23, 33, 43],
@@ -73,7 +82,7 @@ def sam_config(variant: str, overrides: dict[str, Any] | None = None, scale: str
     raise ValueError(f"unknown SAM variant {variant!r}; expected one of {SAM_VARIANTS}")
 
 
-def build_sam(variant: str, config) -> torch.nn.Module:
+def build_sam(variant: str, config) -> SamModel | Sam2Model:
     """SamModel or Sam2Model from its config, in eval mode."""
     model = SamModel(config) if variant == "sam" else Sam2Model(config)
     # the original has one random-Fourier matrix (pe_layer) for image and prompt positions
@@ -218,8 +227,9 @@ class SamKeyMap:
         self.rules = [(_compile(a), a, _compile(b), b) for a, b in rules]
 
     @staticmethod
-    def _apply(key: str, pattern: re.Pattern, target: str) -> str:
-        m = pattern.match(key)
+    def _apply(key: str, m: re.Match[str], target: str) -> str:
+        """``target`` with its ``{n}`` filled from the groups of ``m`` (a match at the start of ``key``),
+        followed by the rest of ``key``."""
         out = target
         for g in m.groups():
             out = out.replace("{n}", g, 1)
@@ -248,8 +258,8 @@ class SamKeyMap:
                 points[int(m.group(1))] = value
                 continue
             for src_re, _, _, dst in self.rules:
-                if src_re.match(key):
-                    out[self._apply(key, src_re, dst)] = value
+                if m := src_re.match(key):
+                    out[self._apply(key, m, dst)] = value
                     break
             else:
                 unknown.append(key)
@@ -272,8 +282,8 @@ class SamKeyMap:
                     out[f"{self.prompt_src}.point_embeddings.{i}.weight"] = value[i:i + 1]
                 continue
             for _, src, dst_re, _ in self.rules:
-                if dst_re.match(key):
-                    out[self._apply(key, dst_re, src)] = value
+                if m := dst_re.match(key):
+                    out[self._apply(key, m, src)] = value
                     break
             else:
                 raise KeyError(f"no original name known for {key}")

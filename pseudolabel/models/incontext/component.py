@@ -33,7 +33,7 @@ def clean_mask(mask: np.ndarray, open_radius: int = 1, close_radius: int = 2, mi
     (bridges thin gaps, e.g. between the strokes of a letter); 3. drop 8-connected components smaller
     than ``min_area`` pixels. Radii of 0 skip a step. Returns (H, W) bool.
     """
-    m = mask.astype(np.uint8)
+    m: np.ndarray = mask.astype(np.uint8)
     if open_radius > 0:
         k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * open_radius + 1,) * 2)
         m = cv2.morphologyEx(m, cv2.MORPH_OPEN, k)

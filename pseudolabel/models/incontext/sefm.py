@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from pseudolabel.models.incontext.canvas import Layout
 from pseudolabel.models.incontext.sefm_reference import TSAUNet
 
 CONFIG_NAME = "config.json"
@@ -114,7 +115,7 @@ class SeFMConfig(BaseModel):
     global_patch: int | None = Field(None, ge=1, description="sefm only: global attention patch side at one head "
                                                              "(16; heads h use 16 // h)")
     cell: int = Field(256, ge=8, description="canvas cell size the network was trained at (256: a 512 canvas)")
-    layout: str = Field("grid", description="canvas layout the network was trained on: grid | vertical")
+    layout: Layout = Field("grid", description="canvas layout the network was trained on: grid | vertical")
 
     @model_validator(mode="after")
     def _check(self):
@@ -159,6 +160,7 @@ class SeFMConfig(BaseModel):
 
     @property
     def levels(self) -> int:
+        assert self.enc_blocks is not None, "validation fills enc_blocks"
         return len(self.enc_blocks)
 
 
@@ -318,6 +320,9 @@ class SeFMSmall(SeFM):
         if config.arch != "sefm-small":
             raise ValueError(f"SeFMSmall builds arch 'sefm-small', not {config.arch!r}")
         w, levels, e = config.width, config.levels, config.ffn_expansion
+        assert (config.in_channels is not None and w is not None and e is not None and config.enc_blocks is not None
+                and config.dec_blocks is not None and config.heads is not None
+                and config.refine_blocks is not None), "validation fills every sefm-small size field"
         # 1. embedding
         self.embed = nn.Conv2d(config.in_channels, w, 3, padding=1)
         # 2. encoder (the last level is the bottleneck)
@@ -332,6 +337,7 @@ class SeFMSmall(SeFM):
         self.refine = _stage(w, config.refine_blocks, config.heads[0], e)
         self.out = nn.Conv2d(w, 3, 3, padding=1)
         nn.init.zeros_(self.out.weight)
+        assert self.out.bias is not None
         nn.init.zeros_(self.out.bias)
 
     @property
@@ -368,6 +374,10 @@ class SeFMNet(SeFM, TSAUNet):
         config = config or SeFMConfig()
         if config.arch != "sefm":
             raise ValueError(f"SeFMNet builds arch 'sefm', not {config.arch!r}")
+        assert (config.in_channels is not None and config.width is not None and config.enc_blocks is not None
+                and config.middle_blocks is not None and config.dec_blocks is not None and config.heads is not None
+                and config.ffn_expansion is not None and config.window is not None
+                and config.global_patch is not None), "validation fills every sefm size field"
         TSAUNet.__init__(self, in_channels=config.in_channels, width=config.width, enc_blocks=config.enc_blocks,
                          middle_blocks=config.middle_blocks, dec_blocks=config.dec_blocks, heads=config.heads,
                          expansion=config.ffn_expansion, window=config.window, global_patch=config.global_patch)

@@ -126,6 +126,9 @@ class SAttention(nn.Module):
     ``forward``: (n, C, w, w) windows -> (n, w·w, C) tokens (row-major pixels).
     """
 
+    #: (w·w, w·w) int64 buffer: index into the bias table for each (query, key) pair
+    relative_position_index: torch.Tensor
+
     def __init__(self, channels: int, heads: int, window: int):
         super().__init__()
         self.heads = heads

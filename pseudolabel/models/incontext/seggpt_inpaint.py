@@ -35,7 +35,8 @@ class SegGptFinder:
 
         self.processor = SegGptImageProcessor.from_pretrained(weights)
         self.model = SegGptForImageSegmentation.from_pretrained(weights, torch_dtype=dtype, use_safetensors=True)
-        self.model.to(device).eval()
+        # transformers' wrapper around Module.to hides its signature from type checkers
+        self.model.to(device).eval()  # type: ignore[arg-type]
         self.run = compiled(self.model, compile, "incontext")
         self.device, self.dtype, self.embedding_type = device, dtype, embedding_type
 
@@ -56,9 +57,10 @@ class SegGptFinder:
         """
         n = len(queries)
         # 1. preprocess: the mask as a 1-label segmentation map (palette: 0 black, 1 white)
-        inputs = self.processor(images=list(queries), prompt_images=[demo_image] * n,
-                                prompt_masks=[demo_mask.astype(np.uint8)] * n, num_labels=1, return_tensors="pt")
-        inputs = {k: v.to(self.device, self.dtype) for k, v in inputs.items()}
+        batch = self.processor.preprocess(images=list(queries), prompt_images=[demo_image] * n,
+                                          prompt_masks=[demo_mask.astype(np.uint8)] * n, num_labels=1,
+                                          return_tensors="pt")
+        inputs = {k: v.to(self.device, self.dtype) for k, v in batch.items()}
         # 2. SegGPT
         outputs = self.run(**inputs, embedding_type=self.embedding_type)
         outputs.pred_masks = outputs.pred_masks.float()
