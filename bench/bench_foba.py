@@ -1,9 +1,11 @@
-"""foba throughput: the labeler's images/s next to the bare UNet passes it needs (the ceiling).
+"""foba throughput: the labeler's images/s next to the bare UNet passes it needs (the ceiling), and the
+labeling speed with the trained segmentation network.
 
 The ceiling is ``attention_steps`` + ``inpaint_steps`` plain UNet forwards on the same batch (default
-processors, no attention capture, no VAE, no mask post-processing). The model is the tiny random Stable
-Diffusion of tests/sd_tiny.py (the same architecture as SD at a fraction of the width), so the figures
-measure the method's overhead around the UNet, not SD's own speed.
+processors, no attention capture, no VAE, no mask post-processing). The models are the tiny random Stable
+Diffusion checkpoints of tests/foba_tiny.py (base + inpainting; the same architecture as SD at a fraction
+of the width), so the figures measure the method's overhead around the UNet, not SD's own speed. The
+segmentation network is the published size (width 64, 128 px input) with random weights.
 
     python bench/bench_foba.py [--resolution 128] [--batch 2] [--batches 2] [--threads 2]
 """
@@ -36,17 +38,20 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from sd_tiny import build_tiny_sd
+    from foba_tiny import build_tiny_foba, build_tiny_segnet
 
     from pseudolabel.models.attention import encode_text
     from pseudolabel.models.foba import FoBa
     from pseudolabel.schemas.spec import LabelerSpec
 
     tmp = tempfile.mkdtemp(prefix="bench-foba-")
-    sd_dir = build_tiny_sd(os.path.join(tmp, "sd"))
+    pair = build_tiny_foba(os.path.join(tmp, "sd"))
     params = {"resolution": args.resolution, "attention_steps": args.attention_steps, "attention_stride": 20,
-              "inpaint_steps": args.inpaint_steps}
-    lab = FoBa(LabelerSpec(name="foba", weights=sd_dir, params=params, ontology=[{"category": "cat"}]),
+              "inpaint_steps": args.inpaint_steps, "inpaint_weights": pair["inpaint"]}
+    lab = FoBa(LabelerSpec(name="foba", weights=pair["base"], params=params, ontology=[{"category": "cat"}]),
+               device=args.device)
+    seg = FoBa(LabelerSpec(name="foba", weights=pair["base"], ontology=[{"category": "cat"}],
+                           params={"segmentation_weights": build_tiny_segnet(os.path.join(tmp, "seg"), 64, 128)}),
                device=args.device)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (args.resolution, args.resolution, 3), dtype=np.uint8) for _ in range(args.batch)]
@@ -58,7 +63,14 @@ def main() -> None:
         lab(images)
     labeler_s = (time.perf_counter() - t0) / args.batches
 
-    # 2. the bare UNet passes it needs
+    # 2. the segmentation network
+    seg(images)
+    t0 = time.perf_counter()
+    for _ in range(args.batches):
+        seg(images)
+    seg_s = (time.perf_counter() - t0) / args.batches
+
+    # 3. the bare UNet passes it needs
     unet = lab.sd.unet
     dtype = next(unet.parameters()).dtype
     side = args.resolution // 8
@@ -85,6 +97,7 @@ def main() -> None:
     print(f"| {'foba labeler (end to end)':<34} | {labeler_s:8.2f} | {n / labeler_s:8.3f} |")
     print(f"| {f'bare UNet passes ({passes})':<34} | {bare_s:8.2f} | {n / bare_s:8.3f} |")
     print(f"| {'labeler / ceiling':<34} | {'':>8} | {bare_s / labeler_s:8.2f} |")
+    print(f"| {'segmentation network (end to end)':<34} | {seg_s:8.2f} | {n / seg_s:8.3f} |")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,32 @@
-"""foba labeler on a tiny random Stable Diffusion: token arithmetic, attention averaging, blended
-inpainting, loading from a directory and from s3://, masks and layers at image size."""
+"""foba labeler on tiny random Stable Diffusion checkpoints: token arithmetic, attention averaging, the
+DDIM inpainting loop, two checkpoints (attention / inpainting), the segmentation network, loading from a
+directory and from s3://, masks and layers at image size."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
-
 from halves import assert_same_output
-from pseudolabel.models.attention import CapturedAttention, encode_image, load_sd_components
+
+from pseudolabel.models.attention import (
+    CapturedAttention,
+    load_sd_components,
+)
 from pseudolabel.models.foba import (
     FoBa,
     attention_timesteps,
     blended_inpaint,
     class_attention_map,
     class_token_indices,
+)
+from pseudolabel.models.foba_steps import (
+    compose_refined_mask,
+    ddim_schedule,
+    long_edge_size,
+    q_sample,
+    resize_long_edge,
+    suggest_mask,
+    unpad_canvas,
 )
 from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import LabelerSpec
@@ -23,6 +35,13 @@ FAST = {"resolution": 64, "attention_steps": 4, "attention_stride": 200, "inpain
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from foba_tiny import build_tiny_foba
+
+    return build_tiny_foba(str(tmp_path_factory.mktemp("foba_pair")))
 
 
 @pytest.fixture(scope="module")
@@ -86,68 +105,86 @@ def test_class_attention_map_upsamples_and_averages():
     assert class_attention_map(rect, [1], (8, 16)).shape == (1, 8, 16)
 
 
+def _canvas_latents(lab, images):
+    canvases, parts = lab.canvas(images, lab.params.resolution)
+    lat = lab.params.resolution // 8
+    noise = lab._noise_plan(len(images), (4, lat, lat))
+    return lab.encode(canvases, noise["vae"][0]), noise, parts
+
+
 def test_preliminary_attention_shapes_on_the_real_unet(labeler):
     images = _images()
-    from pseudolabel.models.foba import resize_image
-
-    inputs = np.stack([resize_image(im, 64) for im in images])
     with torch.inference_mode():
-        lat = encode_image(labeler.sd.vae, inputs)
+        lat, _, parts = _canvas_latents(labeler, images)
         att, masks = labeler.preliminary(lat, "zebra")
+    assert parts == [(48, 64), (64, 64)]
     assert lat.shape == (2, 4, 8, 8)
     assert att.shape == (2, 8, 8) and att.dtype == np.float32
     assert np.all(att >= 0) and np.all(att <= 1) and att.std() > 0
     assert masks.shape == (2, 8, 8) and masks.dtype == bool
+    assert np.array_equal(masks, np.stack([suggest_mask(a) for a in att]))
     # the capture processors are gone after the passes
     assert not any(type(proc).__name__ == "AttentionCaptureProcessor"
                    for proc in labeler.sd.unet.attn_processors.values())
 
 
-# -- blended inpainting ---------------------------------------------------------------------------
+def test_canvas_pads_the_long_edge_resized_image(labeler):
+    canvases, parts = labeler.canvas(_images(), 64)
+    assert canvases.shape == (2, 64, 64, 3) and parts[0] == (48, 64)
+    assert np.array_equal(canvases[0, :48], resize_long_edge(_images()[0], 64))
+    assert not canvases[0, 48:].any()                       # black padding below the image
 
-@pytest.mark.parametrize("strength", [1.0, 0.5])
-def test_blended_inpainting_reimposes_the_kept_region_before_each_step(labeler, strength):
-    from diffusers import DDIMScheduler
 
+# -- the DDIM inpainting loop -----------------------------------------------------------------------
+
+def test_inpainting_loop_q_samples_the_kept_region_with_fresh_noise_each_step(labeler):
     sd = labeler.sd
-    sched = DDIMScheduler.from_config(sd.scheduler.config)
-    ref = DDIMScheduler.from_config(sd.scheduler.config)   # independent copy for the expected values
+    abar = sd.scheduler.alphas_cumprod.double()
     g = torch.Generator().manual_seed(3)
-    z0 = torch.randn(1, 4, 8, 8, generator=g)
-    noise = torch.randn(1, 4, 8, 8, generator=g)
+    z0, x_T = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    step_noise = [torch.randn(1, 4, 8, 8, generator=g) for _ in range(4)]
     keep = torch.ones(1, 1, 8, 8)
     keep[..., 2:6, 3:7] = 0.0                               # inpaint a 4x4 block
     emb = labeler._embed("a photo of a background")
     seen = []
 
     def check(i, t, latents, renoised):
-        expected = ref.add_noise(z0, noise, torch.tensor([int(t)]))
+        expected = q_sample(z0, step_noise[i], float(abar[t]))
         k = keep.bool().expand_as(latents)
-        assert torch.allclose(latents[k], expected[k], atol=1e-6)
         assert torch.allclose(renoised, expected, atol=1e-6)
-        if i > 0:   # the inpainted block evolves on its own, not as the re-noised original
-            assert not torch.allclose(latents[~k], expected[~k], atol=1e-3)
-        seen.append(int(t))
+        assert torch.allclose(latents[k], expected[k], atol=1e-6)
+        if i == 0:                                          # random x_T in the inpainted region
+            assert torch.equal(latents[~k], x_T[~k])
+        seen.append(t)
 
     with torch.inference_mode():
-        out = blended_inpaint(sd.unet, sched, z0, keep, emb, noise, 6, strength=strength, callback=check)
-    assert len(seen) == round(6 * strength)
-    assert seen == sorted(seen, reverse=True)
-    k = keep.bool().expand_as(out)
-    assert torch.equal(out[k], z0[k])
-    assert not torch.allclose(out[~k], z0[~k], atol=1e-3)
+        out = blended_inpaint(sd.unet, abar, z0, keep, emb, x_T, step_noise, 4, callback=check)
+        # the same loop by hand: blend, one eta-0 DDIM step (schedule 751, 501, 251, 1)
+        ts, a_t, a_prev = ddim_schedule(abar, 4)
+        img = x_T.clone()
+        for i, t in enumerate(ts):
+            img = keep * q_sample(z0, step_noise[i], float(abar[t])) + (1 - keep) * img
+            eps = sd.unet(img, torch.tensor([t]), encoder_hidden_states=emb).sample
+            x0 = (img - (1 - a_t[i]).sqrt().float() * eps) / a_t[i].sqrt().float()
+            img = a_prev[i].sqrt().float() * x0 + (1 - a_prev[i]).sqrt().float() * eps
+    assert seen == ts == [751, 501, 251, 1]
+    assert torch.allclose(out, img, atol=1e-5)
+    with pytest.raises(ValueError):
+        blended_inpaint(sd.unet, abar, z0, keep, emb, x_T, step_noise[:2], 4)
 
 
 # -- the labeler ----------------------------------------------------------------------------------
 
-def _check_outputs(outs, images, category="cat", category_id=1):
+def _check_outputs(outs, images, category="cat", category_id=1, layers=("background", "foreground_mask")):
     assert len(outs) == len(images)
     for out, image in zip(outs, images):
         h, w = image.shape[:2]
+        assert set(out.layers) == set(layers)
         fg = out.layers["foreground_mask"]
-        bg = out.layers["background"]
         assert fg.shape == (h, w) and fg.dtype == np.uint8 and set(np.unique(fg)) <= {0, 255}
-        assert bg.shape == (h, w, 3) and bg.dtype == np.uint8
+        if "background" in layers:
+            bg = out.layers["background"]
+            assert bg.shape == (h, w, 3) and bg.dtype == np.uint8
         assert len(out.instances) == (1 if fg.any() else 0)
         for inst in out.instances:
             assert inst.mask.shape == (h, w) and inst.mask.dtype == bool
@@ -165,24 +202,55 @@ def test_labeler_from_directory_outputs_at_image_size(labeler):
     _check_outputs(outs2, images[:1], category="zebra", category_id=2)
 
 
-def test_refined_mask_lies_inside_the_preliminary_mask_and_background_composites(labeler):
-    from pseudolabel.models.foba import resize_image, resize_mask
-    from pseudolabel.models.masks import close_and_fill
+def test_two_checkpoints_attention_from_weights_inpainting_from_inpaint_weights(pair):
+    from diffusers import UNet2DConditionModel
 
-    images = _images(1)
-    outs = labeler(images)
-    inputs = np.stack([resize_image(im, 64) for im in images])
-    with torch.inference_mode():
-        _, prelim = labeler.preliminary(encode_image(labeler.sd.vae, inputs), "cat")
-    assert prelim.any()
-    for out, image, pm in zip(outs, images, prelim):
-        region = resize_mask(pm, image.shape[:2])
-        # AND with the preliminary mask, then closing + hole filling (both monotone): the final mask lies
-        # inside the closed and filled preliminary mask
-        closed = resize_mask(close_and_fill(resize_mask(pm, (64, 64)), 2), image.shape[:2])
-        assert not (out.layers["foreground_mask"].astype(bool) & ~closed).any()
-        assert np.array_equal(out.layers["background"][~region], image[~region])
-        assert not np.array_equal(out.layers["background"][region], image[region])
+    spec = LabelerSpec(name="foba", weights=pair["base"], params={**FAST, "inpaint_weights": pair["inpaint"]},
+                       ontology=[{"category": "cat"}])
+    lab = FoBa(spec)
+    assert lab.weight_sources() == [pair["base"], pair["inpaint"]]
+    ft = UNet2DConditionModel.from_pretrained(pair["inpaint"], subfolder="unet").state_dict()
+    base = UNet2DConditionModel.from_pretrained(pair["base"], subfolder="unet").state_dict()
+    key = next(iter(ft))
+    assert torch.equal(lab.inpaint_unet.state_dict()[key], ft[key])
+    assert torch.equal(lab.sd.unet.state_dict()[key], base[key]) and not torch.equal(base[key], ft[key])
+    one = FoBa(spec.model_copy(update={"params": {**FAST}}))
+    assert one.inpaint_unet is one.sd.unet and one.weight_sources() == [pair["base"]]
+    images = _images()
+    a, b = lab.forward(images, [None, None]), one.forward(images, [None, None])
+    for pa, pb in zip(a, b):
+        assert np.array_equal(pa["attention"], pb["attention"])      # the same base model attends
+        assert not np.array_equal(pa["plate"], pb["plate"])          # another model inpaints
+    _check_outputs(lab(images), images)
+
+
+def test_refined_mask_from_a_payload_by_hand(tiny_sd):
+    """Host half: refined = GMM+orphan(|resized input - plate| on [0, 1]) AND the bilinearly upsampled
+    preliminary mask, cropped to the image part, nearest-resized to the image; closing is opt-in."""
+    spec = LabelerSpec(name="foba", weights="/nonexistent", params=FAST, ontology=[{"category": "cat"}])
+    host = FoBa.host_half(spec)
+    image = np.full((36, 48, 3), 100, np.uint8)             # part (48, 64) on the 64 canvas
+    part = long_edge_size(image.shape[:2], 64)
+    assert part == (48, 64)
+    plate = resize_long_edge(image, 64).copy()
+    plate[10:40, 8:50] = 250                                # changed by the inpainting
+    plate[23:26, 27:30] = 100                               # a 3x3 hole inside it (kept by the orphan filter)
+    prelim = np.zeros((8, 8), bool)
+    prelim[1:4, 1:5] = True                                 # canvas rows 8..31 -> upsampled 4..35
+    att = np.where(prelim, 0.6, 0.1).astype(np.float32)
+    out = host.postprocess(image, None, {"attention": att, "prelim": prelim, "plate": plate})
+    refined = compose_refined_mask(resize_long_edge(image, 64), plate, prelim, 64)
+    assert refined.any() and not refined[36:].any() and not refined[:, 44:].any()
+    import cv2
+    expected = cv2.resize(refined.astype(np.uint8), (48, 36), interpolation=cv2.INTER_NEAREST).astype(bool)
+    assert np.array_equal(out.layers["foreground_mask"] > 0, expected)
+    # the background layer: the plate inside the upsampled preliminary region, the input elsewhere
+    assert np.array_equal(out.layers["background"][-1], image[-1])
+    # closing + fill (opt-in) fills the hole
+    assert not refined[24, 28]
+    closed = FoBa.host_half(spec.model_copy(update={"params": {**FAST, "closing_radius": 1}}))
+    out2 = closed.postprocess(image, None, {"attention": att, "prelim": prelim, "plate": plate})
+    assert out2.layers["foreground_mask"][18, 21] == 255 and out.layers["foreground_mask"][18, 21] == 0
 
 
 def test_results_do_not_depend_on_the_batch(labeler):
@@ -207,33 +275,59 @@ def test_labeler_needs_an_ontology(tiny_sd):
         FoBa(LabelerSpec(name="foba", weights=tiny_sd, params=FAST))
 
 
-def test_labeler_loads_from_s3(tiny_sd, s3_bucket, tmp_path, monkeypatch):
+def test_labeler_loads_both_checkpoints_from_s3(pair, s3_bucket, tmp_path, monkeypatch):
     from pseudolabel.storage import filesystem
 
     monkeypatch.setenv("PSEUDOLABEL_CACHE", str(tmp_path / "cache"))
     bucket, storage = s3_bucket
-    uri = f"{bucket}/models/tiny-sd"
-    fs, root = filesystem(uri, storage)
-    fs.put(tiny_sd.rstrip("/") + "/", root, recursive=True)
-    spec = LabelerSpec(name="foba", weights=uri, params=FAST, ontology=[{"category": "cat"}])
+    uris = {}
+    for name in ("base", "inpaint"):
+        uris[name] = f"{bucket}/models/{name}"
+        fs, root = filesystem(uris[name], storage)
+        fs.put(pair[name].rstrip("/") + "/", root, recursive=True)
+    spec = LabelerSpec(name="foba", weights=uris["base"], params={**FAST, "inpaint_weights": uris["inpaint"]},
+                       ontology=[{"category": "cat"}])
     lab = FoBa(spec, storage=storage)
-    assert list((tmp_path / "cache").rglob("diffusion_pytorch_model.safetensors"))   # copied to the node cache
+    assert len(list((tmp_path / "cache").rglob("unet/diffusion_pytorch_model.safetensors"))) == 2
     images = _images()[:1]
+    _check_outputs(lab(images), images)
+
+
+def test_segmentation_network_mode(tmp_path):
+    """With segmentation_weights the network alone labels: probability >= threshold at image size."""
+    import cv2
+    from foba_tiny import build_tiny_segnet
+
+    from pseudolabel.models.foba_segnet import load_segnet, segnet_input
+
+    path = build_tiny_segnet(str(tmp_path / "segnet"), width=2, resolution=16)
+    spec = LabelerSpec(name="foba", weights="/nonexistent/sd", ontology=[{"category": "cat"}],
+                       params={"segmentation_weights": path, "segmentation_threshold": 0.5})
+    lab = FoBa(spec)
+    assert not hasattr(lab, "sd") and lab.weight_sources() == [path]
+    images = _images()
+    payloads = lab.forward(images, [None, None])
+    assert payloads[0]["probability"].shape == (16, 21) and payloads[0]["probability"].dtype == np.float16
+    net, res = load_segnet(path)
+    with torch.inference_mode():
+        prob = net(segnet_input(images[0], res))[0, 0].half().float().numpy()
+    big = cv2.resize(prob, (96, 72), interpolation=cv2.INTER_LINEAR)
     outs = lab(images)
-    _check_outputs(outs, images)
+    _check_outputs(outs, images, layers=("foreground_mask",))
+    assert np.array_equal(outs[0].layers["foreground_mask"] > 0, big >= 0.5)
+    low = FoBa(spec.model_copy(update={"params": {"segmentation_weights": path, "segmentation_threshold": 0.01}}))
+    assert (low(images)[0].layers["foreground_mask"] > 0).sum() >= (big >= 0.5).sum()
 
 
 # -- wiring of the mask steps -----------------------------------------------------------------------
 
-def test_preliminary_mask_is_majority_filtered_gmm_of_the_step_mean(tiny_sd, monkeypatch):
-    """attention_steps=2: the maps seen at each pass, averaged over steps and layers, GMM-thresholded and
-    majority-filtered, give exactly the preliminary masks."""
+def test_preliminary_mask_is_suggest_mask_of_the_step_mean(tiny_sd, monkeypatch):
+    """attention_steps=2: the maps seen at each pass, averaged over steps and layers, through the GMM and
+    the orphan filter, give exactly the preliminary masks."""
     import torch.nn.functional as F
 
     import pseudolabel.models.foba as foba_module
     from pseudolabel.models.attention import AttentionStore
-    from pseudolabel.models.foba import resize_image
-    from pseudolabel.models.masks import gmm_mask, majority_filter
 
     spec = LabelerSpec(name="foba", weights=tiny_sd, params={**FAST, "attention_steps": 2},
                        ontology=[{"category": "zebra"}])
@@ -252,9 +346,8 @@ def test_preliminary_mask_is_majority_filtered_gmm_of_the_step_mean(tiny_sd, mon
 
     monkeypatch.setattr(foba_module, "noisy_unet_pass", pass_spy)
     monkeypatch.setattr(foba_module, "AttentionStore", RecordingStore)
-    inputs = np.stack([resize_image(im, 64) for im in _images(3)])
     with torch.inference_mode():
-        latents = encode_image(lab.sd.vae, inputs)
+        latents, _, _ = _canvas_latents(lab, _images(3))
         att, masks = lab.preliminary(latents, "zebra")
     assert [p["t"] for p in passes] == [781, 581]
     token_idx = class_token_indices(lab.sd.tokenizer, "a photo of a zebra", "zebra")
@@ -270,21 +363,15 @@ def test_preliminary_mask_is_majority_filtered_gmm_of_the_step_mean(tiny_sd, mon
     mean = np.mean(per_step, axis=0)
     assert not np.allclose(per_step[0], per_step[1], atol=1e-4)  # the steps differ, so averaging matters
     np.testing.assert_allclose(att, mean, atol=1e-6)
-    expected = np.stack([majority_filter(gmm_mask(a), lab.params.majority_size) for a in mean])
-    assert np.array_equal(masks, expected)
-    assert not np.array_equal(masks, np.stack([gmm_mask(a) for a in mean]))  # the filter changed something
-    assert not np.array_equal(masks, np.stack([majority_filter(gmm_mask(a), 3) for a in per_step[-1]]))
+    assert np.array_equal(masks, np.stack([suggest_mask(a) for a in mean]))
 
 
-def test_refined_mask_is_the_closed_filled_and_of_difference_and_preliminary_masks(labeler, monkeypatch):
-    """The refined mask = close_and_fill(gmm_mask(|reconstruction - plate|) & preliminary, radius), from the
-    refinement's own plate, and the labeler's foreground mask is that at image size."""
+def test_forward_refines_with_its_own_inpainting(labeler, monkeypatch):
+    """The payload's plate is the decoded DDIM result cropped to the image part, and the labeler's mask
+    is compose_refined_mask of it, resized to the image."""
     import cv2
 
     import pseudolabel.models.foba as foba_module
-    from pseudolabel.models.attention import decode_latents
-    from pseudolabel.models.foba import difference_map, resize_image, resize_mask
-    from pseudolabel.models.masks import close_and_fill, gmm_mask
 
     decoded = []
     real_decode = foba_module.decode_latents
@@ -296,45 +383,25 @@ def test_refined_mask_is_the_closed_filled_and_of_difference_and_preliminary_mas
 
     monkeypatch.setattr(foba_module, "decode_latents", decode_spy)
     images = _images(1)
-    outs = labeler(images)
-    assert len(decoded) == 2
-    plates, reference = decoded   # the plate, then the reconstruction it is compared with
-    inputs = np.stack([resize_image(im, 64) for im in images])
-    with torch.inference_mode():
-        latents = encode_image(labeler.sd.vae, inputs)
-        _, prelim = labeler.preliminary(latents, "cat")
-        assert np.array_equal(reference, decode_latents(labeler.sd.vae, latents))
-    diff = difference_map(reference, plates)
-    radius = labeler.params.closing_radius
-    and_mattered = closing_mattered = False
-    for j, (out, image) in enumerate(zip(outs, images)):
-        region = resize_mask(prelim[j], (64, 64))
-        raw = gmm_mask(diff[j])
-        expected = close_and_fill(raw & region, radius)
-        and_mattered |= bool((raw & ~region).any())
-        closing_mattered |= not np.array_equal(expected, raw & region)
+    payloads = labeler.forward(images, [None, None])
+    assert len(decoded) == 1                                 # no reconstruction by default
+    for j, (image, payload) in enumerate(zip(images, payloads)):
+        part = long_edge_size(image.shape[:2], 64)
+        assert np.array_equal(payload["plate"], unpad_canvas(decoded[0][j], part))
+        out = labeler.postprocess(image, None, payload)
+        refined = compose_refined_mask(resize_long_edge(image, 64), payload["plate"], payload["prelim"], 64)
         hw = image.shape[:2]
-        assert np.array_equal(out.layers["foreground_mask"] > 0, resize_mask(expected, hw))
-        # the plate seen is the one composited into the background layer
-        plate = cv2.resize(plates[j], (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
-        big = resize_mask(prelim[j], hw)
-        assert np.array_equal(out.layers["background"][big], plate[big])
-    assert and_mattered, "the difference mask never left the preliminary mask: the AND is untested"
-    assert closing_mattered, "closing and hole filling changed nothing: they are untested"
-    # the refinement step alone returns the same masks at the working resolution
-    with torch.inference_mode():
-        _, refined = labeler.refine(latents, inputs, prelim)
-    expected = np.stack([close_and_fill(gmm_mask(d) & resize_mask(pm, (64, 64)), radius)
-                         for d, pm in zip(diff, prelim)])
-    assert np.array_equal(refined, expected)
+        expected = cv2.resize(refined.astype(np.uint8), (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST) > 0
+        assert np.array_equal(out.layers["foreground_mask"] > 0, expected)
 
 
 # -- the two halves ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("params, keys", [
-    ({}, {"attention", "prelim", "plate", "reference"}),
+    ({}, {"attention", "prelim", "plate"}),
     ({"refine": False}, {"attention"}),
-    ({"difference_reference": "input", "composite_background": False}, {"attention", "prelim", "plate"}),
+    ({"difference_reference": "reconstruction", "composite_background": False, "closing_radius": 2},
+     {"attention", "prelim", "plate", "reference"}),
 ])
 def test_forward_then_host_half_equals_the_whole_labeler(tiny_sd, monkeypatch, params, keys):
     """labeler(images) == forward (rows grouped by class), each payload through the engine's byte format,
@@ -353,9 +420,9 @@ def test_forward_then_host_half_equals_the_whole_labeler(tiny_sd, monkeypatch, p
     batches = []
     real = lab.preliminary_attention
 
-    def spy(latents, class_text):
+    def spy(latents, class_text, noises=None):
         batches.append((class_text, latents.shape[0]))
-        return real(latents, class_text)
+        return real(latents, class_text, noises)
 
     monkeypatch.setattr(lab, "preliminary_attention", spy)
     payloads = lab.forward(images, prompts)
@@ -364,9 +431,10 @@ def test_forward_then_host_half_equals_the_whole_labeler(tiny_sd, monkeypatch, p
     assert not hasattr(host, "sd")
 
     r, h = FAST["resolution"], FAST["resolution"] // 8
-    layout = {"attention": (np.float32, (h, h)), "prelim": (np.bool_, (h, h)),
-              "plate": (np.uint8, (r, r, 3)), "reference": (np.uint8, (r, r, 3))}
     for image, prompt, payload, expected in zip(images, prompts, payloads, whole):
+        part = long_edge_size(image.shape[:2], r)
+        layout = {"attention": (np.float32, (h, h)), "prelim": (np.bool_, (h, h)),
+                  "plate": (np.uint8, part + (3,)), "reference": (np.uint8, part + (3,))}
         assert set(payload) == keys
         for name, value in payload.items():
             assert type(value) is np.ndarray and (value.dtype, value.shape) == layout[name]
@@ -397,7 +465,7 @@ def test_host_half_loads_no_weights(monkeypatch):
     out = host.postprocess(image, {"category": "zebra"}, {"attention": att})
     (inst,) = out.instances
     cells = att > 0.1
-    cells[[2, 2, 5, 5], [2, 5, 2, 5]] = False  # the 3x3 majority filter takes the block's corners
+    cells[[2, 2, 5, 5], [2, 5, 2, 5]] = False  # the orphan filter takes the block's corners (4 of 9)
     expected = np.kron(cells, np.ones((4, 4), bool))
     assert (inst.category, inst.category_id, inst.score) == ("zebra", 7, 1.0)
     assert np.array_equal(inst.mask, expected) and np.array_equal(out.layers["background"], image)

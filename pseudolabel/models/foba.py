@@ -1,40 +1,47 @@
 """``foba``: foreground/background separation by concept distillation (Dombrowski et al., ICCV 2023).
 
-Per image, with a Stable Diffusion checkpoint (SD 1.4, or one fine-tuned by ``train_foba``):
+Per image, with two Stable Diffusion checkpoints: ``weights`` (the base model, SD 1.4 by default) gives
+the attention, ``inpaint_weights`` (the EMA UNet fine-tuned by ``pseudolabel train-foba``) inpaints.
 
-1. Preliminary mask. Encode the image to its clean latent z0 (B, 4, h, w). For each timestep t in
-   ``start_timestep, start_timestep - stride, ...`` (40 steps: 781, 761, ..., 1) re-noise z0 to t and run
-   one UNet pass with ``"a photo of a {class}"`` (no classifier-free guidance) while every cross-attention
-   (attn2) layer records its head-averaged softmax. Each layer's attention at the class token(s) is
-   nearest-upsampled to the latent grid (h, w); the map is the mean over steps and layers. A two-component
-   Gaussian mixture thresholds it (midpoint of the means), then a 3x3 majority filter cleans it.
-2. Refinement. Blended-latent inpainting: a DDIM loop from the re-noised latent with the prompt
-   ``"a photo of a background"`` where, before every step, the kept region (outside the preliminary mask)
-   is replaced by z0 re-noised to that step's timestep; the last latent keeps z0 there exactly. Decoding
-   gives a background plate. |reconstruction - plate| (mean over RGB) is thresholded by the Gaussian
-   mixture, ANDed with the preliminary mask, then closed and hole-filled.
-3. Output: one ``Instance`` (the job's class, score = mean min-max-normalised attention inside the mask),
-   and layers ``background`` (H, W, 3) uint8 (the plate inside the preliminary mask, the input elsewhere)
-   and ``foreground_mask`` (H, W) uint8 0/255.
+0. Canvas. The image is resized so its long edge is ``resolution`` (aspect kept) and put at the top left
+   of a black ``resolution`` square; the VAE encodes the canvas (a posterior sample) to z0 (B, 4, h, w).
+1. Preliminary mask. For each timestep t in ``start_timestep, start_timestep - stride, ...`` (40 steps:
+   781, 761, ..., 1) z0 is re-noised to t and the base UNet runs once with ``"a photo of a {class}"``
+   while every cross-attention layer records its head-averaged softmax. Each layer's attention at the
+   class token(s) is nearest-upsampled to the latent grid and averaged over steps and layers. A
+   two-component Gaussian mixture (scikit-learn's default rules, variance regularisation 1e-6)
+   thresholds it at the mean of its means, and an orphan filter (3x3 majority, border kept) cleans it.
+2. Refinement. DDIM (``inpaint_steps`` = 50, eta 0) with the fine-tuned UNet and ``"a photo of a
+   background"`` from random x_T; before every step the kept region (outside the preliminary mask) is
+   replaced by z0 q-sampled with fresh noise to that step's timestep. The decoded result (image part of
+   the canvas) is compared with the resized image: the mean RGB |difference| on [0, 1] goes through the
+   same GMM + orphan filter, ANDed with the preliminary mask upsampled bilinearly (any positive value).
+3. Segmentation network. ``pseudolabel train-foba`` with ``stage: segmentation`` trains a U-Net at 128 px
+   on the refined masks; with ``segmentation_weights`` set the labeler labels with it alone (no diffusion):
+   the image, short edge resized to the network's resolution, probability >= ``segmentation_threshold``.
+4. Output: one ``Instance`` (the job's class) and the layer ``foreground_mask`` (H, W) uint8 0/255; with
+   the diffusion path also ``background`` (H, W, 3) uint8 (the inpainting inside the preliminary mask,
+   the input elsewhere). Score: the mean min-max-normalised attention inside the mask (diffusion path) or
+   the mean probability inside it (network).
 
-Cost per image: ``attention_steps * repeats_per_step`` UNet passes + ``inpaint_steps`` passes (twice that
-with guidance > 1), one VAE encode and two decodes.
+Halves. ``forward`` (device, rows grouped by class) runs the network(s): encode, attention passes, the
+preliminary mask (needed by the inpainting), DDIM, decodes, or the segmentation network. ``postprocess``
+(host, one image) composes the refined mask, resizes, scores and composites. Payload per image:
 
-Halves. ``forward`` (device, rows grouped by class) runs the encode, the attention passes, the inpainting
-and the decodes. The preliminary mask (GMM + majority filter, numpy) is computed there too when the
-refinement runs, because the inpainting needs it; without refinement it is left to ``postprocess``.
-``postprocess`` (host, one image) does the difference GMM, the AND, closing and hole filling at
-``resolution``, then resizes, scores and composites at the image size. Payload per image:
-
-- ``attention`` (h, w) float32: the step/layer-averaged class attention on the latent grid (h = R / 8);
+- ``attention`` (h, w) float32: the step/layer-averaged class attention on the canvas's latent grid;
 - ``prelim`` (h, w) bool: the preliminary mask (only with ``refine``);
-- ``plate`` (R, R, 3) uint8: the decoded background plate (only with ``refine``);
-- ``reference`` (R, R, 3) uint8: the VAE reconstruction the plate is compared with (only with ``refine``
-  and ``difference_reference="reconstruction"``; with ``"input"`` the host resizes the image itself).
+- ``plate`` (h', w', 3) uint8: the inpainting, image part of the canvas (only with ``refine``);
+- ``reference`` (h', w', 3) uint8: the VAE reconstruction (only with ``difference_reference:
+  reconstruction``; by default the host resizes the image itself);
+- ``probability`` (h, w) float16: the segmentation network's output (only with ``segmentation_weights``).
+
+Cost per image (diffusion path): ``attention_steps * repeats_per_step`` UNet passes + ``inpaint_steps``
+passes (twice that with guidance > 1), one VAE encode and one or two decodes.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -47,15 +54,35 @@ from pseudolabel.models.attention import (
     CapturedAttention,
     capture_attention,
     decode_latents,
-    encode_image,
     encode_text,
+    images_to_tensor,
     load_sd_components,
     noisy_unet_pass,
     per_row_noise,
+    resolve_dtype,
 )
-from pseudolabel.models.base import Instance, LabelerParams, LabelOutput, Labeler
+from pseudolabel.models.base import (
+    Instance,
+    Labeler,
+    LabelerParams,
+    LabelOutput,
+    entry_id,
+)
 from pseudolabel.models.device import compiled, to_host
-from pseudolabel.models.masks import close_and_fill, gmm_mask, majority_filter
+from pseudolabel.models.foba_segnet import load_segnet, segnet_input
+from pseudolabel.models.foba_steps import (
+    compose_refined_mask,
+    ddim_schedule,
+    ddim_step,
+    long_edge_size,
+    pad_to_canvas,
+    q_sample,
+    resize_long_edge,
+    suggest_mask,
+    unpad_canvas,
+    upsample_mask_bilinear,
+)
+from pseudolabel.models.masks import close_and_fill
 from pseudolabel.schemas.spec import LabelerSpec, OntologyEntry, StorageSpec
 
 
@@ -64,21 +91,31 @@ class FoBaParams(LabelerParams):
                                                     "prompt {'category': ...} overrides)")
     prompt_template: str = Field("a photo of a {}", description="foreground prompt; {} is the class text")
     background_prompt: str = Field("a photo of a background", description="prompt of the inpainting step")
-    resolution: int = Field(512, ge=64, multiple_of=64, description="images are resized to a square of this side")
+    resolution: int = Field(512, ge=64, multiple_of=64,
+                            description="canvas side: long edge resized to it, image at the top left, black padding")
     start_timestep: int = Field(781, ge=0, lt=1000, description="first (noisiest) re-noising timestep")
     attention_steps: int = Field(40, ge=1, description="re-noised steps averaged for the preliminary mask (T)")
     attention_stride: int = Field(20, ge=1, description="timestep stride between those steps (781, 761, ..., 1)")
     repeats_per_step: int = Field(1, ge=1, description="UNet passes per step with fresh noise (N)")
-    majority_size: int = Field(3, ge=1, description="side of the majority filter on the preliminary mask")
     refine: bool = Field(True, description="run the inpainting refinement (else the preliminary mask is final)")
-    inpaint_steps: int = Field(50, ge=1, description="DDIM steps of the blended inpainting loop")
-    inpaint_strength: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the DDIM schedule run (1 = from noise)")
-    inpaint_dilate: int = Field(0, ge=0, description="dilate the inpainted region by this many latent pixels")
-    guidance_scale: float = Field(1.0, ge=1.0, description="classifier-free guidance of the inpainting (1 = none)")
-    difference_reference: Literal["reconstruction", "input"] = Field(
-        "reconstruction", description="compare the plate with the VAE reconstruction (cancels VAE error) or the input")
-    closing_radius: int = Field(2, ge=0, description="disk radius (px at `resolution`) of the final closing")
-    composite_background: bool = Field(True, description="background layer: plate inside the inpainted region, input elsewhere")
+    inpaint_weights: str | None = Field(
+        None, description="checkpoint that inpaints: the EMA UNet from `pseudolabel train-foba` (hub id, "
+                          "directory or s3:// prefix; its unet/ is loaded). Default: `weights` (not fine-tuned)")
+    inpaint_steps: int = Field(50, ge=1, description="DDIM steps (eta 0) of the inpainting, from random x_T")
+    guidance_scale: float = Field(1.0, ge=1.0, description="classifier-free guidance of the inpainting against "
+                                                           "the foreground prompt (1 = none)")
+    difference_reference: Literal["input", "reconstruction"] = Field(
+        "input", description="compare the inpainting with the resized input; 'reconstruction' compares with the "
+                             "VAE reconstruction instead (cancels the VAE's own error; not in the published method)")
+    closing_radius: int = Field(0, ge=0, description="if > 0, close the refined mask with a disk of this radius (px "
+                                                     "at `resolution`) and fill holes; fills thin gaps the "
+                                                     "difference misses (not in the published method; 0 = off)")
+    segmentation_weights: str | None = Field(
+        None, description="segmentation network from `pseudolabel train-foba` (stage: segmentation); when set, "
+                          "the labeler labels with it alone")
+    segmentation_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="probability threshold of the network")
+    composite_background: bool = Field(True, description="background layer: inpainting inside the preliminary "
+                                                         "mask, input elsewhere (else the inpainting everywhere)")
     seed: int = Field(0, description="noise seed; every image gets the same noise sequence whatever its batch")
 
 
@@ -126,94 +163,72 @@ def class_attention_map(records: list[CapturedAttention], token_idx: list[int],
     return torch.stack(maps).mean(0)
 
 
-def blended_inpaint(unet, scheduler, clean_latents: torch.Tensor, keep: torch.Tensor,
-                    text_embeddings: torch.Tensor, noise: torch.Tensor, num_steps: int, *,
-                    strength: float = 1.0, guidance_scale: float = 1.0,
+def blended_inpaint(unet, alphas_cumprod: torch.Tensor, clean_latents: torch.Tensor, keep: torch.Tensor,
+                    text_embeddings: torch.Tensor, x_T: torch.Tensor, step_noise: list[torch.Tensor],
+                    num_steps: int, *, guidance_scale: float = 1.0,
                     uncond_embeddings: torch.Tensor | None = None,
-                    callback: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+                    callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
                     unet_forward: Callable | None = None) -> torch.Tensor:
-    """Blended-latent inpainting: denoise the region outside ``keep`` while the kept region follows z0.
+    """DDIM (eta 0) from ``x_T`` where, before every step, the kept region is z0 q-sampled to that step.
 
     Args:
-        unet: diffusers UNet2DConditionModel.
-        scheduler: a diffusers scheduler with ``set_timesteps``/``step``/``add_noise`` (DDIM); mutated.
-        clean_latents: z0 (B, C, h, w) (``encode_image`` output).
+        unet: diffusers UNet2DConditionModel (epsilon prediction).
+        alphas_cumprod: (T,) cumulative alphas of the training schedule.
+        clean_latents: z0 (B, C, h, w).
         keep: (B, 1, h, w) float/bool, 1 = kept (background) region, 0 = region to inpaint.
-        text_embeddings: (B or 1, T, D) prompt embeddings.
-        noise: (B, C, h, w) fixed noise; z0 is re-noised with it at every step.
-        num_steps: scheduler steps; ``strength`` < 1 skips the noisiest ones.
+        text_embeddings: (B or 1, L, D) prompt embeddings.
+        x_T: (B, C, h, w) start noise. step_noise: ``num_steps`` tensors (B, C, h, w), the fresh noise of
+            each step's q-sample.
         guidance_scale: classifier-free guidance (> 1 needs ``uncond_embeddings``).
-        callback: ``callback(i, t, latents, renoised)`` called right before step i's UNet pass, with the
-            blended latents and z0 re-noised to t.
-        unet_forward: called instead of ``unet`` for the passes (e.g. a ``torch.compile``d UNet).
+        callback: ``callback(i, t, latents, renoised)`` right before step i's UNet pass.
+        unet_forward: called instead of ``unet`` (e.g. a ``torch.compile``d UNet).
     Returns:
-        (B, C, h, w) latents; equal to z0 where ``keep`` is 1.
+        (B, C, h, w) float32 latents after the last step (the kept region is not re-imposed at the end).
     """
     param = next(unet.parameters())
-    z0 = clean_latents.to(device=param.device, dtype=param.dtype)
-    noise = noise.to(device=z0.device, dtype=z0.dtype)
-    keep = keep.to(device=z0.device, dtype=z0.dtype)
-    cond = text_embeddings.to(device=z0.device, dtype=z0.dtype)
+    dev, dtype = param.device, param.dtype
+    z0 = clean_latents.to(device=dev, dtype=torch.float32)
+    keep = keep.to(device=dev, dtype=torch.float32)
+    cond = text_embeddings.to(device=dev, dtype=dtype)
     if cond.shape[0] == 1 and z0.shape[0] > 1:
         cond = cond.expand(z0.shape[0], -1, -1)
     use_cfg = guidance_scale > 1.0
     if use_cfg:
         if uncond_embeddings is None:
             raise ValueError("guidance_scale > 1 needs uncond_embeddings")
-        uncond = uncond_embeddings.to(device=z0.device, dtype=z0.dtype).expand(z0.shape[0], -1, -1)
+        uncond = uncond_embeddings.to(device=dev, dtype=dtype).expand(z0.shape[0], -1, -1)
         cond = torch.cat([uncond, cond])
-
-    # 1. schedule, truncated by strength; start from z0 re-noised to the first timestep
-    scheduler.set_timesteps(num_steps, device=z0.device)
-    timesteps = scheduler.timesteps
-    first = min(int(round(num_steps * (1.0 - strength))), len(timesteps) - 1)
-    timesteps = timesteps[first:]
-    latents = scheduler.add_noise(z0, noise, timesteps[:1].repeat(z0.shape[0]))
-
-    # 2. blend, then step
+    abar = torch.as_tensor(alphas_cumprod).double().cpu()
+    timesteps, a_t, a_prev = ddim_schedule(abar, num_steps)
+    if len(step_noise) < len(timesteps):
+        raise ValueError(f"{len(timesteps)} steps need as many noise tensors, got {len(step_noise)}")
+    img = x_T.to(device=dev, dtype=torch.float32)
     for i, t in enumerate(timesteps):
-        renoised = scheduler.add_noise(z0, noise, t.reshape(1).repeat(z0.shape[0]))
-        latents = keep * renoised + (1.0 - keep) * latents
+        # 1. the kept region: z0 noised to t with fresh noise
+        renoised = q_sample(z0, step_noise[i].to(device=dev, dtype=torch.float32), float(abar[t]))
+        img = keep * renoised + (1.0 - keep) * img
         if callback is not None:
-            callback(i, t, latents, renoised)
-        model_in = torch.cat([latents, latents]) if use_cfg else latents
-        model_in = scheduler.scale_model_input(model_in, t)
-        eps = (unet_forward or unet)(model_in, t, encoder_hidden_states=cond).sample
+            callback(i, t, img, renoised)
+        # 2. one DDIM step
+        model_in = torch.cat([img, img]) if use_cfg else img
+        tt = torch.full((model_in.shape[0],), t, device=dev, dtype=torch.long)
+        eps = (unet_forward or unet)(model_in.to(dtype), tt, encoder_hidden_states=cond).sample.float()
         if use_cfg:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)
-        latents = scheduler.step(eps, t, latents).prev_sample
-
-    # 3. the kept region is the clean latent exactly
-    return keep * z0 + (1.0 - keep) * latents
+        img = ddim_step(img, eps, float(a_t[i]), float(a_prev[i]))
+    return img
 
 
-def preliminary_mask(attention: np.ndarray, majority_size: int) -> np.ndarray:
-    """(h, w) float32 class attention -> (h, w) bool: GMM midpoint threshold, then the majority filter."""
-    return majority_filter(gmm_mask(attention), majority_size)
-
-
-def refined_mask(reference: np.ndarray, plate: np.ndarray, prelim: np.ndarray, closing_radius: int) -> np.ndarray:
-    """The refinement's mask for one image at the working resolution R.
-
-    reference, plate: (R, R, 3) uint8 (the reconstruction or resized input, and the background plate);
-    prelim: (h, w) bool preliminary mask. Returns (R, R) bool: the GMM threshold of |reference - plate|,
-    ANDed with the preliminary mask (nearest-resized to R), then closed and hole-filled.
-    """
-    diff = difference_map(reference[None], plate[None])[0]
-    return close_and_fill(gmm_mask(diff) & resize_mask(prelim, reference.shape[:2]), closing_radius)
-
-
-def difference_map(reference: np.ndarray, plate: np.ndarray) -> np.ndarray:
-    """(B, H, W, 3) uint8 x2 -> (B, H, W) float32 mean absolute RGB difference in [0, 255]."""
-    return np.abs(reference.astype(np.float32) - plate.astype(np.float32)).mean(-1)
-
-
-def resize_image(image: np.ndarray, side: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (side, side, 3) uint8 (area when shrinking, bilinear when growing)."""
-    h, w = image.shape[:2]
-    interp = cv2.INTER_AREA if side < min(h, w) else cv2.INTER_LINEAR
-    return cv2.resize(np.ascontiguousarray(image), (side, side), interpolation=interp)
+def canvas_map_to_image(grid: np.ndarray, side: int, part_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.ndarray:
+    """A map on the canvas's latent grid (h, w) -> the image's (H, W), nearest neighbour: to the canvas,
+    cropped to the image part (h', w'), then to the image size."""
+    dtype = grid.dtype
+    arr = grid.astype(np.float32) if dtype == bool else grid
+    canvas = cv2.resize(arr, (side, side), interpolation=cv2.INTER_NEAREST)
+    part = np.ascontiguousarray(unpad_canvas(canvas, part_hw))
+    out = cv2.resize(part, (image_hw[1], image_hw[0]), interpolation=cv2.INTER_NEAREST)
+    return out > 0.5 if dtype == bool else out
 
 
 def resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -221,37 +236,67 @@ def resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return cv2.resize(mask.astype(np.uint8), (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
+def refined_mask(original: np.ndarray, plate: np.ndarray, prelim: np.ndarray, side: int,
+                 closing_radius: int = 0) -> np.ndarray:
+    """``compose_refined_mask`` (h', w') bool, then closing + hole filling when ``closing_radius`` > 0."""
+    mask = compose_refined_mask(original, plate, prelim, side)
+    return close_and_fill(mask, closing_radius) if closing_radius > 0 else mask
+
+
 # ---------------------------------------------------------------------------------------------------
 # The labeler
 # ---------------------------------------------------------------------------------------------------
 
-class FoBa(Labeler):
+class FoBa(Labeler[dict[str, np.ndarray]]):
     """Foreground mask + background plate of one class per image from Stable Diffusion attention."""
 
     name = "foba"
     Params = FoBaParams
+    params: FoBaParams  # the validated Params of this labeler
     summary = ("foreground/background separation by concept distillation (Dombrowski et al., ICCV 2023): "
-               "SD cross-attention mask refined by background inpainting")
+               "SD cross-attention mask refined by inpainting with a fine-tuned SD, then a segmentation "
+               "network trained on the refined masks")
     default_weights = "CompVis/stable-diffusion-v1-4"
 
     def __init__(self, spec: LabelerSpec, *, device: str = "cpu", storage: StorageSpec | None = None):
         super().__init__(spec, device=device, storage=storage)
         dev = "cpu" if device in (None, "auto") else device
         self.torch_device = torch.device(dev)
+        p = self.params
+        if p.segmentation_weights:
+            from pseudolabel.models.weights import resolve_weights
+
+            self.segnet, self.segnet_resolution = load_segnet(resolve_weights(p.segmentation_weights, self.storage),
+                                                              device=dev)
+            return
         self.sd = load_sd_components(self.weights_id, storage=self.storage, revision=spec.revision,
                                      dtype=spec.dtype, device=dev)
-        from diffusers import DDIMScheduler
+        self.inpaint_unet = self.sd.unet
+        if p.refine and p.inpaint_weights and p.inpaint_weights != self.weights_id:
+            from diffusers import UNet2DConditionModel
 
-        self.ddim = DDIMScheduler.from_config(self.sd.scheduler.config)
+            from pseudolabel.models.weights import resolve_weights
+
+            root = resolve_weights(p.inpaint_weights, self.storage)
+            self.inpaint_unet = UNet2DConditionModel.from_pretrained(
+                root, subfolder="unet", torch_dtype=resolve_dtype(spec.dtype, dev)).to(dev).eval()
+        self.alphas_cumprod = self.sd.scheduler.alphas_cumprod.double().cpu()
         self._text_cache: dict[str, torch.Tensor] = {}
         # the inpainting loop's UNet (most of the passes); the attention passes stay eager, since they run
         # under capture processors that record from python in every cross-attention layer
-        self._inpaint_unet = compiled(self.sd.unet, spec.compile, "foba")
+        self._inpaint_unet = compiled(self.inpaint_unet, spec.compile, "foba")
 
     def setup_host(self) -> None:
         if not self.ontology:
             raise ValueError("foba needs an ontology with the class to separate")
         self._default_entry = self._entry(self.params.category) if self.params.category else self.ontology[0]
+
+    def weight_sources(self) -> list[str]:
+        p = self.params
+        if p.segmentation_weights:
+            return [p.segmentation_weights]
+        extra = [p.inpaint_weights] if p.refine and p.inpaint_weights and p.inpaint_weights != self.weights_id else []
+        return super().weight_sources() + extra
 
     # -- helpers ----------------------------------------------------------------------------------
     def _entry(self, category: str) -> OntologyEntry:
@@ -283,72 +328,90 @@ class FoBa(Labeler):
         """``count`` noise tensors (n, *shape), image j's noise depending only on the seed."""
         return per_row_noise(n, shape, self.params.seed, count)
 
+    def _noise_plan(self, n: int, latent_shape: tuple[int, ...]) -> dict[str, list[torch.Tensor]]:
+        """All of a batch's noise in one per-row stream: the VAE sample, the attention passes, x_T and the
+        inpainting's q-samples (in that order)."""
+        p = self.params
+        n_att = len(attention_timesteps(p.start_timestep, p.attention_steps, p.attention_stride)) * p.repeats_per_step
+        n_inp = (1 + p.inpaint_steps) if p.refine else 0
+        draws = self._noise(n, latent_shape, 1 + n_att + n_inp)
+        return {"vae": draws[:1], "attention": draws[1:1 + n_att], "x_T": draws[1 + n_att:2 + n_att],
+                "steps": draws[2 + n_att:]}
+
     # -- the algorithm ----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def preliminary(self, latents: torch.Tensor, class_text: str) -> tuple[np.ndarray, np.ndarray]:
-        """Clean latents (B, 4, h, w) -> (attention maps (B, h, w) float32, preliminary masks (B, h, w) bool)."""
-        att = self.preliminary_attention(latents, class_text)
-        return att, np.stack([preliminary_mask(a, self.params.majority_size) for a in att])
+    @staticmethod
+    def canvas(images: list[np.ndarray], side: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Images -> (canvases (B, side, side, 3) uint8, the image parts' (h', w'))."""
+        parts = [resize_long_edge(im, side) for im in images]
+        return np.stack([pad_to_canvas(pt, side) for pt in parts]), [pt.shape[:2] for pt in parts]
 
     @torch.inference_mode()
-    def preliminary_attention(self, latents: torch.Tensor, class_text: str) -> np.ndarray:
+    def encode(self, canvases: np.ndarray, noise: torch.Tensor) -> torch.Tensor:
+        """(B, R, R, 3) uint8 -> z0 (B, 4, R/8, R/8): a posterior sample (mean + std * noise), scaled."""
+        vae = self.sd.vae
+        param = next(vae.parameters())
+        dist = vae.encode(images_to_tensor(canvases).to(device=param.device, dtype=param.dtype)).latent_dist
+        z = dist.mean + dist.std * noise.to(device=param.device, dtype=param.dtype)
+        return (z * vae.config.scaling_factor).to(next(self.sd.unet.parameters()).dtype)
+
+    @torch.inference_mode()
+    def preliminary(self, latents: torch.Tensor, class_text: str,
+                    noises: list[torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Clean latents (B, 4, h, w) -> (attention maps (B, h, w) float32, preliminary masks (B, h, w) bool)."""
+        att = self.preliminary_attention(latents, class_text, noises)
+        return att, np.stack([suggest_mask(a) for a in att])
+
+    @torch.inference_mode()
+    def preliminary_attention(self, latents: torch.Tensor, class_text: str,
+                              noises: list[torch.Tensor] | None = None) -> np.ndarray:
         """Clean latents (B, 4, h, w) -> class attention maps (B, h, w) float32 on the host: the
-        cross-attention at the class tokens averaged over the re-noised steps and the layers."""
+        cross-attention at the class tokens averaged over the re-noised steps and the layers (base model)."""
         p = self.params
         prompt = p.prompt_template.format(class_text)
         token_idx = class_token_indices(self.sd.tokenizer, prompt, class_text)
         emb = self._embed(prompt)
         steps = attention_timesteps(p.start_timestep, p.attention_steps, p.attention_stride)
-        noises = self._noise(latents.shape[0], tuple(latents.shape[1:]), len(steps) * p.repeats_per_step)
+        if noises is None:
+            noises = self._noise(latents.shape[0], tuple(latents.shape[1:]), len(steps) * p.repeats_per_step)
         store = AttentionStore(kind="cross", average=True)
         with capture_attention(self.sd.unet, store):
             for k, t in enumerate(steps):
                 for r in range(p.repeats_per_step):
                     noisy_unet_pass(self.sd.unet, self.sd.scheduler, latents, t, emb,
                                     noise=noises[k * p.repeats_per_step + r])
-        att = class_attention_map(store.select(kind="cross"), token_idx, tuple(latents.shape[-2:]))
+        att = class_attention_map(store.select(kind="cross"), token_idx,
+                                  (int(latents.shape[-2]), int(latents.shape[-1])))
         return to_host([att.float()])[0]
 
     @torch.inference_mode()
-    def refine(self, latents: torch.Tensor, inputs: np.ndarray, prelim: np.ndarray,
-               callback=None) -> tuple[np.ndarray, np.ndarray]:
-        """The whole refinement in-process: ``inpaint`` then ``refined_mask`` per image.
+    def inpaint(self, latents: torch.Tensor, prelim: np.ndarray, class_text: str, x_T: torch.Tensor,
+                step_noise: list[torch.Tensor], callback=None) -> torch.Tensor:
+        """DDIM inpainting of the preliminary foreground with the background prompt (fine-tuned UNet).
 
-        latents (B, 4, h, w); inputs (B, R, R, 3) uint8 at ``resolution``; prelim (B, h, w) bool.
-        Returns (plates (B, R, R, 3) uint8, refined masks (B, R, R) bool).
-        """
-        plates, reference = self.inpaint(latents, inputs, prelim, callback=callback)
-        reference = inputs if reference is None else reference
-        masks = [refined_mask(r, pl, pm, self.params.closing_radius) for r, pl, pm in zip(reference, plates, prelim)]
-        return plates, np.stack(masks)
-
-    @torch.inference_mode()
-    def inpaint(self, latents: torch.Tensor, inputs: np.ndarray, prelim: np.ndarray,
-                callback=None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Blended inpainting of the preliminary foreground with the background prompt, decoded.
-
-        latents (B, 4, h, w); inputs (B, R, R, 3) uint8 at ``resolution``; prelim (B, h, w) bool.
-        Returns (plates (B, R, R, 3) uint8, the VAE reconstructions (B, R, R, 3) uint8 when
-        ``difference_reference`` is "reconstruction", else None: the reference is then ``inputs``).
+        latents (B, 4, h, w); prelim (B, h, w) bool. Returns the final latents (B, 4, h, w) float32.
         """
         p = self.params
-        fg = torch.from_numpy(prelim[:, None].astype(np.float32))
-        if p.inpaint_dilate:
-            k = 2 * p.inpaint_dilate + 1
-            fg = F.max_pool2d(fg, k, stride=1, padding=p.inpaint_dilate)
-        keep = 1.0 - fg
-        noise = self._noise(latents.shape[0], tuple(latents.shape[1:]), 1)[0]
-        uncond = self._embed("") if p.guidance_scale > 1.0 else None
-        out = blended_inpaint(self.sd.unet, self.ddim, latents, keep, self._embed(p.background_prompt), noise,
-                              p.inpaint_steps, strength=p.inpaint_strength, guidance_scale=p.guidance_scale,
-                              uncond_embeddings=uncond, callback=callback, unet_forward=self._inpaint_unet)
-        plates = decode_latents(self.sd.vae, out)
-        reference = decode_latents(self.sd.vae, latents) if p.difference_reference == "reconstruction" else None
-        return plates, reference
+        keep = 1.0 - torch.from_numpy(prelim[:, None].astype(np.float32))
+        uncond = self._embed(p.prompt_template.format(class_text)) if p.guidance_scale > 1.0 else None
+        return blended_inpaint(self.inpaint_unet, self.alphas_cumprod, latents, keep,
+                               self._embed(p.background_prompt), x_T, step_noise, p.inpaint_steps,
+                               guidance_scale=p.guidance_scale, uncond_embeddings=uncond, callback=callback,
+                               unet_forward=self._inpaint_unet)
+
+    @torch.inference_mode()
+    def canvas_preliminary(self, images: list[np.ndarray], class_text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Images -> (attention (B, h, w) float32, preliminary masks (B, h, w) bool) on the canvas's latent
+        grid, with the same canvas and noise as ``forward``."""
+        canvases, _ = self.canvas(images, self.params.resolution)
+        lat = self.params.resolution // 8
+        noise = self._noise_plan(len(images), (4, lat, lat))
+        return self.preliminary(self.encode(canvases, noise["vae"][0]), class_text, noise["attention"])
 
     # -- device half ------------------------------------------------------------------------------
     def forward(self, images: list[np.ndarray], prompts: list[Any]) -> list[dict[str, np.ndarray]]:
         """Rows grouped by their class (one prompt per group); one payload per image, in input order."""
+        if self.params.segmentation_weights:
+            return [self._forward_segnet(im) for im in images]
         groups: dict[str, list[int]] = {}
         for i, prompt in enumerate(prompts):
             groups.setdefault(self._row_entry(prompt).category, []).append(i)
@@ -359,60 +422,89 @@ class FoBa(Labeler):
         return payloads  # type: ignore[return-value]
 
     @torch.inference_mode()
+    def _forward_segnet(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        param = next(self.segnet.parameters())
+        x = segnet_input(image, self.segnet_resolution).to(device=param.device, dtype=param.dtype)
+        prob = self.segnet(x)[0, 0]
+        return {"probability": to_host([prob.to(torch.float16)])[0]}
+
+    @torch.inference_mode()
     def _forward_class(self, images: list[np.ndarray], entry: OntologyEntry) -> list[dict[str, np.ndarray]]:
         p = self.params
-        # 1. resize to the working square and encode
-        inputs = np.stack([resize_image(im, p.resolution) for im in images])
-        latents = encode_image(self.sd.vae, inputs).to(next(self.sd.unet.parameters()).dtype)
-        # 2. class attention of the preliminary mask
-        att = self.preliminary_attention(latents, self._class_text(entry))
+        class_text = self._class_text(entry)
+        # 1. canvas, noise, encode
+        canvases, parts = self.canvas(images, p.resolution)
+        lat_shape = (4, p.resolution // 8, p.resolution // 8)
+        noise = self._noise_plan(len(images), lat_shape)
+        latents = self.encode(canvases, noise["vae"][0])
+        # 2. class attention of the preliminary mask (base model)
+        att = self.preliminary_attention(latents, class_text, noise["attention"])
         payloads = [{"attention": att[j]} for j in range(len(images))]
         if not p.refine:
             return payloads
-        # 3. refinement by blended inpainting of the preliminary mask (thresholded here: the loop needs it)
-        prelim = np.stack([preliminary_mask(a, p.majority_size) for a in att])
-        plates, reference = self.inpaint(latents, inputs, prelim)
+        # 3. inpainting of the preliminary mask (thresholded here: the loop needs it), decoded
+        prelim = np.stack([suggest_mask(a) for a in att])
+        out = self.inpaint(latents, prelim, class_text, noise["x_T"][0], noise["steps"])
+        plates = decode_latents(self.sd.vae, out)
+        reference = decode_latents(self.sd.vae, latents) if p.difference_reference == "reconstruction" else None
         for j, payload in enumerate(payloads):
             payload["prelim"] = prelim[j]
-            payload["plate"] = plates[j]
+            payload["plate"] = np.ascontiguousarray(unpad_canvas(plates[j], parts[j]))
             if reference is not None:
-                payload["reference"] = reference[j]
+                payload["reference"] = np.ascontiguousarray(unpad_canvas(reference[j], parts[j]))
         return payloads
 
     # -- host half --------------------------------------------------------------------------------
+    def refined_from_payload(self, image: np.ndarray, payload: dict[str, np.ndarray]) -> np.ndarray:
+        """The refined mask (h', w') bool at the canvas scale from one refinement payload."""
+        p = self.params
+        original = payload["reference"] if "reference" in payload else resize_long_edge(image, p.resolution)
+        return refined_mask(original, payload["plate"], payload["prelim"].astype(bool), p.resolution,
+                            p.closing_radius)
+
     def postprocess(self, image: np.ndarray, prompt: Any, payload: dict[str, np.ndarray]) -> LabelOutput:
         p = self.params
         entry = self._row_entry(prompt)
         class_text = self._class_text(entry)
+        hw = image.shape[:2]
+        if p.segmentation_weights:
+            return self._postprocess_segnet(image, entry, payload["probability"])
         att = payload["attention"]
-        res = (p.resolution, p.resolution)
-        # 1. the mask at the working resolution
+        part = long_edge_size(hw, p.resolution)
+        # 1. the mask at the canvas scale, then at the image's size
         if p.refine:
             prelim = payload["prelim"].astype(bool)
-            plate_r = payload["plate"]
-            reference = payload["reference"] if "reference" in payload else resize_image(image, p.resolution)
-            mask_r = refined_mask(reference, plate_r, prelim, p.closing_radius)
+            mask = resize_mask(self.refined_from_payload(image, payload), hw)
         else:
-            prelim = preliminary_mask(att, p.majority_size)
-            plate_r, mask_r = None, resize_mask(prelim, res)
-        # 2. back to the image's size
-        hw = image.shape[:2]
-        mask = resize_mask(mask_r, hw)
+            prelim = suggest_mask(att)
+            mask = canvas_map_to_image(prelim, p.resolution, part, hw)
         norm = (att - att.min()) / (att.max() - att.min() + 1e-12)
-        norm_img = cv2.resize(norm, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
+        norm_img = canvas_map_to_image(norm.astype(np.float32), p.resolution, part, hw)
         instances = []
         if mask.any():
-            instances.append(Instance(mask=mask, category_id=int(entry.id), category=entry.category,
+            instances.append(Instance(mask=mask, category_id=entry_id(entry), category=entry.category,
                                       score=float(norm_img[mask].mean()),
                                       prompt=p.prompt_template.format(class_text)))
-        if plate_r is not None:
-            plate = cv2.resize(plate_r, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
+        # 2. the background plate at the image's size
+        if p.refine:
+            plate = cv2.resize(payload["plate"], (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
             if p.composite_background:
-                region = resize_mask(prelim, hw)
-                plate = np.where(region[..., None], plate, image)
+                region = unpad_canvas(upsample_mask_bilinear(prelim, (p.resolution,) * 2), part)
+                plate = np.where(resize_mask(region, hw)[..., None], plate, image)
         else:
             plate = image.copy()
         return LabelOutput(instances=instances, layers={
             "background": np.ascontiguousarray(plate.astype(np.uint8)),
             "foreground_mask": (mask.astype(np.uint8) * 255),
         })
+
+    def _postprocess_segnet(self, image: np.ndarray, entry: OntologyEntry, prob: np.ndarray) -> LabelOutput:
+        hw = image.shape[:2]
+        prob_img = cv2.resize(prob.astype(np.float32), (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
+        mask = prob_img >= self.params.segmentation_threshold
+        instances = []
+        if mask.any():
+            instances.append(Instance(mask=mask, category_id=entry_id(entry), category=entry.category,
+                                      score=float(prob_img[mask].mean()),
+                                      prompt=self.params.prompt_template.format(self._class_text(entry))))
+        return LabelOutput(instances=instances, layers={"foreground_mask": mask.astype(np.uint8) * 255})
