@@ -3,13 +3,13 @@
 iSeg needs exactly one UNet pass per image (more only when the classes overflow one prompt). Rows:
 
 - ``unet pass (ceiling)``: ``noisy_unet_pass`` on pre-encoded latents and text, no capture;
-- ``unet pass + capture``: the same with iseg's attention capture installed (cross at factors 2/4,
-  self at up_blocks.3);
+- ``unet pass + capture``: the same with iseg's attention capture installed (the reference's cross
+  layers at factors 2/4 per head, self-attention heads [1, 2] at up_blocks.3.attentions.1);
 - ``iseg text`` / ``iseg seeds``: the labeler on pre-decoded uint8 images (resize, VAE encode, text
   encode, the pass, k-means, entropy reduction, refinement, masks at image size).
 
-By default a tiny random SD (tests/sd_tiny.py) is built in a temp dir; ``--weights`` takes a real
-diffusers-layout checkpoint instead.
+By default a tiny random SD with SD 2.1's layer names and head counts (tests/iseg_tiny.py) is built in
+a temp dir; ``--weights`` takes a real diffusers-layout checkpoint instead.
 
     python bench/bench_iseg.py [--resolutions 64 128 256] [--batch 4] [--rounds 5] [--weights DIR]
 """
@@ -56,15 +56,15 @@ def main() -> None:
     args = ap.parse_args()
 
     from pseudolabel.models.attention import AttentionStore, capture_attention, encode_image, encode_text, noisy_unet_pass
-    from pseudolabel.models.iseg import ISeg
+    from pseudolabel.models.iseg import REFERENCE_CROSS_LAYERS, HeadSetStore, ISeg
     from pseudolabel.schemas.spec import LabelerSpec
 
     weights = args.weights
     if weights is None:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-        from sd_tiny import build_tiny_sd
+        from iseg_tiny import build_sd21_tiny
 
-        weights = build_tiny_sd(tempfile.mkdtemp(prefix="bench_iseg_"))
+        weights = build_sd21_tiny(tempfile.mkdtemp(prefix="bench_iseg_"))
     ontology = [{"category": c} for c in ("cat", "dog", "sky")]
     rng = np.random.default_rng(0)
     rows = []
@@ -84,8 +84,8 @@ def main() -> None:
                 torch.cuda.synchronize()
 
         def captured():
-            cross = AttentionStore(kind="cross", factors=[2, 4])
-            selfs = AttentionStore(layers=["up_blocks.3.attentions.1"], kind="self")
+            cross = AttentionStore(layers=REFERENCE_CROSS_LAYERS, kind="cross", factors=[2, 4], per_head=True)
+            selfs = HeadSetStore({"text": [1, 2]}, layers=["up_blocks.3.attentions.1"], kind="self")
             with torch.inference_mode(), capture_attention(sd.unet, cross), capture_attention(sd.unet, selfs):
                 noisy_unet_pass(sd.unet, sd.scheduler, latents, 100, emb, generator=torch.Generator().manual_seed(0))
             if args.device.startswith("cuda"):

@@ -179,6 +179,18 @@ def test_per_row_noise_does_not_depend_on_the_batch():
     assert per_row_noise(0, shape, seed=7)[0].shape == (0, *shape)
 
 
+def test_per_row_noise_on_a_device_in_a_dtype():
+    """With device/dtype a row is the (1, *shape) draw of a fresh generator of that device in that dtype:
+    on CUDA what torch.manual_seed(seed); torch.randn_like(latent) gives for one latent."""
+    shape = (4, 3, 5)
+    (noise,) = per_row_noise(2, shape, seed=1101, device="cpu", dtype=torch.float64)
+    assert noise.dtype == torch.float64 and noise.shape == (2, *shape)
+    ref = torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(1101), dtype=torch.float64)[0]
+    assert torch.equal(noise[0], ref) and torch.equal(noise[1], ref)
+    assert not torch.equal(noise[0].float(), per_row_noise(1, shape, seed=1101)[0][0])  # not a cast of float32
+    assert per_row_noise(0, shape, seed=1, device="cpu", dtype=torch.float16)[0].dtype == torch.float16
+
+
 def test_head_average_accumulates_in_float32_without_a_float32_copy_of_all_heads():
     from torch.profiler import ProfilerActivity, profile
 

@@ -17,9 +17,10 @@ Loading and encoding:
 - ``noisy_unet_pass(unet, scheduler, latents, timestep, text_embeddings, generator=None, noise=None)
   -> noise prediction (B, 4, h, w)``: one UNet pass on ``scheduler.add_noise(latents, noise, t)``, no
   classifier-free guidance. Gradients are not disabled here; wrap in ``torch.inference_mode()``.
-- ``per_row_noise(batch, shape, seed, count=1) -> [noise (batch, *shape), ...]``: float32 CPU noise where
-  every row is drawn from its own generator seeded with ``seed``, so an image's noise does not depend on
-  the batch it is in or its position there (pass it as ``noisy_unet_pass(..., noise=...)``).
+- ``per_row_noise(batch, shape, seed, count=1, device=None, dtype=None) -> [noise (batch, *shape), ...]``:
+  noise (float32 on the CPU by default, else on ``device`` in ``dtype``) where every row is drawn from its
+  own generator seeded with ``seed``, so an image's noise does not depend on the batch it is in or its
+  position there (pass it as ``noisy_unet_pass(..., noise=...)``).
 
 Capture:
 - ``AttentionStore(layers=None, kind="both", resolutions=None, factors=None, per_head=False,
@@ -199,18 +200,26 @@ def noisy_unet_pass(unet, scheduler, latents: torch.Tensor, timestep: "int | tor
     return unet(noisy, t, encoder_hidden_states=cond).sample
 
 
-def per_row_noise(batch: int, shape: "Iterable[int]", seed: int, count: int = 1) -> list[torch.Tensor]:
-    """``count`` standard-normal tensors (batch, *shape), float32 on the CPU, batch-independent.
+def per_row_noise(batch: int, shape: "Iterable[int]", seed: int, count: int = 1,
+                  device: "str | torch.device | None" = None, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """``count`` standard-normal tensors (batch, *shape), batch-independent.
 
-    Each row has its own CPU generator seeded with ``seed`` and draws its ``count`` samples in order, so
+    Each row has its own generator seeded with ``seed`` and draws its ``count`` samples in order, so
     row j of the k-th tensor is the same for every batch size and position: an image labelled alone, or
     retried on its own after a failed batch, sees exactly the noise it saw inside the batch.
+
+    By default the draw is float32 on the CPU. With ``device`` (and ``dtype``) each row draws there, in
+    that dtype, from a generator of that device: on CUDA, a row's noise is then what
+    ``torch.manual_seed(seed); torch.randn_like(latent)`` gives for a (1, *shape) latent of that dtype.
     """
     shape = tuple(int(s) for s in shape)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    kind = dtype or torch.float32
     if batch <= 0:
-        return [torch.zeros((0, *shape)) for _ in range(count)]
-    gens = [torch.Generator().manual_seed(int(seed)) for _ in range(batch)]
-    return [torch.stack([torch.randn(shape, generator=g) for g in gens]) for _ in range(count)]
+        return [torch.zeros((0, *shape), device=dev, dtype=kind) for _ in range(count)]
+    gens = [torch.Generator(dev).manual_seed(int(seed)) for _ in range(batch)]
+    return [torch.stack([torch.randn((1, *shape), generator=g, device=dev, dtype=kind)[0] for g in gens])
+            for _ in range(count)]
 
 
 # ---------------------------------------------------------------------------------------------------
