@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # sd_tiny: the offline CLIP tokenizer builder
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # sd_tiny / iseg_tiny: offline tokenizer and tiny SD builders
 
 
 class StepTimeout(Exception):
@@ -219,10 +219,11 @@ def build_sd(path: str, tiny: bool) -> str:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from sd_tiny import build_tiny_sd, write_tiny_clip_tokenizer
+    from iseg_tiny import build_sd21_tiny
+    from sd_tiny import write_tiny_clip_tokenizer
 
-    if tiny:
-        return build_tiny_sd(path)
+    if tiny:  # SD 2.1's layer names and head counts (iSeg's reference layers and heads), tiny widths
+        return build_sd21_tiny(path)
     torch.manual_seed(0)
     init = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(init):
