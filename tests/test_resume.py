@@ -11,12 +11,15 @@ import time
 
 import yaml
 
+from pseudolabel.engine.audit import inspect
 from pseudolabel.jobs.labels_io import read_labels
 
 
-def _labels_files(out):
-    d = os.path.join(out, "labels")
-    return [f for f in os.listdir(d) if f.endswith(".parquet")] if os.path.isdir(d) else []
+def _committed(out):
+    """Committed checkpoint files: each stands for labels files written whole."""
+    d = os.path.join(out, "_checkpoints")
+    return [f for f in os.listdir(d) if f.endswith(".parquet") and not f.endswith(".pending.parquet")] \
+        if os.path.isdir(d) else []
 
 
 def test_killed_driver_resumes_exactly_once(tmp_path):
@@ -43,16 +46,17 @@ def test_killed_driver_resumes_exactly_once(tmp_path):
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))}
 
     # 1. Start the job in its own process group (its own local Ray cluster) and kill it all once
-    #    some, but not all, labels are committed.
+    #    some, but not all, labels are committed (a labels file being written may be cut short).
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None and not _labels_files(out):
+    while time.time() < deadline and proc.poll() is None and not _committed(out):
         time.sleep(0.2)
     assert proc.poll() is None, "the job finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = read_labels(out).num_rows
+    partial = len(inspect(out).row_ids())  # committed rows (files of an uncommitted write are skipped)
     assert 0 < partial < 42
+    assert os.path.exists(os.path.join(out, "_lease.json"))  # the killed run's lease: its process is gone
 
     # 2. Run the same command again: it resumes from the manifest and the checkpoint.
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -70,4 +74,8 @@ def test_killed_driver_resumes_exactly_once(tmp_path):
     runs = [r["provenance"]["run_id"] for r in table.to_pylist()]
     assert runs.count(summary["run_id"]) == summary["this_run"] < 42
     assert len(set(runs)) == 2
+    assert not os.path.exists(os.path.join(out, "_lease.json"))  # taken over at once, released at the end
+    verify = subprocess.run([sys.executable, "-m", "pseudolabel.cli", "verify", out], env=env, check=False,
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0 and verify.stdout.startswith("OK: 42 images, 42 rows (40 ok, 2 error"), verify.stdout
     shutil.rmtree(tmp_path / "demo")
