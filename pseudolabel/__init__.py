@@ -5,27 +5,29 @@
 """
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-try:
-    __version__ = version("pseudolabel")
-except PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+from pseudolabel.version import __version__
 
 
-def run(spec: Any, address: str | None = None, progress: bool = True, verbose: bool = False, **overrides: Any) -> dict:
+def run(spec: Any, address: str | None = None, progress: bool = True, verbose: bool = False,
+        retry_errors: bool = False, **overrides: Any) -> dict:
     """Validate a job spec (path, dict or JobSpec), apply dotted overrides, run it; returns the summary.
+
+    Writes the job's demo data first when it asks for it (``input.demo``) and its input is missing.
+    ``retry_errors``: label the images of ``error`` rows again (``retry`` rows always are).
 
     Overrides use dotted keys (``**{"output.uri": "/tmp/out"}``); ``__`` also separates levels
     (``output__uri="/tmp/out"``).
     """
     from pseudolabel.engine.pipeline import run_job
+    from pseudolabel.jobs.demo_data import ensure_demo_input
     from pseudolabel.schemas.spec import load_spec
 
     flat = {k.replace("__", "."): v for k, v in overrides.items()}
     job = load_spec(spec, flat)
-    return run_job(job, address=address, progress=progress, verbose=verbose)
+    ensure_demo_input(job)
+    return run_job(job, address=address, progress=progress, verbose=verbose, retry_errors=retry_errors)
 
 
 def read_labels(output: str, columns: list[str] | None = None, storage: Any = None, filter: Any = None):

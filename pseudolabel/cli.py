@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -21,11 +22,14 @@ def _overrides(pairs: list[str]) -> dict:
 
 def cmd_run(args) -> int:
     from pseudolabel.engine.pipeline import run_job
+    from pseudolabel.jobs.demo_data import ensure_demo_input
     from pseudolabel.schemas.spec import load_spec
 
     job = load_spec(args.job, _overrides(args.set))  # fails before Ray starts
+    ensure_demo_input(job)
     try:
-        summary = run_job(job, address=args.address, progress=not args.quiet, verbose=args.verbose)
+        summary = run_job(job, address=args.address, progress=not args.quiet, verbose=args.verbose,
+                          retry_errors=args.retry_errors)
     except KeyboardInterrupt:
         from pseudolabel.engine.pipeline import count_labels
 
@@ -38,6 +42,17 @@ def cmd_run(args) -> int:
           f"{summary['this_run']} labelled in this run at {summary['images_per_s']} images/s; "
           f"labels in {summary['output_uri']}/labels", file=sys.stderr)
     return 0
+
+
+def cmd_verify(args) -> int:
+    """Exit 0 when every image of the output is there exactly once (labels and checkpoint agree), else 1."""
+    from pseudolabel.engine.pipeline import verify_output
+
+    ok, line, details = verify_output(args.output, _storage(args))
+    print(line)
+    for detail in details:
+        print(f"  {detail}")
+    return 0 if ok else 1
 
 
 def cmd_demo_data(args) -> int:
@@ -163,7 +178,7 @@ def _train(module: str, func: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pseudolabel", description="Distributed pseudo-labeling on Ray.")
-    from pseudolabel import __version__
+    from pseudolabel.version import __version__
 
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--version", action="version", version=f"pseudolabel {__version__}")
@@ -173,8 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("job", help="job spec YAML")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field")
     r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    r.add_argument("--connect-timeout", type=float, default=None, metavar="S",
+                   help="seconds to wait for the cluster of --address (default: PSEUDOLABEL_CONNECT_TIMEOUT or 10)")
     r.add_argument("--quiet", action="store_true", help="no progress line")
+    r.add_argument("--retry-errors", action="store_true",
+                   help="label the images of error rows again (rows of transient failures always are)")
     r.set_defaults(fn=cmd_run)
+
+    vf = sub.add_parser("verify", help="check that every image of a run's output is there exactly once")
+    vf.add_argument("output", metavar="OUTPUT")
+    vf.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: the AWS environment)")
+    vf.set_defaults(fn=cmd_verify)
 
     d = sub.add_parser("demo-data", help="write a synthetic sharded dataset with ground truth")
     d.add_argument("out", metavar="OUT_URI")
@@ -255,15 +279,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _bound_cluster_wait(args) -> None:
+    """``run`` on a cluster: the wait for it is bounded, and Ray reads part of the bound when it is
+    imported, so this comes before anything imports Ray."""
+    from pseudolabel.engine.cluster import CONNECT_TIMEOUT_ENV, bound_ray_connect, cluster_address, connect_timeout
+
+    if getattr(args, "connect_timeout", None) is not None:
+        os.environ[CONNECT_TIMEOUT_ENV] = str(args.connect_timeout)
+    connect_timeout()  # a bad value is one line now, not after the spec was read
+    if cluster_address(getattr(args, "address", None)):
+        bound_ray_connect()
+
+
 def main(argv: list[str] | None = None) -> int:
-    from pseudolabel.engine.errors import UserError
+    """Every mistake of the user's (spec, paths, storage, cluster) is one line ``error: ...`` on stderr and
+    exit status 2; ``--verbose`` adds the traceback of those met mid-run."""
+    from pseudolabel.engine.errors import UserError, environment_problem, one_line
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
+        if args.command == "run":
+            _bound_cluster_wait(args)
         return args.fn(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err, limit=10_000)}", file=sys.stderr)
+        return 2
+    except Exception as err:  # an S3 or disk problem met mid-run is the user's to fix too
+        problem = environment_problem(err)
+        if problem is None:
+            raise
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {problem}", file=sys.stderr)
         return 2
 
 

@@ -87,12 +87,36 @@ def read_bytes(uri: str, storage: StorageSpec | None = None) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes, storage: StorageSpec | None = None) -> None:
+    """Write ``data`` at ``uri``, creating local parent folders (an object store has no folders; its
+    bucket must exist: s3fs would create a missing one silently)."""
     fs, path = filesystem(uri, storage)
     parent = posixpath.dirname(path)
-    if parent:
+    if parent and protocol_of(uri) == "file":
         fs.makedirs(parent, exist_ok=True)
     with fs.open(path, "wb") as f:
         f.write(data)
+
+
+def bucket_and_key(uri: str) -> tuple[str, str]:
+    """(bucket, key prefix) of an ``s3://bucket/key`` URI."""
+    bucket, _, key = uri.split("://", 1)[1].partition("/")
+    return bucket, key
+
+
+def s3_client(uri: str, storage: StorageSpec | None = None, timeout_s: float = 5.0):
+    """A plain botocore S3 client for ``uri`` with the credentials, endpoint and region fsspec would use,
+    one try per request and ``timeout_s`` to connect: for quick checks that must not sit in retries."""
+    import botocore
+    import botocore.session
+    from botocore.config import Config
+
+    opts = storage_options(uri, storage)
+    config = Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"total_max_attempts": 1},
+                    signature_version=botocore.UNSIGNED if opts.get("anon") else None)
+    return botocore.session.get_session().create_client(
+        "s3", endpoint_url=opts.get("endpoint_url"), aws_access_key_id=opts.get("key"),
+        aws_secret_access_key=opts.get("secret"), region_name=opts.get("client_kwargs", {}).get("region_name"),
+        config=config)
 
 
 def exists(uri: str, storage: StorageSpec | None = None) -> bool:

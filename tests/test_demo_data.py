@@ -210,3 +210,19 @@ def test_generate_to_s3(s3_bucket, folder_ds):
     assert remote == sorted(local)
     for rel in (remote[0], "annotations/instances.json", "clean/00001/demo_000003.png"):
         assert st.read_bytes(st.join(uri, rel), storage) == local[rel]
+
+
+def test_a_job_asking_for_demo_data_gets_it_once(tmp_path):
+    from pseudolabel.jobs.demo_data import ensure_demo_input
+    from pseudolabel.schemas.spec import load_spec
+
+    job = load_spec({"input": {"uri": str(tmp_path / "d" / "images"), "format": "folder",
+                               "demo": {"images": 3, "shards": 1, "seed": 0, "size": 32}},
+                     "output": {"uri": str(tmp_path / "out")}, "labelers": [{"name": "classical_tokens"}]})
+    info = ensure_demo_input(job)
+    assert info is not None and info["images"] == 3
+    written = sorted(p.name for p in (tmp_path / "d" / "images").rglob("*.png"))
+    assert len(written) == 3
+    assert ensure_demo_input(job) is None  # present: left as it is
+    no_demo = job.model_copy(update={"input": job.input.model_copy(update={"demo": None, "uri": str(tmp_path / "x")})})
+    assert ensure_demo_input(no_demo) is None and not (tmp_path / "x").exists()

@@ -114,3 +114,61 @@ def test_conflicting_category_ids_are_rejected(first, second, message):
     with pytest.raises(SpecError) as err:
         load_spec(_two_labelers(first, second))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"])
+def test_known_devices_are_accepted(device):
+    data = yaml.safe_load(yaml.safe_dump(GOOD))
+    data["labelers"][0]["device"] = device
+    assert load_spec(data).labelers[0].device == device
+
+
+@pytest.mark.parametrize("device", ["tpu:9", "gpu", "cuda:", "cuda:x", "CPU", "cuda:0,1", ""])
+def test_unknown_devices_are_rejected_naming_the_field(device):
+    data = yaml.safe_load(yaml.safe_dump(GOOD))
+    data["labelers"][0]["device"] = device
+    with pytest.raises(SpecError) as err:
+        load_spec(data)
+    message = str(err.value)
+    assert f"labelers.0.device: {device!r} is not a device" in message and "cuda:N" in message
+
+
+def test_min_actors_above_actors_is_rejected_in_the_spec():
+    with pytest.raises(SpecError) as err:
+        load_spec(GOOD, {"resources.actors": 2, "resources.min_actors": 3})
+    assert str(err.value) == ("invalid job spec: resources.min_actors: 3 is more than resources.actors (2); "
+                              "lower min_actors or raise actors")
+    assert load_spec(GOOD, {"resources.actors": 3, "resources.min_actors": 3}).resources.min_actors == 3
+
+
+def test_spec_errors_are_one_line_even_when_several():
+    with pytest.raises(SpecError) as err:
+        load_spec(GOOD, {"resources.actors": 0, "labelers.0.device": "tpu", "bogus": 1})
+    message = str(err.value)
+    assert "\n" not in message
+    assert all(field in message for field in ("resources.actors", "labelers.0.device", "bogus: unknown field"))
+
+
+@pytest.mark.parametrize("text, where, problem", [
+    ("input:\n  uri: /d\noutput:\n  uri: [/o\nlabelers: []\n", ":5:", "line 4, column 8"),
+    ("input:\n  uri: /d\n output: x\n", ":3:2:", "expected <block end>"),
+    ('input: "unterminated\n', ":2:1:", "found unexpected end of stream"),
+    ("input:\n\turi: /d\n", ":2:1:", "found character '\\t' that cannot start any token"),
+])
+def test_yaml_syntax_errors_say_file_line_and_column(tmp_path, text, where, problem):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as err:
+        load_spec(str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path}{where}") and "YAML syntax error" in message and problem in message
+    assert "\n" not in message
+
+
+def test_unreadable_spec_files_are_one_line(tmp_path):
+    with pytest.raises(SpecError, match="is a folder"):
+        load_spec(str(tmp_path))
+    binary = tmp_path / "job.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(SpecError, match="not a text file"):
+        load_spec(str(binary))

@@ -1,170 +1,164 @@
-"""Fetch and decode: manifest rows -> RGB uint8 pixels, or an error row.
+"""Fetch and decode: manifest rows -> RGB uint8 pixels, or an ``error`` / ``retry`` row.
 
 Runs as CPU tasks. Rows of one batch that share a file (tar shard, Parquet file) are fetched with one
-open of that file. The decoded image travels to the labeler as raw bytes (``pixels``, large_binary,
-H*W*3 uint8, row-major) with ``width``/``height``, so no Arrow extension types are needed.
+call of their format's ``fetch`` (``pseudolabel.engine.formats``). The decoded image travels to the
+labeler as raw bytes (``pixels``, large_binary, H*W*3 uint8, row-major) with ``width``/``height``, so
+no Arrow extension types are needed.
+
+Faults: a row whose manifest ``error`` is set (a listing error) is an error row and is never fetched.
+A transient store fault (network, throttling, 5xx, timeouts) is tried again with backoff
+(``fetch_retries`` tries, ``fetch_backoff_s`` doubling, see ``formats.transient``); still failing, the
+row gets status ``retry`` and the next run labels it again. Anything else (missing object, bad bytes,
+too many pixels) is an ``error`` row.
+
+Memory: with ``max_batch_pixels`` set, no output block holds more decoded pixels than that (sizes are
+read from the image headers before decoding); an image larger than the budget is alone in its block.
 """
 from __future__ import annotations
 
-import io
-import posixpath
-import tarfile
+import time
 from collections import defaultdict
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image, ImageOps
 
-from pseudolabel.engine.sources import PARQUET_ROW_PREFIX, image_column_of
-from pseudolabel.schemas.spec import StorageSpec
-from pseudolabel.schemas.tables import STATUS_ERROR, STATUS_OK
-from pseudolabel.storage import filesystem
+from pseudolabel.engine.formats import FetchRow, format_class, format_of_row, manifest_format
+from pseudolabel.engine.formats.transient import backoff_delays, input_filesystem, is_transient
+from pseudolabel.imageio import ImageError, decode_image, image_size
+from pseudolabel.schemas.spec import InputSpec, StorageSpec
+from pseudolabel.schemas.tables import STATUS_ERROR, STATUS_OK, STATUS_RETRY
 
+__all__ = ["ImageError", "decode_image", "fetch_decode", "fetch_rows", "pixel_blocks", "pixels_to_image"]
 
-# decode_image checks the pixel count against the job's input.max_pixels from the header; Pillow's own
-# (lower) decompression-bomb limit would otherwise refuse images the job allows.
-Image.MAX_IMAGE_PIXELS = None
-
-
-class ImageError(ValueError):
-    """An image that cannot be used; the message goes into the row's ``error``."""
+_RETRIES: int = InputSpec.model_fields["fetch_retries"].default
+_BACKOFF_S: float = InputSpec.model_fields["fetch_backoff_s"].default
+_MANIFEST_ONLY = ("shard", "size", "offset", "error")
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Encoded image bytes -> (H, W, 3) uint8 RGB after EXIF orientation.
+class _Transient(Exception):
+    """A transient fault that outlived the retries (the row becomes ``retry``)."""
 
-    Raises ImageError for empty, truncated or non-image bytes, and for more than ``max_pixels`` pixels
-    (checked from the header, before the pixels are decoded).
+
+def fetch_rows(rows: list[tuple[str, str | None, int | None, int | None]], storage: StorageSpec | None,
+               input_format: str | None = None, image_column: str | None = None,
+               fetch_retries: int = _RETRIES, fetch_backoff_s: float = _BACKOFF_S,
+               sleep=time.sleep) -> list[bytes | Exception]:
+    """Encoded bytes (or the exception that stopped it) of each (uri, member, offset, size) row.
+
+    Rows of one file are fetched with one call of the format's ``fetch``; rows that failed transiently
+    are fetched again after each backoff, and those still failing come back as ``_Transient``.
+    ``input_format``: a format name or ``module:Class``; None: each row's built-in format by its shape.
     """
-    if not data:
-        raise ImageError("empty file (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageError(f"too many pixels: {w}x{h} = {w * h} > max_pixels {max_pixels}")
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode != "RGB":
-                if im.mode in ("RGBA", "LA", "P") and ("transparency" in im.info or im.mode != "P"):
-                    im = im.convert("RGBA")
-                    bg = Image.new("RGB", im.size, (255, 255, 255))
-                    bg.paste(im, mask=im.split()[-1])
-                    im = bg
-                else:
-                    im = im.convert("RGB")
-            arr = np.asarray(im, dtype=np.uint8)
-    except ImageError:
-        raise
-    except Image.UnidentifiedImageError:
-        raise ImageError("cannot decode image: not a recognised image format") from None
-    except Exception as e:  # PIL raises many types for bad bytes
-        raise ImageError(f"cannot decode image: {type(e).__name__}: {e}") from None
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ImageError(f"unexpected decoded shape {arr.shape}")
-    return np.ascontiguousarray(arr)
+    out: list[bytes | Exception | None] = [None] * len(rows)
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, (uri, member, _, _) in enumerate(rows):
+        groups[(uri, input_format or format_of_row(uri, member))].append(i)
+    pending = {key: idx for key, idx in groups.items()}
+    delays = backoff_delays(fetch_retries, fetch_backoff_s)
+    for attempt in range(len(delays) + 1):
+        retry: dict[tuple[str, str], list[int]] = {}
+        for (uri, fmt), idx in pending.items():
+            try:
+                fs, path = input_filesystem(uri, storage)
+                got = format_class(fmt)().fetch(fs, path, [FetchRow(*rows[i][1:]) for i in idx], image_column)
+            except Exception as e:  # a format that raises instead of returning per-row errors
+                got = [e] * len(idx)
+            for i, g in zip(idx, got):
+                out[i] = g
+                if isinstance(g, Exception) and is_transient(g):
+                    retry.setdefault((uri, fmt), []).append(i)
+        if not retry:
+            break
+        if attempt < len(delays):
+            sleep(delays[attempt])
+        pending = retry
+    for idx in pending.values():
+        for i in idx:
+            last = out[i]
+            if isinstance(last, Exception) and is_transient(last):
+                out[i] = _Transient(f"fetch failed after {fetch_retries} tries: {type(last).__name__}: {last}")
+    return out  # type: ignore[return-value]
 
 
-def _safe_member(name: str) -> bool:
-    """Tar members must stay inside their shard: no absolute paths, no '..'."""
-    norm = posixpath.normpath(name)
-    return not (norm.startswith("/") or norm == ".." or norm.startswith("../"))
+def pixel_blocks(pixels: list[int], budget: int | None) -> list[list[int]]:
+    """Consecutive row positions grouped so each group's decoded pixels (H*W per row) sum to at most
+    ``budget``; a row over the budget is a group of its own; ``budget`` None: one group; no rows: none.
 
-
-def _fetch_group(fs, path: str, members: list[str | None], image_column: str | None = None,
-                 spans: list[tuple[int, int] | None] | None = None) -> list[bytes | Exception]:
-    """Bytes for each member of one file (a plain file has the single member None).
-
-    ``spans``: (offset, size) of each tar member where the manifest knows it; those are fetched with
-    ranged reads (one request each, issued concurrently by fsspec), so a batch never streams a shard.
+    >>> pixel_blocks([4, 4, 4, 9, 1], 8)
+    [[0, 1], [2], [3], [4]]
     """
-    if members == [None] * len(members):
-        try:
-            with fs.open(path, "rb") as f:
-                data = f.read()
-        except Exception as e:
-            return [e] * len(members)
-        return [data] * len(members)
-    if members[0] is not None and members[0].startswith(PARQUET_ROW_PREFIX):
-        return _fetch_parquet_rows(fs, path, members, image_column)
-    spans = spans or [None] * len(members)
-    out: dict[str, bytes | Exception] = {m: ImageError(f"unsafe tar member name {m!r}")
-                                         for m in members if not _safe_member(m)}
-    ranged = [(m, span) for m, span in zip(members, spans) if span is not None and m not in out]
-    if ranged:
-        got = fs.cat_ranges([path] * len(ranged), [o for _, (o, _) in ranged], [o + n for _, (o, n) in ranged],
-                            on_error="return")
-        out.update({m: data for (m, _), data in zip(ranged, got)})
-    rest = {m for m in members if m not in out}
-    if rest:
-        out.update(_stream_tar_members(fs, path, rest))
-    return [out.get(m, ImageError(f"member {m!r} not found in {path}")) for m in members]
+    if budget is None:
+        return [list(range(len(pixels)))] if pixels else []
+    blocks: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for i, n in enumerate(pixels):
+        if current and total + n > budget:
+            blocks.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += n
+    if current:
+        blocks.append(current)
+    return blocks
 
 
-def _fetch_parquet_rows(fs, path: str, members: list[str], image_column: str | None) -> list[bytes | Exception]:
-    """Image bytes of the wanted rows of one Parquet file, reading only the row groups that hold them."""
-    out: dict[str, bytes] = {}
-    rows = sorted({int(m[len(PARQUET_ROW_PREFIX):]) for m in members})
-    try:
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            col = image_column_of(pf.schema_arrow, image_column)
-            lo = 0
-            for g in range(pf.num_row_groups):
-                hi = lo + pf.metadata.row_group(g).num_rows
-                wanted = [r for r in rows if lo <= r < hi]
-                if wanted:
-                    values = pf.read_row_group(g, columns=[col]).column(0)
-                    for r in wanted:
-                        v = values[r - lo].as_py()
-                        if isinstance(v, dict):
-                            v = v.get("bytes")
-                        out[f"{PARQUET_ROW_PREFIX}{r}"] = v if v is not None else b""
-                lo = hi
-    except Exception as e:
-        return [e] * len(members)
-    return [out.get(m, ImageError(f"member {m!r} not found in {path}")) for m in members]
-
-
-def _stream_tar_members(fs, path: str, wanted: set[str]) -> dict[str, bytes | Exception]:
-    """Read a tar shard front to back until every wanted member is found (no offsets known)."""
-    out: dict[str, bytes | Exception] = {}
-    try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for info in tar:
-                if info.name in wanted and info.isfile():
-                    out[info.name] = tar.extractfile(info).read()
-                    if len(out) == len(wanted):
-                        break
-    except Exception as e:
-        return {m: out.get(m, e) for m in wanted}
-    return out
+def _header_pixels(data) -> int:
+    if not isinstance(data, (bytes, bytearray)):
+        return 0
+    size = image_size(bytes(data))
+    return size[0] * size[1] if size else 0
 
 
 def fetch_decode(batch: pa.Table, storage: StorageSpec | None, max_pixels: int,
-                 image_column: str | None = None, max_batch_pixels: int | None = None) -> pa.Table:
+                 image_column: str | None = None, max_batch_pixels: int | None = None,
+                 input_format: str | None = None, fetch_retries: int = _RETRIES,
+                 fetch_backoff_s: float = _BACKOFF_S) -> pa.Table | Iterator[pa.Table]:
     """map_batches task: manifest batch -> the same rows with pixels/width/height/status/error.
 
-    A row whose bytes cannot be fetched or decoded gets status ``error``, a message, and no pixels.
+    Returns one table when the batch's decoded pixels fit ``max_batch_pixels`` (or it is None), else a
+    generator of tables each within it (Ray's map_batches takes either). A row whose bytes cannot be
+    fetched or decoded gets status ``error`` (``retry`` for a transient fault), a message, no pixels.
+
+    ``input_format``: the format name (or ``module:Class``) the manifest was listed with; default: the
+    batch's schema metadata, else each row's built-in format by its shape.
     """
-    uris = batch.column("uri").to_pylist()
-    members = batch.column("member").to_pylist()
-    offsets = batch.column("offset").to_pylist() if "offset" in batch.column_names else [None] * len(uris)
-    sizes = batch.column("size").to_pylist() if "size" in batch.column_names else [None] * len(uris)
-    spans = [(o, n) if o is not None and n is not None else None for o, n in zip(offsets, sizes)]
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, u in enumerate(uris):
-        groups[u].append(i)
-    raw: list[bytes | Exception | None] = [None] * len(uris)
-    for uri, idx in groups.items():
-        fs, path = filesystem(uri, storage)
-        got = _fetch_group(fs, path, [members[i] for i in idx], image_column, [spans[i] for i in idx])
-        for i, g in zip(idx, got):
-            raw[i] = g
-    pixels, widths, heights, status, errors = [], [], [], [], []
-    for data in raw:
+    # 1. Fetch every row's bytes (listing errors are not fetched).
+    n = batch.num_rows
+    cols: dict[str, list] = {c: (batch.column(c).to_pylist() if c in batch.column_names else [None] * n)
+                             for c in ("uri", "member", "offset", "size", "error")}
+    fmt = input_format or manifest_format(batch.schema)
+    todo = [i for i in range(n) if cols["error"][i] is None]
+    got = fetch_rows([(cols["uri"][i], cols["member"][i], cols["offset"][i], cols["size"][i]) for i in todo],
+                     storage, fmt, image_column, fetch_retries, fetch_backoff_s)
+    raw: list[bytes | Exception] = [ImageError(e) if e is not None else b"" for e in cols["error"]]
+    for i, g in zip(todo, got):
+        raw[i] = g
+    # 2. Plan output blocks from the header sizes, then decode block by block.
+    table = batch.drop_columns([c for c in _MANIFEST_ONLY if c in batch.column_names])
+    plan = pixel_blocks([_header_pixels(r) for r in raw], max_batch_pixels) or [[]]
+    if len(plan) == 1:
+        return _decode_block(table, raw, plan[0], max_pixels)
+    return (_decode_block(table, raw, idx, max_pixels) for idx in plan)
+
+
+def _decode_block(table: pa.Table, raw: list, idx: list[int], max_pixels: int) -> pa.Table:
+    pixels: list[bytes] = []
+    widths: list[int] = []
+    heights: list[int] = []
+    status: list[str] = []
+    errors: list[str | None] = []
+    for i in idx:
+        data = raw[i]
         try:
+            if isinstance(data, _Transient):
+                pixels.append(b"")
+                heights.append(0)
+                widths.append(0)
+                status.append(STATUS_RETRY)
+                errors.append(str(data))
+                continue
             if isinstance(data, ImageError):
                 raise data
             if isinstance(data, Exception):
@@ -182,8 +176,9 @@ def fetch_decode(batch: pa.Table, storage: StorageSpec | None, max_pixels: int,
         widths.append(arr.shape[1])
         status.append(STATUS_OK)
         errors.append(None)
-    batch = batch.drop_columns([c for c in ("shard", "size", "offset") if c in batch.column_names])
-    return (batch.append_column("pixels", pa.array(pixels, pa.large_binary()))
+        del arr
+    out = table.take(pa.array(idx, pa.int64())) if len(idx) != table.num_rows else table
+    return (out.append_column("pixels", pa.array(pixels, pa.large_binary()))
             .append_column("width", pa.array(widths, pa.int32()))
             .append_column("height", pa.array(heights, pa.int32()))
             .append_column("status", pa.array(status, pa.string()))

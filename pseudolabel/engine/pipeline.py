@@ -4,14 +4,19 @@ Output layout under ``output.uri``::
 
     manifest/part-*.parquet  the input, listed once (re-runs reuse it, never re-list); several parts
                          so Ray reads it as several blocks and the stages run in parallel
-    job.json             the validated job spec (credentials removed)
+    manifest/_SUCCESS    written last: the names and row counts of the parts (a listing without it
+                         is incomplete and is done again from scratch)
+    job.json             the validated job spec (credentials removed) and what identifies the job
     labels/*.parquet     the `labels` table, one row per image, each image exactly once
     _checkpoints/        Ray Data checkpoint of finished image ids (what makes re-runs resume)
+    _lease.json          held by the run writing the output (one writer at a time; see ``lease``)
     summary.json         counts, timing and categories of the last run
 
 Exactly-once comes from Ray Data's CheckpointConfig(id_column="image_id"): data files and checkpoint
 entries are committed in two phases, a re-run drops files whose checkpoint never committed and skips
-every image already committed.
+every image already committed. Before Ray starts, ``audit.repair`` makes labels files and checkpoint
+agree (a lost labels file, duplicates, rows to label again: ``retry``, and ``error`` on request), and
+the lease keeps a second run from writing the same output at the same time.
 """
 from __future__ import annotations
 
@@ -27,28 +32,39 @@ import warnings
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pseudolabel import __version__
+from pseudolabel.version import __version__
+from pseudolabel.engine.audit import repair
 from pseudolabel.engine.cluster import connect
 from pseudolabel.engine.decode import fetch_decode
 from pseudolabel.engine.errors import OutputConflictError, ResourceError, WeightsError
-from pseudolabel.engine.sources import list_input
+from pseudolabel.engine.formats import check_format_name, manifest_format
+from pseudolabel.engine.layout import CHECKPOINTS, LABELS, MANIFEST, MANIFEST_DONE
+from pseudolabel.engine.lease import acquire, describe, holder
+from pseudolabel.engine.manifest import ManifestDatasource
+from pseudolabel.engine.progress import CommittedProgress
 from pseudolabel.engine.run_stats import stats_actor, stats_totals
+from pseudolabel.engine.sources import list_input
 from pseudolabel.engine.stage import DeviceStage, decode_then_host, host_stage
 from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import JobSpec, SpecError
-from pseudolabel.schemas.tables import MANIFEST_SCHEMA
-from pseudolabel.engine.manifest import ManifestDatasource
-from pseudolabel.engine.progress import CommittedProgress
-from pseudolabel.storage import arrow_filesystem, exists, filesystem, join, read_bytes, to_uri, write_bytes
+from pseudolabel.schemas.tables import MANIFEST_SCHEMA, STATUS_ERROR, STATUS_RETRY
+from pseudolabel.storage import (
+    arrow_filesystem,
+    exists,
+    filesystem,
+    join,
+    read_bytes,
+    to_uri,
+    write_bytes,
+)
 
 log = logging.getLogger("pseudolabel")
 
-MANIFEST = "manifest"
-#: the manifest is split into about this many parts (one read block each), within the bounds below
+#: the manifest is split into about this many parts (one read block each), within the bounds below;
+#: part sizes depend on the number of images only (never on a resources setting)
 MANIFEST_PARTS = 64
+MANIFEST_PART_ROWS_MIN = 16
 MANIFEST_PART_ROWS_MAX = 10_000
-LABELS = "labels"
-CHECKPOINTS = "_checkpoints"
 
 
 def labelers_fingerprint(job: JobSpec) -> str:
@@ -82,13 +98,73 @@ def categories_of(job: JobSpec) -> list[dict]:
     return cats
 
 
+def manifest_part_rows(images: int) -> int:
+    """Rows per manifest part for ``images`` images (the last part may hold fewer)."""
+    return max(MANIFEST_PART_ROWS_MIN, min(MANIFEST_PART_ROWS_MAX, -(-images // MANIFEST_PARTS)))
+
+
+def _write_listing(manifest: pa.Table, manifest_uri: str, st) -> dict:
+    """Write the manifest's parts, then ``_SUCCESS`` naming them; returns that listing record.
+
+    What an interrupted listing left is removed first, and readers take only the parts that
+    ``_SUCCESS`` names, so a crash at any point followed by a re-run lists every image once.
+    """
+    fs, root = filesystem(manifest_uri, st)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    part_rows = manifest_part_rows(manifest.num_rows)
+    names, rows = [], []
+    for k, start in enumerate(range(0, manifest.num_rows, part_rows)):
+        part = manifest.slice(start, part_rows)
+        buf = io.BytesIO()
+        pq.write_table(part, buf)
+        names.append(f"part-{k:05d}.parquet")
+        rows.append(part.num_rows)
+        write_bytes(join(manifest_uri, names[-1]), buf.getvalue(), st)
+    listing = {"images": manifest.num_rows, "part_rows": part_rows, "parts": names, "rows": rows}
+    write_bytes(join(manifest_uri, MANIFEST_DONE), json.dumps(listing).encode(), st)
+    return listing
+
+
+def _read_listing(manifest_uri: str, st) -> tuple[list[str], list[int]]:
+    """URIs and row counts of the parts a complete listing named (outputs of older versions, whose
+    ``_SUCCESS`` is empty: every part in the folder)."""
+    raw = read_bytes(join(manifest_uri, MANIFEST_DONE), st)
+    if raw.strip():
+        listing = json.loads(raw)
+        return [join(manifest_uri, n) for n in listing["parts"]], list(listing["rows"])
+    fs, path = filesystem(manifest_uri, st)
+    uris, rows = [], []
+    for p in sorted(fs.glob(path.rstrip("/") + "/part-*.parquet")):
+        with fs.open(p, "rb") as f:
+            rows.append(pq.ParquetFile(f).metadata.num_rows)
+        uris.append(to_uri(fs, p))
+    return uris, rows
+
+
+def read_manifest(output_uri: str, storage=None) -> pa.Table:
+    """The manifest of the complete listing in ``output_uri``, parts in order."""
+    uris, _ = _read_listing(join(output_uri, MANIFEST), storage)
+    tables = []
+    for uri in uris:
+        fs, path = filesystem(uri, storage)
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, schema=MANIFEST_SCHEMA))
+    return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
+
+
 def prepare_output(job: JobSpec) -> tuple[pa.Table, bool]:
-    """Write or reuse the manifest and job.json; returns (manifest, resumed)."""
+    """Write or reuse the manifest and job.json; returns (manifest, resumed).
+
+    ``job.json`` records what identifies the job: the labelers' fingerprint and the input section
+    (what decides the images, their ids and their labels), and the listing (images, parts). Settings
+    of how the work is done (resources, devices) may change between runs.
+    """
     out, st = job.output.uri, job.storage
     fingerprint = labelers_fingerprint(job)
     job_uri = join(out, "job.json")
     manifest_uri = join(out, MANIFEST)
-    done_uri = join(manifest_uri, "_SUCCESS")
+    done_uri = join(manifest_uri, MANIFEST_DONE)
     resumed = exists(done_uri, st)
     if exists(job_uri, st):
         previous = json.loads(read_bytes(job_uri, st))
@@ -107,38 +183,40 @@ def prepare_output(job: JobSpec) -> tuple[pa.Table, bool]:
                     fs.rm(f"{root.rstrip('/')}/{name}", recursive=True)
             resumed = False
     if resumed:
-        fs, path = arrow_filesystem(manifest_uri, st)
-        manifest = pq.read_table(path, filesystem=fs, schema=MANIFEST_SCHEMA)
+        manifest = read_manifest(out, st)
+        uris, rows = _read_listing(manifest_uri, st)
+        listing = {"images": manifest.num_rows, "parts": [u.rsplit("/", 1)[-1] for u in uris], "rows": rows}
     else:
-        demo = job.input.demo
-        if demo is not None and not exists(job.input.uri, st):
-            from pseudolabel.jobs.demo_data import generate
-
-            root = job.input.uri.rstrip("/").rsplit("/", 1)[0]
-            log.info("input %s is missing: writing demo data to %s", job.input.uri, root)
-            generate(root, images=demo.images, shards=demo.shards, seed=demo.seed, size=demo.size,
-                     storage=st, layout=demo.layout)
         manifest = list_input(job.input, st)
-        part_rows = max(job.resources.decode_batch_size,
-                        min(MANIFEST_PART_ROWS_MAX, -(-manifest.num_rows // MANIFEST_PARTS)))
-        for k, start in enumerate(range(0, manifest.num_rows, part_rows)):
-            buf = io.BytesIO()
-            pq.write_table(manifest.slice(start, part_rows), buf)
-            write_bytes(join(manifest_uri, f"part-{k:05d}.parquet"), buf.getvalue(), st)
-        write_bytes(done_uri, b"", st)  # the listing is complete: later runs reuse it
-    write_bytes(job_uri, json.dumps({"fingerprint": fingerprint, "spec": _public_spec(job)}, indent=2).encode(), st)
+        listing = _write_listing(manifest, manifest_uri, st)  # complete: later runs reuse it
+    record = {"fingerprint": fingerprint, "spec": _public_spec(job),
+              "identity": {"labelers": fingerprint, "input": _input_of(_public_spec(job)),
+                           "listing": {k: listing[k] for k in ("images", "parts", "rows")}}}
+    write_bytes(job_uri, json.dumps(record, indent=2).encode(), st)
     return manifest, resumed
 
 
 def manifest_parts(job: JobSpec) -> tuple[list[str], list[int]]:
-    """URIs and row counts of the manifest's parts, in order."""
-    fs, path = filesystem(join(job.output.uri, MANIFEST), job.storage)
-    uris, rows = [], []
-    for p in sorted(fs.glob(path.rstrip("/") + "/part-*.parquet")):
-        with fs.open(p, "rb") as f:
-            rows.append(pq.ParquetFile(f).metadata.num_rows)
-        uris.append(to_uri(fs, p))
-    return uris, rows
+    """URIs and row counts of the manifest's parts, in order (only those the listing completed)."""
+    return _read_listing(join(job.output.uri, MANIFEST), job.storage)
+
+
+def verify_output(output_uri: str, storage=None) -> tuple[bool, str, list[str]]:
+    """Audit a run's output (read only): (every image exactly once?, one-line verdict, detail lines)."""
+    from pseudolabel.engine.audit import inspect, verdict
+    from pseudolabel.engine.errors import NoRunError
+
+    if not exists(join(output_uri, "job.json"), storage) and not exists(join(output_uri, LABELS), storage):
+        raise NoRunError(f"{output_uri} holds no run (no job.json, no {LABELS}/ folder): check the path")
+    listed = exists(join(output_uri, MANIFEST, MANIFEST_DONE), storage)
+    ids = set(read_manifest(output_uri, storage).column("image_id").to_pylist()) if listed else None
+    audit = inspect(output_uri, storage, ids)
+    audit.listed = listed
+    ok, line, details = verdict(audit)
+    lease = holder(output_uri, storage)
+    if lease is not None:
+        details.append(f"lease: {'a stale lease of' if lease['stale'] else 'being written now by'} {describe(lease)}")
+    return ok, line, details
 
 
 def count_labels(job: JobSpec, run_id: str | None = None) -> dict:
@@ -258,28 +336,44 @@ def check_weights(job: JobSpec) -> None:
         raise WeightsError("; ".join(problems))
 
 
-def run_job(job: JobSpec, address: str | None = None, progress: bool = True, verbose: bool = False) -> dict:
+def run_job(job: JobSpec, address: str | None = None, progress: bool = True, verbose: bool = False,
+            retry_errors: bool = False) -> dict:
     """Run a validated job to completion (or resume it); returns the summary dict.
 
     ``progress``: our progress line (images labelled / to label, rate, ETA, errors) on stderr;
-    ``verbose``: Ray Data's own operator bars and logs too.
+    ``verbose``: Ray Data's own operator bars and logs too; ``retry_errors``: label the images of
+    ``error`` rows again (``retry`` rows always are).
     """
     started = time.time()
     run_id = uuid.uuid4().hex[:12]
-    check_weights(job)
+    from pseudolabel.engine.preflight import preflight
 
+    check_format_name(job.input.format)  # a resumed run does not list again: check the name here too
+    preflight(job, address, verbose)  # output writable, S3 reachable, --address joined: one line each, before listing
+    check_weights(job)
+    # One writer per output: a second run is refused here, before anything is written or Ray starts.
+    with acquire(job.output.uri, job.storage, run_id):
+        return _run_job_holding_lease(job, address, progress, verbose, retry_errors, run_id, started)
+
+
+def _run_job_holding_lease(job: JobSpec, address: str | None, progress: bool, verbose: bool, retry_errors: bool,
+                           run_id: str, started: float) -> dict:
     # 1. List the input once (or reuse the manifest of an earlier run of this job).
     manifest, resumed = prepare_output(job)
+    # 2. Labels files and checkpoint agree, each image at most once; rows to label again are dropped.
+    relabel = (STATUS_RETRY, STATUS_ERROR) if retry_errors else (STATUS_RETRY,)
+    repaired = repair(job.output.uri, job.storage, set(manifest.column("image_id").to_pylist()), relabel)
     before = count_labels(job)
     total = manifest.num_rows
     log.info("%s %d images; %d already labelled", "resuming:" if resumed else "listed", total, before["rows"])
 
-    # 2-4. Label what is left (nothing to start when an earlier run finished every image).
+    # 3-5. Label what is left (nothing to start when an earlier run finished every image).
     timings: dict = {}
     if not before["rows"] == before["distinct"] == total:
-        timings = _run_pipeline(job, address, progress, verbose, run_id, before_rows=before["rows"], total=total)
+        timings = _run_pipeline(job, address, progress, verbose, run_id, before_rows=before["rows"], total=total,
+                                input_format=manifest_format(manifest))
 
-    # 5. Summary.
+    # 6. Summary.
     after = count_labels(job, run_id)
     seconds = time.time() - started
     new_rows = after["this_run"]  # (files a crashed run left uncommitted are dropped, so not rows - before)
@@ -287,6 +381,7 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True, ver
         "run_id": run_id, "name": job.name, "output_uri": job.output.uri, "images": total,
         "labelled": after["rows"], "ok": after["ok"], "error": after["error"],
         "distinct": after["distinct"], "this_run": new_rows, "resumed": resumed,
+        "repaired": {k: v for k, v in repaired.items() if v and k != "not labelled"},
         "seconds": round(seconds, 2), "images_per_s": round(new_rows / seconds, 3) if seconds > 0 else None,
         "labelers": [lab.name for lab in job.labelers], "categories": categories_of(job),
         "category_stats": category_stats(job),
@@ -306,7 +401,7 @@ def device_stage_class(index: int, labeler: str) -> type:
 
 
 def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bool, run_id: str,
-                  before_rows: int, total: int) -> dict:
+                  before_rows: int, total: int, input_format: str | None = None) -> dict:
     """Ray, the streaming plan and the checkpointed write; returns this run's seconds and images per
     (labeler index, phase): ``device`` (forward in actors), ``host`` (postprocess + encoding in tasks),
     ``actor`` (a labeler run whole in its actor), summed over workers."""
@@ -315,7 +410,7 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bo
     from ray.data.checkpoint import CheckpointConfig
 
     out, st, res = job.output.uri, job.storage, job.resources
-    # 2. Ray, checkpointing and progress reporting.
+    # 3. Ray, checkpointing and progress reporting.
     resuming = before_rows > 0
     connect(address, min_cpus=cpus_needed(job, resuming), verbose=verbose)
     check_capacity(job, resuming)
@@ -329,12 +424,13 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bo
     ctx.checkpoint_config = CheckpointConfig(id_column="image_id", checkpoint_path=ckpt_path,
                                              override_filesystem=ckpt_fs, delete_checkpoint_on_success=False)
     try:
-        # 3. Build the streaming plan: read manifest -> fetch+decode tasks -> device halves -> host tasks.
+        # 4. Build the streaming plan: read manifest -> fetch+decode tasks -> device halves -> host tasks.
         parts, rows = manifest_parts(job)
         ds = ray.data.read_datasource(ManifestDatasource(parts, rows, st, res.decode_batch_size),
                                       num_cpus=res.decode_cpus)
         decode_kwargs = dict(storage=st, max_pixels=job.input.max_pixels, image_column=job.input.image_column,
-                             max_batch_pixels=res.max_batch_pixels)
+                             max_batch_pixels=res.max_batch_pixels, input_format=input_format,
+                             fetch_retries=job.input.fetch_retries, fetch_backoff_s=job.input.fetch_backoff_s)
         provenance = {
             "labelers": [lab.name for lab in job.labelers],
             "weights": [lab.weights or "" for lab in job.labelers],
@@ -376,7 +472,7 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bo
         else:  # no network anywhere: each host task decodes its own batch (no extra hop, fewer workers)
             ds = ds.map_batches(decode_then_host, batch_format="pyarrow", batch_size=res.decode_batch_size,
                                 num_cpus=res.host_cpus, fn_kwargs=dict(decode=decode_kwargs, host=host_kwargs))
-        # 4. Write; the checkpoint makes this exactly-once across re-runs. Write tasks reserve what host
+        # 5. Write; the checkpoint makes this exactly-once across re-runs. Write tasks reserve what host
         # tasks do, so each host task writes its own rows (labels are committed from the first batch on).
         lab_fs, lab_path = arrow_filesystem(join(out, LABELS), st)
         bar = CommittedProgress(join(out, LABELS), st, total, before_rows, enabled=progress)

@@ -640,3 +640,19 @@ def generate(out_uri: str, images: int = 64, shards: int = 4, seed: int = 0, siz
         "components_json": components_uri,
         "seconds": round(time.time() - t0, 3),
     }
+
+
+def ensure_demo_input(job) -> dict | None:
+    """Write the synthetic dataset a job asks for (``input.demo``) when its input does not exist yet.
+
+    The dataset goes to the parent of ``input.uri`` (which ends in ``/images``); returns ``generate``'s
+    info, or None when there is nothing to write. Called by ``pseudolabel run`` and ``pseudolabel.run``
+    before the engine starts, so the engine itself only ever reads an input.
+    """
+    demo = job.input.demo
+    if demo is None or st.exists(job.input.uri, job.storage):
+        return None
+    root = job.input.uri.rstrip("/").rsplit("/", 1)[0]
+    print(f"input {job.input.uri} is missing: writing demo data to {root}", file=sys.stderr)
+    return generate(root, images=demo.images, shards=demo.shards, seed=demo.seed, size=demo.size,
+                    storage=job.storage, layout=demo.layout)

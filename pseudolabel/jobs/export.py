@@ -51,6 +51,7 @@ import pyarrow as pa
 from scipy import ndimage
 
 from pseudolabel import storage as st
+from pseudolabel.engine.formats import format_of_row
 from pseudolabel.errors import UsageError
 from pseudolabel.jobs.labels_io import read_job, read_labels, read_summary, rles_to_label_map
 from pseudolabel.schemas.coco import rle_area, rle_bbox_xywh
@@ -92,7 +93,7 @@ def row_file_name(row: dict) -> str:
     if row.get("file_name"):
         return row["file_name"]
     member = row.get("member")
-    if member and not member.startswith("row:"):
+    if member and format_of_row(str(row.get("uri") or ""), member) != "parquet":  # a tar member
         return member
     return posixpath.basename(str(row.get("uri") or row["image_id"]))
 

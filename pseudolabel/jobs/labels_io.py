@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -23,9 +22,6 @@ import pyarrow.parquet as pq
 from pseudolabel import storage as st
 from pseudolabel.schemas.spec import StorageSpec
 from pseudolabel.schemas.tables import LABELS_SCHEMA
-
-#: ``member`` prefix of rows that came from a Parquet input (``row:<index>`` within the file).
-PARQUET_ROW_PREFIX = "row:"
 
 
 def _labels_files(output_uri: str, storage: StorageSpec | None) -> tuple[list[str], object]:
@@ -118,58 +114,55 @@ def categories(output_uri: str, storage: StorageSpec | None = None, labels: pa.T
     return [out[k] for k in sorted(out)]
 
 
-def _image_column(schema: pa.Schema) -> str:
-    """First binary column, or first ``{bytes, path}`` struct column (Hugging Face Image)."""
-    for f in schema:
-        if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type):
-            return f.name
-    for f in schema:
-        if pa.types.is_struct(f.type) and f.type.get_field_index("bytes") >= 0:
-            return f.name
-    raise ValueError(f"no image column (binary or {{bytes, path}} struct) in {schema.names}")
+def run_source(output_uri: str, storage: StorageSpec | None = None) -> dict:
+    """How a run read its input: ``{"input_format": ..., "image_column": ...}``.
+
+    The format is the one recorded in the run's manifest (``input.format: auto`` resolved at listing),
+    the image column the job's ``input.image_column``; either is None when the run did not record it.
+    """
+    from pseudolabel.engine.formats import manifest_format
+
+    out: dict = {"input_format": None, "image_column": None}
+    spec_input = (read_job(output_uri, storage).get("spec") or {}).get("input") or {}
+    out["image_column"] = spec_input.get("image_column")
+    fs, root = st.filesystem(st.join(str(output_uri), "manifest"), storage)
+    try:
+        parts = sorted(fs.glob(root.rstrip("/") + "/part-*.parquet"))
+        if parts:
+            with fs.open(parts[0], "rb") as f:
+                out["input_format"] = manifest_format(pq.ParquetFile(f).schema_arrow)
+    except (OSError, pa.ArrowInvalid):
+        pass
+    if out["input_format"] is None and spec_input.get("format") not in (None, "auto"):
+        out["input_format"] = spec_input["format"]
+    return out
 
 
 def load_image_bytes(uri: str, member: str | None = None, storage: StorageSpec | None = None,
-                     image_column: str | None = None) -> bytes:
+                     image_column: str | None = None, input_format: str | None = None) -> bytes:
     """Encoded bytes of one source image, as the labels row's ``uri``/``member`` name it.
 
-    ``member`` is None for a plain file, the member name inside a ``.tar`` shard, or ``row:<index>``
-    for a Parquet input (the image column is ``image_column`` or the first binary / {bytes, path} column).
+    Read through the run's input format (``pseudolabel.engine.formats``), exactly as the engine read
+    it: ``member`` is None for a plain file, the member name inside a ``.tar`` shard, or ``row:<index>``
+    for a Parquet input (the image column is ``image_column`` or the format's one rule).
+    ``input_format``: the run's format (see ``run_source``); None: told from the row's shape.
     """
-    uri = str(uri)
-    if member is None:
-        return st.read_bytes(uri, storage)
-    fs, path = st.filesystem(uri, storage)
-    if member.startswith(PARQUET_ROW_PREFIX):
-        row = int(member[len(PARQUET_ROW_PREFIX):])
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            col = image_column or _image_column(pf.schema_arrow)
-            offset = 0
-            for g in range(pf.num_row_groups):
-                n = pf.metadata.row_group(g).num_rows
-                if offset <= row < offset + n:
-                    v = pf.read_row_group(g, columns=[col]).column(0)[row - offset].as_py()
-                    return (v.get("bytes") if isinstance(v, dict) else v) or b""
-                offset += n
-        raise IndexError(f"row {row} not in {uri} ({offset} rows)")
-    norm = posixpath.normpath(member)
-    if norm.startswith("/") or norm == ".." or norm.startswith("../"):
-        raise ValueError(f"unsafe tar member name {member!r}")
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for info in tar:
-            if info.name == member and info.isfile():
-                return tar.extractfile(info).read()
-    raise KeyError(f"member {member!r} not found in {uri}")
+    from pseudolabel.engine.decode import fetch_rows
+
+    (got,) = fetch_rows([(str(uri), member, None, None)], storage, input_format, image_column)
+    if isinstance(got, Exception):
+        raise got
+    return got
 
 
 def load_image(uri: str, member: str | None = None, storage: StorageSpec | None = None,
-               image_column: str | None = None, max_pixels: int = 89_478_485) -> np.ndarray:
+               image_column: str | None = None, max_pixels: int = 89_478_485,
+               input_format: str | None = None) -> np.ndarray:
     """Source image of a labels row -> (H, W, 3) uint8 RGB, decoded as the engine decodes it
-    (EXIF orientation, alpha over white)."""
-    from pseudolabel.engine.decode import decode_image
+    (``pseudolabel.imageio``: EXIF orientation, alpha over white, deep pixels scaled)."""
+    from pseudolabel.imageio import decode_image
 
-    return decode_image(load_image_bytes(uri, member, storage, image_column), max_pixels)
+    return decode_image(load_image_bytes(uri, member, storage, image_column, input_format), max_pixels)
 
 
 def rle_counts(rle: dict) -> np.ndarray:

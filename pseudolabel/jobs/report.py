@@ -36,9 +36,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from pseudolabel import storage as st
-from pseudolabel.jobs.labels_io import _labels_files
+from pseudolabel.imageio import ImageError, decode_png, encode_png, to_uint8
+from pseudolabel.jobs.labels_io import _labels_files, load_image, read_labels, read_summary, rles_to_label_map, run_source
 from pseudolabel.jobs.labels_io import categories as run_categories
-from pseudolabel.jobs.labels_io import load_image, read_labels, read_summary, rles_to_label_map
 from pseudolabel.jobs.metrics import label_boundaries
 from pseudolabel.schemas.coco import rle_to_mask
 from pseudolabel.schemas.spec import StorageSpec
@@ -133,27 +133,16 @@ def _fit(img: np.ndarray, side: int) -> np.ndarray:
 
 
 def _png(img: np.ndarray) -> bytes:
-    if img.ndim == 3 and img.shape[2] == 3:
-        img = img[..., ::-1]
-    elif img.ndim == 3 and img.shape[2] == 4:
-        img = img[..., [2, 1, 0, 3]]
-    ok, buf = cv2.imencode(".png", img)
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
+    """(H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA uint8 -> PNG bytes."""
+    return encode_png(img)
 
 
 def _decode_layer(data: bytes) -> np.ndarray | None:
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is None:
+    """A layer's PNG -> uint8 array as stored ((H, W), RGB or RGBA); 16-bit scaled to 8; None if unreadable."""
+    try:
+        return to_uint8(decode_png(data))
+    except ImageError:
         return None
-    if arr.dtype != np.uint8:
-        arr = (arr / max(1, arr.max()) * 255).astype(np.uint8)
-    if arr.ndim == 3 and arr.shape[2] == 3:
-        arr = arr[..., ::-1]
-    elif arr.ndim == 3 and arr.shape[2] == 4:
-        arr = arr[..., [2, 1, 0, 3]]
-    return arr
 
 
 # ----------------------------------------------------------------------------- whole-run statistics
@@ -289,7 +278,7 @@ def _error_card(row: dict) -> dict:
             "views": [], "legend": [], "legend_more": 0, "layers": []}
 
 
-def _card(k: int, row: dict, out_dir: str, storage, cat_names: dict, seed: int) -> dict:
+def _card(k: int, row: dict, out_dir: str, storage, cat_names: dict, seed: int, source: dict | None = None) -> dict:
     """Write one sample's PNGs and return its card's template context."""
     if row["status"] != STATUS_OK:
         return _error_card(row)
@@ -297,7 +286,7 @@ def _card(k: int, row: dict, out_dir: str, storage, cat_names: dict, seed: int) 
     note = ""
     # 1. the source image (or a grey canvas)
     try:
-        image = load_image(row["uri"], row["member"], storage)
+        image = load_image(row["uri"], row["member"], storage, **(source or {}))
         if image.shape[:2] != (h, w):
             image = cv2.resize(image, (w, h))
     except Exception as e:  # the source may have moved since the run
@@ -400,7 +389,8 @@ def report(output_uri: str, out_dir: str, storage: StorageSpec | None = None, sa
         t = read_labels(output_uri, storage, filter=pc.field("image_id").isin(chosen))
         full = {r["image_id"]: r for r in t.to_pylist()}
     ordered = sorted((full[i] for i in chosen if i in full), key=sort_key)
-    cards = [_card(k, r, out_dir, storage, cat_names, seed) for k, r in enumerate(ordered)]
+    source = run_source(output_uri, storage)  # the run's input format and image column
+    cards = [_card(k, r, out_dir, storage, cat_names, seed, source) for k, r in enumerate(ordered)]
     n_sample_error = sum(c["error"] is not None for c in cards)
     # 4. the page
     facts = [("output", output_uri), ("run id", summary.get("run_id")), ("images", len(rows)),

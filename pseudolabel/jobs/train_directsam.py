@@ -45,6 +45,7 @@ from pycocotools.coco import COCO
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pseudolabel import storage as st
+from pseudolabel.engine.formats import PARQUET_ROW_PREFIX, confine
 from pseudolabel.schemas.spec import StorageSpec, validate_spec
 
 
@@ -141,7 +142,7 @@ def split_file_name(file_name: str) -> tuple[str, str | None]:
     for i, part in enumerate(parts[:-1]):
         lower = part.lower()
         member = "/".join(parts[i + 1:])
-        if lower.endswith(".tar") or (lower.endswith(".parquet") and member.startswith("row:")):
+        if lower.endswith(".tar") or (lower.endswith(".parquet") and member.startswith(PARQUET_ROW_PREFIX)):
             return "/".join(parts[: i + 1]), member
     return file_name, None
 
@@ -209,12 +210,12 @@ class CocoBoundaryData:
         """(path in ``self.fs``, member) of a ``file_name``; a ``x.tar`` that is a folder stays a folder."""
         container, member = split_file_name(file_name)
         if member is not None:
-            path = posixpath.join(self.root, container)
+            path = confine(self.root, container)
             if path not in self._is_container:
                 self._is_container[path] = self.fs.isfile(path)
             if self._is_container[path]:
                 return path, member
-        return posixpath.join(self.root, file_name), None
+        return confine(self.root, file_name), None
 
     def _spans(self, path: str, members: list[str]) -> list[tuple[int, int] | None]:
         """(offset, size) of tar members, from an index of the shard's headers built once per shard."""
@@ -227,18 +228,22 @@ class CocoBoundaryData:
         return [self._tar_index[path].get(m) for m in members]
 
     def _fetch(self, indices: list[int]) -> list[bytes]:
-        """Encoded bytes of images ``indices``: one ``_fetch_group`` call per source file."""
-        from pseudolabel.engine.decode import _fetch_group
+        """Encoded bytes of images ``indices``: one fetch per source file, through the input formats
+        (``pseudolabel.engine.formats``); a ``file_name`` that leaves ``spec.data`` is refused."""
+        from pseudolabel.engine.formats import FetchRow, confine, format_class, format_of_row
 
         groups: dict[str, list[tuple[int, str | None]]] = defaultdict(list)
         for i in indices:
+            confine(self.root, self.images[i]["file_name"])  # raises for ../x, /abs, s3://other
             path, member = self._locate(self.images[i]["file_name"])
             groups[path].append((i, member))
         got: dict[int, bytes] = {}
         for path, items in groups.items():
             members = [m for _, m in items]
-            spans = self._spans(path, members) if members[0] is not None else None
-            for (i, _), data in zip(items, _fetch_group(self.fs, path, members, spans=spans)):
+            spans = self._spans(path, members) if members[0] is not None else [None] * len(members)
+            rows = [FetchRow(m, *(span or (None, None))) for m, span in zip(members, spans)]
+            fetched = format_class(format_of_row(path, members[0]))().fetch(self.fs, path, rows)
+            for (i, _), data in zip(items, fetched):
                 if isinstance(data, Exception):
                     raise ValueError(f"cannot read image {self.images[i]['file_name']!r} under {self.spec.data}: "
                                      f"{type(data).__name__}: {data}") from data

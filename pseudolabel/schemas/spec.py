@@ -5,8 +5,9 @@ Every model forbids unknown fields, so a typo is rejected with the dotted path o
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -32,7 +33,9 @@ class DemoSpec(_Strict):
 
 class InputSpec(_Strict):
     uri: str = Field(description="folder, tar shards, Parquet files or COCO image root: local path, file:// or s3://")
-    format: Literal["auto", "folder", "webdataset", "parquet", "coco"] = "auto"
+    format: str = Field("auto", pattern=r"^[A-Za-z_][\w.-]*(:[A-Za-z_][\w.]*)?$",
+                        description="auto | folder | webdataset | parquet | coco | a registered name | "
+                                    "'package.module:Class' (checked against the format registry before Ray starts)")
     coco_json: str | None = Field(None, description="COCO instances JSON, for format=coco")
     image_column: str | None = Field(None, description="Parquet column holding the image (default: first binary or {bytes,path} column)")
     id_column: str | None = Field(None, description="Parquet column holding a stable image id (optional)")
@@ -41,6 +44,10 @@ class InputSpec(_Strict):
     max_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb cap: images with more pixels become error rows")
     limit: int | None = Field(None, gt=0, description="label only the first N listed images")
     demo: DemoSpec | None = Field(None, description="generate demo data (at the parent of uri) if uri is missing")
+    fetch_retries: int = Field(7, ge=1, description="tries of a fetch or listing that fails transiently (network, "
+                                                    "throttling, 5xx); still failing, the image is a 'retry' row")
+    fetch_backoff_s: float = Field(1.0, ge=0, description="wait before the 2nd try, doubled each try up to 16 s "
+                                                          "(defaults: 1+2+4+8+16+16 s: a 40 s outage is ridden out)")
 
     @model_validator(mode="after")
     def _coco_needs_json(self):
@@ -80,16 +87,28 @@ class OntologyEntry(_Strict):
         return self
 
 
+#: what ``labelers[].device`` accepts (``cuda:N`` picks the N-th visible GPU)
+DEVICES = "auto, cpu, cuda, cuda:N (N = 0, 1, ...) or mps"
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
 class LabelerSpec(_Strict):
     name: str
     weights: str | None = Field(None, description="hub id, local directory or s3:// prefix")
     revision: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     ontology: list[OntologyEntry] = Field(default_factory=list)
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     compile: bool = Field(False, description="torch.compile the labeler's network (worth it on a GPU for long "
                                              "runs); falls back to eager with a warning when compilation fails")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not DEVICE_PATTERN.fullmatch(device):
+            raise ValueError(f"{device!r} is not a device: use {DEVICES}")
+        return device
 
     @model_validator(mode="after")
     def _ontology_ids(self):
@@ -132,6 +151,13 @@ class ResourcesSpec(_Strict):
         64_000_000, gt=0, description="memory budget: at most this many decoded pixels in one decode block or one "
                                       "labeler batch; larger batches are split (a single image larger than this "
                                       "still runs alone, up to input.max_pixels)")
+
+    @model_validator(mode="after")
+    def _min_actors_within_actors(self):
+        if self.min_actors is not None and self.min_actors > self.actors:
+            raise ValueError(f"resources.min_actors: {self.min_actors} is more than resources.actors "
+                             f"({self.actors}); lower min_actors or raise actors")
+        return self
 
 
 class JobSpec(_Strict):
@@ -198,8 +224,16 @@ def _format_errors(err: ValidationError) -> str:
             if not loc:  # a whole-spec check already names its field
                 lines.append(msg)
                 continue
+        if loc and msg.startswith(f"{loc}."):  # a section's check that names its own field
+            lines.append(msg)
+            continue
         lines.append(f"{loc or '<spec>'}: {msg}")
-    return "invalid job spec:\n  " + "\n  ".join(lines)
+    return spec_problems(lines)
+
+
+def spec_problems(lines: list[str]) -> str:
+    """One line for the CLI: ``invalid job spec: <field>: <problem>; <field>: <problem>``."""
+    return "invalid job spec: " + "; ".join(lines)
 
 
 def parse_value(text: str) -> Any:
@@ -235,6 +269,34 @@ def apply_override(data: dict, dotted: str, value: Any) -> None:
             raise SpecError(f"{'.'.join(parts[:i])}: is a value, cannot set {part!r} inside it")
 
 
+def _read_yaml(p: Path) -> Any:
+    """A YAML file's content; an unreadable file or a syntax error is one SpecError line that says
+    where (``file:line:column``, both counted from 1)."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise SpecError(f"{p} is a folder: give the job spec's YAML file") from None
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{p}: not a text file (byte {err.start} is not UTF-8): give the job spec's YAML "
+                        f"file") from None
+    except OSError as err:
+        raise SpecError(f"cannot read {p}: {err.strerror or err}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        problem = err.problem or "invalid YAML"
+        if err.context and err.context_mark is not None and err.context_mark is not mark:
+            problem += (f" ({err.context} that starts at line {err.context_mark.line + 1}, "
+                        f"column {err.context_mark.column + 1})")
+        elif err.context:
+            problem += f" ({err.context})"
+        raise SpecError(f"{where}: YAML syntax error: {' '.join(problem.split())}") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{p}: YAML syntax error: {' '.join(str(err).split())}") from None
+
+
 def load_yaml_with_overrides(path: "str | Path | dict", overrides: dict[str, Any] | None = None) -> dict:
     """A YAML mapping (or dict) with dotted overrides applied; validation is the caller's."""
     if isinstance(path, dict):
@@ -243,7 +305,7 @@ def load_yaml_with_overrides(path: "str | Path | dict", overrides: dict[str, Any
         p = Path(path)
         if not p.exists():
             raise SpecError(f"spec not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _read_yaml(p) or {}
         if not isinstance(data, dict):
             raise SpecError(f"{p}: a spec is a YAML mapping")
     for key, value in (overrides or {}).items():
@@ -251,7 +313,10 @@ def load_yaml_with_overrides(path: "str | Path | dict", overrides: dict[str, Any
     return data
 
 
-def validate_spec(model: type[BaseModel], spec: Any, overrides: dict[str, Any] | None = None) -> Any:
+SpecModel = TypeVar("SpecModel", bound=BaseModel)
+
+
+def validate_spec(model: type[SpecModel], spec: Any, overrides: dict[str, Any] | None = None) -> SpecModel:
     """Any spec model (job, training) from an instance, a dict or a YAML path, with dotted overrides.
 
     A validation error becomes a SpecError naming each bad field by its dotted path.
@@ -276,11 +341,11 @@ def load_spec(spec: "str | Path | dict | JobSpec", overrides: dict[str, Any] | N
         try:
             params_model = labeler_class(lab.name).Params
         except (ImportError, AttributeError) as err:
-            raise SpecError(f"invalid job spec:\n  labelers.{i}.name: cannot import {lab.name!r}: {err}") from None
+            raise SpecError(spec_problems([f"labelers.{i}.name: cannot import {lab.name!r}: {err}"])) from None
         try:
             lab.params = params_model.model_validate(lab.params).model_dump()
         except ValidationError as err:
             lines = [f"labelers.{i}.params.{'.'.join(str(p) for p in e['loc'])}: "
                      f"{'unknown parameter' if e['type'] == 'extra_forbidden' else e['msg']}" for e in err.errors()]
-            raise SpecError("invalid job spec:\n  " + "\n  ".join(lines)) from None
+            raise SpecError(spec_problems(lines)) from None
     return job

@@ -66,6 +66,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("offset", pa.int64()),  # tar members: where the member's bytes start in the shard (ranged reads)
         ("file_name", pa.string()),
         ("prompts", pa.string()),  # JSON per-row hints (COCO boxes, points...), or null
+        ("error", pa.string()),  # why the listing could not read this row (bad shard, path outside the root), or null
     ]
 )
 

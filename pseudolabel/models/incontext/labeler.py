@@ -40,7 +40,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -97,16 +96,21 @@ class InContextParams(LabelerParams):
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> (H, W, 3) uint8 RGB."""
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if arr is None:
-        raise ValueError("cannot decode demonstration image")
-    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    """Encoded image bytes -> (H, W, 3) uint8 RGB after EXIF orientation, decoded as the engine decodes
+    its inputs (``pseudolabel.imageio``); ValueError for bytes that are not an image."""
+    from pseudolabel.imageio import ImageError
+    from pseudolabel.imageio import decode_image as decode
+
+    try:
+        return decode(data, max_pixels=89_478_485)
+    except ImageError as err:
+        raise ValueError(f"cannot decode demonstration image: {err}") from None
 
 
 class InContextSeparator(Labeler):
     name = "incontext"
     Params = InContextParams
+    params: InContextParams  # the validated Params of this labeler
     summary = ("separate what a demonstration pair shows (SeFM; no public SeFM weights: train one with "
                "train-incontext) or SegGPT + inpainting with public weights; layers clean/component + mask")
     default_weights = None

@@ -1,0 +1,82 @@
+"""Stops what is left of a local Ray node once the driver that started it is gone.
+
+Ray ties the processes a driver starts (GCS, raylet, monitors) to the driver's life, but not the
+agents the raylet starts (dashboard agent, runtime-env agent): after a ``kill -9`` of the driver they
+linger for about a minute, or longer on a loaded machine. The driver runs this module as a small
+process of its own::
+
+    python -m pseudolabel.engine.reaper NODE_ID
+
+and keeps the write end of its stdin open. When the driver exits, however it exits, the kernel closes
+that pipe; the reaper then reads end-of-file and stops every process whose environment carries
+``RAY_NODE_ID=NODE_ID`` (SIGTERM, then SIGKILL after a grace period). Processes of other Ray nodes
+on the machine carry other ids and are never touched. Linux only (it reads ``/proc``).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+#: seconds between SIGTERM and SIGKILL
+GRACE_S = 2.0
+
+
+def node_processes(node_id: str) -> list[int]:
+    """Pids of the live processes (this one excepted) started for the Ray node ``node_id`` (hex)."""
+    needle = f"RAY_NODE_ID={node_id}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if needle in environ:
+            pids.append(int(entry))
+    return pids
+
+
+def stop(pids: list[int], grace_s: float = GRACE_S) -> None:
+    """SIGTERM each pid, then SIGKILL those still alive after ``grace_s`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                alive.append(pid)
+            except (ProcessLookupError, PermissionError):
+                pass
+        pids = alive
+        deadline = time.monotonic() + grace_s
+        while sig == signal.SIGTERM and pids and time.monotonic() < deadline:
+            time.sleep(0.1)
+            pids = [pid for pid in pids if _alive(pid)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"  # a zombie has exited already
+    except OSError:
+        return False
+
+
+def main(argv: list[str]) -> int:
+    node_id = argv[0]
+    # 1. Outlive the driver's terminal: Ctrl-C and hang-ups go to the driver, not here.
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    # 2. Wait for the driver to go: its end of the pipe closes when it exits, however it exits.
+    while sys.stdin.buffer.read(4096):
+        pass
+    # 3. Stop what is left of its node (nothing, after a clean ray.shutdown).
+    stop(node_processes(node_id))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
