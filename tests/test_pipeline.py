@@ -228,7 +228,7 @@ def test_summary_has_category_counts_score_quantiles_and_labeler_seconds(local_r
     assert stats["score_p10"] <= stats["score_p50"] <= stats["score_p90"]
     timing = {t["labeler"]: t for t in summary["labeler_seconds"]}
     assert set(timing) == {"classical_grabcut", "classical_tokens"}
-    assert all(set(t) == {"labeler", "host"} and t["host"] > 0 for t in timing.values())  # no network: host only
+    assert all(set(t) == {"labeler", "host"} and t["host"] > 0 for t in timing.values()), timing  # no network: host only
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["category_stats"] == summary["category_stats"]
 

@@ -57,7 +57,7 @@ _STATS_HANDLES: dict[str, Any] = {}
 
 
 def report_seconds(stats: str | None, index: int, phase: str, seconds: float, images: int) -> None:
-    """Fire-and-forget a timing to the run's RunStats actor; nothing when there is none (in-process use)."""
+    """Record a timing in the run's RunStats actor; nothing when there is none (in-process use)."""
     if not stats or not images:
         return
     try:
@@ -65,6 +65,8 @@ def report_seconds(stats: str | None, index: int, phase: str, seconds: float, im
 
         if stats not in _STATS_HANDLES:
             _STATS_HANDLES[stats] = ray.get_actor(stats)
-        _STATS_HANDLES[stats].add.remote(index, phase, seconds, images)
+        # waited for (a few ms): a batch's timing is recorded before its rows can be committed, so the
+        # run's totals, read once the write is done, never miss the last batches
+        ray.get(_STATS_HANDLES[stats].add.remote(index, phase, seconds, images), timeout=10)
     except Exception:  # timings are informative: never fail a batch for them
         pass
