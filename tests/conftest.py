@@ -87,3 +87,59 @@ def tiny_sd(tmp_path_factory):
     from sd_tiny import build_tiny_sd
 
     return build_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd") / "sd"))
+
+
+# -- fault injection: the S3 proxy and the RELIABILITY.md table ------------------------------------------
+
+from reliability_report import ReliabilityLog  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
+
+_RELIABILITY = ReliabilityLog()
+
+
+@pytest.fixture()
+def fault_proxy(s3_server):
+    """A fault-injecting proxy (tests/s3_fault_proxy.py) in front of the S3 server, no faults switched on;
+    yields (proxy, StorageSpec pointing s3fs at the proxy)."""
+    from s3_fault_proxy import S3FaultProxy
+
+    proxy = S3FaultProxy(s3_server.endpoint_url, seed=1234).start()
+    yield proxy, s3_server.model_copy(update={"endpoint_url": proxy.endpoint_url})
+    proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def reliability_log():
+    """The session's reliability table: ``reliability_log.add(case, fault, injected, outcome, lost, duplicates)``."""
+    return _RELIABILITY
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("reliability") is not None:
+        _RELIABILITY.current = item.nodeid
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if item.get_closest_marker("reliability") is None:
+        return
+    if hasattr(report, "wasxfail"):
+        state = "xfail" if report.skipped else "xpass"
+    elif report.failed:
+        state = "failed" if report.when == "call" else f"error in {report.when}"
+    elif report.skipped:
+        state = "skipped"
+    elif report.when == "call":
+        state = "passed"
+    else:
+        return
+    if item.nodeid not in _RELIABILITY.outcomes or state != "passed":
+        _RELIABILITY.outcomes[item.nodeid] = state
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Write RELIABILITY.md at the repository root when any reliability case recorded a row."""
+    if _RELIABILITY.rows:
+        _RELIABILITY.write(os.path.join(str(session.config.rootpath), "RELIABILITY.md"))

@@ -17,6 +17,11 @@ whole. The host stage assembles every labeler's records in job order (annotation
 drops the in-flight columns and casts to the `labels` schema. A failure of a whole device batch is
 retried image by image; an image that still fails, or whose host half fails, becomes an error row
 (``status: error``, no labels): a batch is never dropped.
+
+Memory: ``resources.max_batch_pixels`` bounds the decoded pixels one labeler call sees. A device batch
+is cut into consecutive sub-batches whose pixels sum to at most the budget (an image larger than the
+budget runs alone) and their outputs are joined in order; a host task that decodes its own batch
+decodes and labels it in such sub-batches too, so it never holds more than about one budget of pixels.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pseudolabel.engine.decode import fetch_decode, pixels_to_image
+from pseudolabel.engine.decode import fetch_decode, pixel_blocks, pixels_to_image
 from pseudolabel.engine.encode import encode_output
 from pseudolabel.engine.payload import pack_payload, unpack_payload
 from pseudolabel.engine.run_stats import report_seconds
@@ -151,12 +156,20 @@ class DeviceStage:
                     results.append(err)
             return results
 
+    def _results_within_budget(self, images: list, prompts: list) -> list:
+        """``_results`` over sub-batches of at most ``max_batch_pixels`` decoded pixels, joined in order."""
+        results: list = []
+        for chunk in pixel_blocks([im.shape[0] * im.shape[1] for im in images], self.max_batch_pixels):
+            results += self._results([images[j] for j in chunk], [prompts[j] for j in chunk])
+        return results
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = _Rows(batch)
         values: list[Any] = [None] * batch.num_rows
         if rows.ok:
             started = time.perf_counter()
-            results = self._results([rows.images[i] for i in rows.ok], [rows.prompts[i] for i in rows.ok])
+            results = self._results_within_budget([rows.images[i] for i in rows.ok],
+                                                  [rows.prompts[i] for i in rows.ok])
             report_seconds(self.stats, self.index, "actor" if self.whole else "device",
                            time.perf_counter() - started, len(rows.ok))
             for i, result in zip(rows.ok, results):
@@ -243,8 +256,16 @@ def host_stage(batch: pa.Table, labelers: list[dict], storage: dict | None, prov
 
 
 def decode_then_host(batch: pa.Table, decode: dict, host: dict) -> pa.Table:
-    """map_batches task for plans with no device stage: fetch+decode, then ``host_stage``."""
-    return host_stage(fetch_decode(batch, **decode), **host)
+    """map_batches task for plans with no device stage: fetch+decode, then ``host_stage``.
+
+    ``fetch_decode`` hands the batch back in blocks of at most ``decode["max_batch_pixels"]`` decoded
+    pixels (one block when it is None); each block is labelled before the next is decoded, so the task
+    holds about one budget of pixels whatever the images' sizes. Rows come out in the batch's order.
+    """
+    decoded = fetch_decode(batch, **decode)
+    if isinstance(decoded, pa.Table):
+        return host_stage(decoded, **host)
+    return pa.concat_tables([host_stage(block, **host) for block in decoded])
 
 
 def finalize(table: pa.Table, provenance: dict | None) -> pa.Table:
