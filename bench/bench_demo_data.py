@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4)
     args = ap.parse_args()
 
-    from pseudolabel.jobs import demo_data as dd
+    from pseudolabel.jobs.demo import data as dd
 
     rows: list[tuple[str, str, int, float, float]] = []
     # 1. in-memory rendering

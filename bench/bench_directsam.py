@@ -42,8 +42,8 @@ def main() -> None:
     from transformers import SegformerForSemanticSegmentation, SegformerImageProcessorPil
 
     import pseudolabel
-    from pseudolabel.jobs.demo_data import generate, render_index
-    from pseudolabel.jobs.labels_io import read_labels
+    from pseudolabel.jobs.demo.data import generate, render_index
+    from pseudolabel.jobs.outputs.labels_io import read_labels
     from pseudolabel.models.device import resolve_dtype
     from pseudolabel.models.directsam import DirectSAM, segformer_config
     from pseudolabel.models.directsam_pyramid import image_views, reference_pyramid_probs

@@ -244,7 +244,7 @@ def main() -> None:
 
     import boto3
 
-    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.jobs.demo.data import generate
     from pseudolabel.schemas.spec import StorageSpec
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")

@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
-    from pseudolabel.jobs.demo_data import render_index
+    from pseudolabel.jobs.demo.data import render_index
 
     images = [render_index(0, i, args.image_size).image for i in range(args.images)]
     print(f"# machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "

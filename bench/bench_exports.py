@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 def build_run(root: str, images: int, size: int, cell: int) -> tuple[str, str]:
     """Demo data + a labels table derived from its GT; returns (output_uri, gt_json)."""
-    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.jobs.demo.data import generate
     from pseudolabel.schemas.coco import label_map_to_rles, rle_area, rle_bbox_xywh, rle_to_mask
     from pseudolabel.schemas.tables import LABELS_SCHEMA
 
@@ -75,10 +75,10 @@ def main() -> None:
     ap.add_argument("--cell", type=int, default=16)
     args = ap.parse_args()
 
-    from pseudolabel.jobs.evaluate import evaluate
-    from pseudolabel.jobs.export import export
-    from pseudolabel.jobs.labels_io import read_labels
-    from pseudolabel.jobs.report import report
+    from pseudolabel.jobs.evaluation.evaluate import evaluate
+    from pseudolabel.jobs.outputs.export import export
+    from pseudolabel.jobs.outputs.labels_io import read_labels
+    from pseudolabel.jobs.outputs.report import report
 
     with tempfile.TemporaryDirectory() as root:
         t0 = time.perf_counter()

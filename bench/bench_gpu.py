@@ -117,7 +117,7 @@ def rate(fn, n_items: int, device: str, repeats: int) -> float:
 def demo_images(root: str, n: int, size: int, unique: int = 64) -> str:
     """``n`` demo PNGs of ``size`` px under ``root/images`` (``unique`` rendered, the rest copies with
     their own names, so ids differ); returns the images folder."""
-    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.jobs.demo.data import generate
 
     generate(root, images=min(n, unique), shards=1, size=size, progress=False)
     folder = os.path.join(root, "images")
@@ -217,10 +217,9 @@ def build_sd(path: str, tiny: bool) -> str:
     import json
 
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
     from iseg_tiny import build_sd21_tiny
     from sd_tiny import write_tiny_clip_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if tiny:  # SD 2.1's layer names and head counts (iSeg's reference layers and heads), tiny widths
         return build_sd21_tiny(path)
@@ -303,7 +302,7 @@ def main() -> None:
 
     import ray
 
-    from pseudolabel.jobs.demo_data import render_index
+    from pseudolabel.jobs.demo.data import render_index
 
     tmp = tempfile.mkdtemp(prefix="bench-gpu-")
     os.environ.setdefault("PSEUDOLABEL_CACHE", os.path.join(tmp, "cache"))

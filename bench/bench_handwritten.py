@@ -92,7 +92,7 @@ def main() -> None:
 
     import yaml
 
-    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.jobs.demo.data import generate
 
     demo = yaml.safe_load(open(QUICKSTART))["input"]["demo"]
     from bench_engine import alternating_cold_runs

@@ -26,10 +26,10 @@ import tempfile
 import time
 
 
-
 def one_run(images_uri: str, out_uri: str, host: str, host_cpus: str) -> dict:
-    import pseudolabel
     from bench_engine import first_file_watcher
+
+    import pseudolabel
     from pseudolabel.storage import filesystem
 
     job = {"input": {"uri": images_uri}, "output": {"uri": out_uri},
@@ -62,9 +62,9 @@ def main() -> None:
         print(json.dumps(one_run(*args.one)))
         return
 
-    from pseudolabel.jobs.demo_data import generate
-
     from bench_engine import alternating_cold_runs
+
+    from pseudolabel.jobs.demo.data import generate
 
     with tempfile.TemporaryDirectory() as tmp:
         generate(f"{tmp}/demo", images=args.images, shards=4, seed=0, size=args.size, progress=False)

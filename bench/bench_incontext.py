@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 def held_out(component: str, n: int, size: int, seed: int):
     """n (query, clean target, true mask) triples of one component type, plus one demo pair (from an n+1-th)."""
-    from pseudolabel.jobs.demo_data import add_watermark, render_scene
+    from pseudolabel.jobs.demo.data import add_watermark, render_scene
 
     rng = np.random.default_rng(seed)
     items = []
@@ -54,7 +54,7 @@ def _png(path: str, rgb: np.ndarray) -> str:
 
 
 def main() -> int:
-    from pseudolabel.jobs.train_incontext import small_config, train_incontext
+    from pseudolabel.jobs.training.incontext import small_config, train_incontext
     from pseudolabel.models.incontext.component import dilate
     from pseudolabel.models.inpainting import inpaint_opencv
     from pseudolabel.models.registry import labeler_class

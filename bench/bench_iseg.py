@@ -55,7 +55,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
-    from pseudolabel.models.attention import AttentionStore, capture_attention, encode_image, encode_text, noisy_unet_pass
+    from pseudolabel.models.attention import (
+        AttentionStore,
+        capture_attention,
+        encode_image,
+        encode_text,
+        noisy_unet_pass,
+    )
     from pseudolabel.models.iseg import REFERENCE_CROSS_LAYERS, HeadSetStore, ISeg
     from pseudolabel.schemas.spec import LabelerSpec
 

@@ -84,7 +84,7 @@ def main() -> None:
         rows.append(("mask_to_rle per token (reference)", f"{size}²", k, wall, cpu, k / (wall / 1e3)))
 
     # 3. classical labelers end to end on demo images (256 px)
-    from pseudolabel.jobs.demo_data import render_index
+    from pseudolabel.jobs.demo.data import render_index
     from pseudolabel.models.classical import EdgeTokens, GrabCutForeground
     from pseudolabel.schemas.spec import LabelerSpec
 

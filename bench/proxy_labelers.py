@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pseudolabel.models.base import LabelerParams, LabelOutput, Labeler
+from pseudolabel.models.base import Labeler, LabelerParams, LabelOutput
 from pseudolabel.models.tokens import boundary_to_tokens
 
 

@@ -21,8 +21,8 @@ def run(spec: Any, address: str | None = None, progress: bool = True, verbose: b
     (``output__uri="/tmp/out"``).
     """
     from pseudolabel.engine.pipeline import run_job
-    from pseudolabel.jobs.demo_data import ensure_demo_input
-    from pseudolabel.schemas.spec import load_spec
+    from pseudolabel.jobs.demo.data import ensure_demo_input
+    from pseudolabel.models.specs import load_spec
 
     flat = {k.replace("__", "."): v for k, v in overrides.items()}
     job = load_spec(spec, flat)
@@ -37,7 +37,7 @@ def read_labels(output: str, columns: list[str] | None = None, storage: Any = No
     gives the (H, W) uint8 mask; layers are PNG bytes (``pseudolabel.engine.encode.decode_png``).
     ``storage``: a ``StorageSpec`` (or its dict) for s3:// endpoints and credentials.
     """
-    from pseudolabel.jobs.labels_io import read_labels as _read
+    from pseudolabel.jobs.outputs.labels_io import read_labels as _read
     from pseudolabel.schemas.spec import StorageSpec
 
     if isinstance(storage, dict):

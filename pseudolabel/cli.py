@@ -22,8 +22,8 @@ def _overrides(pairs: list[str]) -> dict:
 
 def cmd_run(args) -> int:
     from pseudolabel.engine.pipeline import run_job
-    from pseudolabel.jobs.demo_data import ensure_demo_input
-    from pseudolabel.schemas.spec import load_spec
+    from pseudolabel.jobs.demo.data import ensure_demo_input
+    from pseudolabel.models.specs import load_spec
 
     job = load_spec(args.job, _overrides(args.set))  # fails before Ray starts
     ensure_demo_input(job)
@@ -56,7 +56,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_demo_data(args) -> int:
-    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.jobs.demo.data import generate
 
     info = generate(args.out, images=args.images, shards=args.shards, seed=args.seed, size=args.size,
                     storage=_storage(args), layout=args.layout)
@@ -81,7 +81,7 @@ def _require_run(output: str, args) -> None:
 
 
 def cmd_export(args) -> int:
-    from pseudolabel.jobs.export import export
+    from pseudolabel.jobs.outputs.export import export
 
     _require_run(args.output, args)
     options = {"min_score": args.min_score, "split": args.split, "images": args.images, "lowest": args.lowest,
@@ -93,11 +93,11 @@ def cmd_export(args) -> int:
 
 
 class _ExportFormats:
-    """The export format names, read from ``pseudolabel.jobs.export.EXPORTERS`` only when argparse
+    """The export format names, read from ``pseudolabel.jobs.outputs.export.EXPORTERS`` only when argparse
     checks a value or prints help (so building the parser does not import the exporters)."""
 
     def _names(self) -> list[str]:
-        from pseudolabel.jobs.export import EXPORTERS
+        from pseudolabel.jobs.outputs.export import EXPORTERS
 
         return list(EXPORTERS)
 
@@ -109,7 +109,7 @@ class _ExportFormats:
 
 
 def cmd_evaluate(args) -> int:
-    from pseudolabel.jobs.evaluate import evaluate, parse_category_map
+    from pseudolabel.jobs.evaluation.evaluate import evaluate, parse_category_map
 
     _require_run(args.output, args)
     kwargs = dict(class_agnostic=args.class_agnostic, task=args.task, max_dets=args.max_dets)
@@ -130,7 +130,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pseudolabel.jobs.report import report
+    from pseudolabel.jobs.outputs.report import report
 
     _require_run(args.output, args)
     path = report(args.output, args.out, storage=_storage(args), sample=args.sample)
@@ -268,9 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_models)
 
     for name, module, func, text in [
-        ("train-directsam", "pseudolabel.jobs.train_directsam", "train_directsam", "fine-tune DirectSAM"),
-        ("train-foba", "pseudolabel.jobs.train_foba", "train_foba", "concept-distillation fine-tuning"),
-        ("train-incontext", "pseudolabel.jobs.train_incontext", "train_incontext", "train the SeFM network"),
+        ("train-directsam", "pseudolabel.jobs.training.directsam", "train_directsam", "fine-tune DirectSAM"),
+        ("train-foba", "pseudolabel.jobs.training.foba", "train_foba", "FOBA: concept-distillation fine-tuning (stage: finetune) and the segmentation network (stage: segmentation)"),
+        ("train-incontext", "pseudolabel.jobs.training.incontext", "train_incontext", "train the SeFM network"),
     ]:
         t = sub.add_parser(name, help=text)
         t.add_argument("job", help="training spec YAML")

@@ -62,7 +62,7 @@ def s3_bucket(s3_server):
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """A small demo dataset (folder layout): 12 images of 96 px in 3 shards; returns its root path."""
-    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.jobs.demo.data import generate
 
     root = str(tmp_path_factory.mktemp("demo") / "demo")
     generate(root, images=12, shards=3, seed=7, size=96, progress=False)

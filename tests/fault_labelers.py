@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from pseudolabel.models.base import Instance, LabelerParams, LabelOutput, Labeler
+from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput
 
 
 class FlakyParams(LabelerParams):

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from pseudolabel.models.base import Instance, LabelerParams, LabelOutput, Labeler
+from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput
 
 
 class RecordingParams(LabelerParams):

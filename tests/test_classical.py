@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import ndimage
 from pydantic import ValidationError
+from scipy import ndimage
 
-from pseudolabel.jobs.demo_data import render_index
-from pseudolabel.jobs.metrics import boundary_prf, masks_to_label_map
+from pseudolabel.jobs.demo.data import render_index
+from pseudolabel.jobs.evaluation.metrics import boundary_prf, masks_to_label_map
 from pseudolabel.models.base import LabelOutput
 from pseudolabel.models.classical import ClassicalInpaint, EdgeTokens, GrabCutForeground, edge_boundary_map
 from pseudolabel.models.registry import labeler_class

@@ -8,7 +8,7 @@ import os
 from pycocotools.coco import COCO
 
 from pseudolabel.cli import main
-from pseudolabel.schemas.spec import load_spec
+from pseudolabel.models.specs import load_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "examples", "quickstart.yaml")
@@ -56,7 +56,9 @@ def test_quickstart_through_the_command_line(ray_cluster, tmp_path, capsys):
 
 
 def test_every_shipped_example_is_a_valid_spec():
-    from pseudolabel.jobs import train_directsam, train_foba, train_incontext
+    from pseudolabel.jobs.training import directsam as train_directsam
+    from pseudolabel.jobs.training import foba as train_foba
+    from pseudolabel.jobs.training import incontext as train_incontext
     from pseudolabel.schemas.spec import validate_spec
 
     trainers = {"train_directsam": train_directsam.TrainSpec, "train_foba": train_foba.TrainSpec,
@@ -76,7 +78,7 @@ def test_every_shipped_example_is_a_valid_spec():
 def test_export_panoptic_with_labeler_filter(tmp_path, capsys):
     from test_export import write_two_labeler_run
 
-    from pseudolabel.jobs.export import read_panoptic
+    from pseudolabel.jobs.outputs.export import read_panoptic
 
     run = write_two_labeler_run(tmp_path / "run")
     path = str(tmp_path / "pan" / "panoptic.json")
@@ -143,7 +145,7 @@ def test_ctrl_c_prints_one_line_with_what_is_committed(tmp_path):
 
     import yaml
 
-    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.jobs.demo.data import generate
 
     generate(str(tmp_path / "demo"), images=60, shards=2, seed=3, size=128, progress=False)
     out = tmp_path / "out"
@@ -179,6 +181,6 @@ def test_ctrl_c_prints_one_line_with_what_is_committed(tmp_path):
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("interrupted: ") and last.endswith("run the same command again to resume")
     committed = int(last.split()[1])
-    from pseudolabel.jobs.labels_io import read_labels
+    from pseudolabel.jobs.outputs.labels_io import read_labels
 
     assert 0 < committed == read_labels(str(out)).num_rows < 60

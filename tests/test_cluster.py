@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from pseudolabel.jobs.labels_io import read_labels
+from pseudolabel.jobs.outputs.labels_io import read_labels
 
 
 def _write_job(tmp_path, images: str, out: str, **resources) -> str:
@@ -35,7 +35,7 @@ def _start_cluster():
 
 
 def test_job_on_a_two_node_cluster_survives_losing_a_worker_node(tmp_path, monkeypatch):
-    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.jobs.demo.data import generate
 
     # nodes and the driver import the test-only labeler from tests/
     tests_dir = os.path.dirname(os.path.abspath(__file__))
@@ -176,7 +176,7 @@ def test_local_ray_goes_away_with_a_killed_driver(tmp_path):
     import signal
     import tempfile
 
-    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.jobs.demo.data import generate
 
     generate(str(tmp_path / "demo"), images=150, shards=3, seed=1, size=64, progress=False)
     spec = tmp_path / "job.yaml"

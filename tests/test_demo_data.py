@@ -11,7 +11,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from pseudolabel import storage as st
-from pseudolabel.jobs import demo_data as dd
+from pseudolabel.jobs.demo import data as dd
 from pseudolabel.schemas.coco import rle_to_mask
 
 N, SIZE = 8, 128
@@ -213,8 +213,8 @@ def test_generate_to_s3(s3_bucket, folder_ds):
 
 
 def test_a_job_asking_for_demo_data_gets_it_once(tmp_path):
-    from pseudolabel.jobs.demo_data import ensure_demo_input
-    from pseudolabel.schemas.spec import load_spec
+    from pseudolabel.jobs.demo.data import ensure_demo_input
+    from pseudolabel.models.specs import load_spec
 
     job = load_spec({"input": {"uri": str(tmp_path / "d" / "images"), "format": "folder",
                                "demo": {"images": 3, "shards": 1, "seed": 0, "size": 32}},

@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from directsam_tiny import (
     blocks_image,
     hub_cache_snapshot,
@@ -16,14 +15,15 @@ from directsam_tiny import (
     tiny_dinov2,
     tiny_segformer,
 )
+
 from pseudolabel.models.directsam_pyramid import (
     border_weights,
     crop_boxes,
+    normalize,
     preprocess,
     pyramid_probs,
     reference_pyramid_probs,
     resize_uint8,
-    normalize,
 )
 from pseudolabel.schemas.spec import LabelerSpec
 
@@ -440,8 +440,8 @@ def test_boundary_layer_is_uint16_and_keeps_low_threshold_tokens():
     import tempfile
 
     from pseudolabel.engine.encode import encode_output
-    from pseudolabel.jobs.evaluate import _boundary_layer
-    from pseudolabel.jobs.metrics import asa
+    from pseudolabel.jobs.evaluation.evaluate import _boundary_layer
+    from pseudolabel.jobs.evaluation.metrics import asa
     from pseudolabel.models.tokens import boundary_to_tokens
 
     with tempfile.TemporaryDirectory() as d:  # map centred near 0.03, like a calibrated model's

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from directsam_tiny import save_tiny_segformer, tiny_dinov2
 
 
 def test_directsam_through_ray_on_demo_data(ray_cluster, tmp_path, monkeypatch):
-    import pseudolabel
-    from pseudolabel.jobs.demo_data import generate
-    from pseudolabel.jobs.export import export, read_panoptic
-    from pseudolabel.jobs.labels_io import read_labels
     from pycocotools import mask as mask_utils
 
+    import pseudolabel
+    from pseudolabel.jobs.demo.data import generate
+    from pseudolabel.jobs.outputs.export import export, read_panoptic
+    from pseudolabel.jobs.outputs.labels_io import read_labels
     from pseudolabel.models.directsam import DirectSAM
     from pseudolabel.schemas.coco import rle_to_mask
     from pseudolabel.schemas.spec import LabelerSpec
@@ -28,6 +27,7 @@ def test_directsam_through_ray_on_demo_data(ray_cluster, tmp_path, monkeypatch):
 
     # the random network is uncalibrated: threshold at the median of its maps on this data
     import cv2
+
     from pseudolabel.storage import filesystem
 
     fs, root = filesystem(str(data / "images"))

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pseudolabel.jobs.directsam_eval import token_recall_curve
+from pseudolabel.jobs.evaluation.directsam_eval import token_recall_curve
 
 
 def _scene(seed: int):
@@ -39,8 +39,8 @@ def test_token_recall_curve(tmp_path):
 
 
 def test_curve_points_score_with_the_given_tolerances_and_border():
-    from pseudolabel.jobs.directsam_eval import curve_points
-    from pseudolabel.jobs.metrics import boundary_prf
+    from pseudolabel.jobs.evaluation.directsam_eval import curve_points
+    from pseudolabel.jobs.evaluation.metrics import boundary_prf
     from pseudolabel.models.tokens import boundary_to_tokens
 
     prob, gt = _scene(0)

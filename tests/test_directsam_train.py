@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pseudolabel.jobs.train_directsam import boundary_label, masks_to_segments, train_directsam
+from pseudolabel.jobs.training.directsam import boundary_label, masks_to_segments, train_directsam
 from pseudolabel.schemas.spec import LabelerSpec
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,7 +30,7 @@ def test_boundary_label_draws_3px_contours_of_every_segment():
 
 
 def test_train_few_steps_lowers_loss_and_loads_as_labeler(tmp_path, monkeypatch):
-    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.jobs.demo.data import generate
     from pseudolabel.models.directsam import DirectSAM
 
     monkeypatch.setenv("PSEUDOLABEL_CACHE", str(tmp_path / "cache"))
@@ -59,7 +58,7 @@ def test_train_few_steps_lowers_loss_and_loads_as_labeler(tmp_path, monkeypatch)
 def test_training_data_is_uint8_and_its_cache_bounded(demo_root):
     import torch
 
-    from pseudolabel.jobs.train_directsam import CocoBoundaryData, TrainSpec
+    from pseudolabel.jobs.training.directsam import CocoBoundaryData, TrainSpec
 
     spec = TrainSpec(data=demo_root, output="unused", resolution=48, cache_examples=3, limit=8)
     data = CocoBoundaryData(spec)
@@ -92,9 +91,9 @@ def test_train_from_the_coco_export_of_a_webdataset_run(ray_cluster, tmp_path, m
     from PIL import Image
 
     import pseudolabel
-    from pseudolabel.jobs.demo_data import generate
-    from pseudolabel.jobs.export import export
-    from pseudolabel.jobs.train_directsam import CocoBoundaryData, TrainSpec
+    from pseudolabel.jobs.demo.data import generate
+    from pseudolabel.jobs.outputs.export import export
+    from pseudolabel.jobs.training.directsam import CocoBoundaryData, TrainSpec
     from pseudolabel.models.directsam_pyramid import resize_uint8
 
     monkeypatch.setenv("PSEUDOLABEL_CACHE", str(tmp_path / "cache"))
@@ -127,7 +126,7 @@ def test_train_from_the_coco_export_of_a_webdataset_run(ray_cluster, tmp_path, m
 
 
 def test_split_file_name_finds_tar_and_parquet_containers():
-    from pseudolabel.jobs.train_directsam import split_file_name
+    from pseudolabel.jobs.training.directsam import split_file_name
 
     assert split_file_name("a/shard-0.tar/x/000.png") == ("a/shard-0.tar", "x/000.png")
     assert split_file_name("p.parquet/row:3") == ("p.parquet", "row:3")
@@ -144,7 +143,7 @@ def test_every_coco_segmentation_form_gives_the_same_label(tmp_path):
     import torch
     from pycocotools import mask as mask_utils
 
-    from pseudolabel.jobs.train_directsam import CocoBoundaryData, TrainSpec
+    from pseudolabel.jobs.training.directsam import CocoBoundaryData, TrainSpec
 
     h, w = 40, 60
     cv2.imwrite(str(tmp_path / "a.png"), np.full((h, w, 3), 128, np.uint8))

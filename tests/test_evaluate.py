@@ -5,10 +5,9 @@ import json
 
 import numpy as np
 import pytest
-
-from pseudolabel.jobs import metrics as M
 from labels_fixtures import GT_SHAPES, gt_coco, shape_masks, write_rows, write_run
 
+from pseudolabel.jobs.evaluation import metrics as M
 
 # ---------------------------------------------------------------- metrics on hand-made maps
 
@@ -130,7 +129,7 @@ def gt_path(tmp_path):
 
 
 def test_evaluate_perfect_instances_and_tokens(tmp_path, gt_path):
-    from pseudolabel.jobs.evaluate import evaluate
+    from pseudolabel.jobs.evaluation.evaluate import evaluate
 
     out = write_run(tmp_path / "run", mode="perfect")
     r = evaluate(out, gt_path)
@@ -146,7 +145,7 @@ def test_evaluate_perfect_instances_and_tokens(tmp_path, gt_path):
 
 
 def test_evaluate_random_masks_low_ap(tmp_path, gt_path):
-    from pseudolabel.jobs.evaluate import evaluate
+    from pseudolabel.jobs.evaluation.evaluate import evaluate
 
     out = write_run(tmp_path / "run", mode="random")
     r = evaluate(out, gt_path)
@@ -156,7 +155,7 @@ def test_evaluate_random_masks_low_ap(tmp_path, gt_path):
 
 
 def test_evaluate_class_agnostic(tmp_path, gt_path):
-    from pseudolabel.jobs.evaluate import evaluate
+    from pseudolabel.jobs.evaluation.evaluate import evaluate
 
     out = write_run(tmp_path / "run", mode="perfect", wrong_categories=True)
     assert evaluate(out, gt_path)["AP"] < 0.2
@@ -185,8 +184,8 @@ def _run_with_extra_mask(out, mask: np.ndarray, category_id: int):
     """The perfect run plus one annotation of ``category_id`` on ``mask`` in image 1 (top score)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from labels_fixtures import CATEGORIES, label_rows
+
     from pseudolabel.schemas.coco import mask_to_rle, rle_area, rle_bbox_xywh
     from pseudolabel.schemas.tables import LABELS_SCHEMA
 
@@ -203,7 +202,8 @@ def _run_with_extra_mask(out, mask: np.ndarray, category_id: int):
 
 def test_evaluate_semantic_ignores_wrong_predictions_in_the_ignore_band(tmp_path, gt_path):
     from labels_fixtures import H, W
-    from pseudolabel.jobs.evaluate import evaluate
+
+    from pseudolabel.jobs.evaluation.evaluate import evaluate
 
     root = str(_write_semantic_pngs(tmp_path / "sem"))
     for img in gt_coco()["images"]:  # the band holds only background in the GT shapes
@@ -228,7 +228,7 @@ def test_evaluate_semantic_ignores_wrong_predictions_in_the_ignore_band(tmp_path
 
 
 def test_evaluate_semantic(tmp_path, gt_path):
-    from pseudolabel.jobs.evaluate import evaluate
+    from pseudolabel.jobs.evaluation.evaluate import evaluate
 
     out = write_run(tmp_path / "run", mode="perfect")
     r = evaluate(out, gt_path, task="semantic")
@@ -250,11 +250,11 @@ def test_engine_run_on_demo_data_export_evaluate_report(ray_cluster, tmp_path):
     from pycocotools.coco import COCO
 
     import pseudolabel
-    from pseudolabel.jobs.demo_data import generate
-    from pseudolabel.jobs.evaluate import evaluate
-    from pseudolabel.jobs.export import export, read_panoptic
-    from pseudolabel.jobs.labels_io import read_labels
-    from pseudolabel.jobs.report import report
+    from pseudolabel.jobs.demo.data import generate
+    from pseudolabel.jobs.evaluation.evaluate import evaluate
+    from pseudolabel.jobs.outputs.export import export, read_panoptic
+    from pseudolabel.jobs.outputs.labels_io import read_labels
+    from pseudolabel.jobs.outputs.report import report
     from pseudolabel.schemas.coco import mask_to_rle
     from pseudolabel.schemas.tables import LABELS_SCHEMA
 
@@ -303,9 +303,9 @@ def test_evaluate_tokens_curve_from_boundary_layers(tmp_path, gt_path):
     import cv2
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from labels_fixtures import label_rows, png
-    from pseudolabel.jobs.evaluate import evaluate
+
+    from pseudolabel.jobs.evaluation.evaluate import evaluate
     from pseudolabel.schemas.tables import LABELS_SCHEMA
 
     rows = label_rows("perfect")
@@ -332,7 +332,6 @@ def _shifted_boundary_rows(shift: int = 3):
     """Perfect rows whose uint16 ``boundary`` layer (labeler ``directsam``) has every GT edge ``shift`` px
     off (down and right)."""
     import cv2
-
     from labels_fixtures import label_rows, png
 
     rows = label_rows("perfect")
@@ -345,7 +344,7 @@ def _shifted_boundary_rows(shift: int = 3):
 
 
 def test_evaluate_tokens_curve_uses_tolerances_and_the_runs_settings(tmp_path, gt_path):
-    from pseudolabel.jobs.evaluate import evaluate
+    from pseudolabel.jobs.evaluation.evaluate import evaluate
 
     curve = str(tmp_path / "curve.png")
     # a run without job.json: partition, no token cap
@@ -374,7 +373,7 @@ def _two_labeler_rows():
 
 
 def test_evaluate_tokens_labeler_filter(tmp_path, gt_path):
-    from pseudolabel.jobs.evaluate import evaluate
+    from pseudolabel.jobs.evaluation.evaluate import evaluate
 
     out = write_rows(tmp_path / "run", _two_labeler_rows())
     merged = evaluate(out, gt_path, task="tokens")
@@ -428,7 +427,7 @@ def _imperfect_run(out) -> str:
 
 
 def test_evaluate_refuses_run_categories_missing_from_the_gt(tmp_path):
-    from pseudolabel.jobs.evaluate import EvaluationError, evaluate
+    from pseudolabel.jobs.evaluation.evaluate import EvaluationError, evaluate
 
     out = write_run(tmp_path / "run", mode="perfect")
     gt = _gt_file(tmp_path / "renamed.json", RENAMED)
@@ -453,7 +452,7 @@ def test_evaluate_refuses_run_categories_missing_from_the_gt(tmp_path):
 
 
 def test_evaluate_category_map_scores_as_renaming_the_gt(tmp_path):
-    from pseudolabel.jobs.evaluate import evaluate
+    from pseudolabel.jobs.evaluation.evaluate import evaluate
 
     out = _imperfect_run(tmp_path / "run")
     renamed = _gt_file(tmp_path / "renamed.json", RENAMED)
@@ -480,7 +479,7 @@ def test_evaluate_category_map_scores_as_renaming_the_gt(tmp_path):
 
 
 def test_evaluate_category_map_is_validated(tmp_path, gt_path):
-    from pseudolabel.jobs.evaluate import EvaluationError, evaluate, parse_category_map
+    from pseudolabel.jobs.evaluation.evaluate import EvaluationError, evaluate, parse_category_map
 
     out = write_run(tmp_path / "run", mode="perfect")
     with pytest.raises(EvaluationError, match=r"'cube' not among the run's categories \(box, disc, wedge\)"):
@@ -502,13 +501,14 @@ def test_evaluate_category_map_is_validated(tmp_path, gt_path):
 
 def test_evaluate_partial_gt_coverage_warns_and_scores_the_matched_categories(tmp_path, gt_path, caplog):
     from labels_fixtures import label_rows
-    from pseudolabel.jobs.evaluate import evaluate
+
+    from pseudolabel.jobs.evaluation.evaluate import evaluate
 
     rows = label_rows("perfect")
     for r in rows:  # the run knows no "wedge"
         r["annotations"] = [a for a in r["annotations"] if a["category"] != "wedge"]
     out = write_rows(tmp_path / "run", rows)
-    with caplog.at_level("WARNING", logger="pseudolabel.jobs.evaluate"):
+    with caplog.at_level("WARNING", logger="pseudolabel.jobs.evaluation.evaluate"):
         r = evaluate(out, gt_path)
     warnings = [rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING"]
     assert len(warnings) == 1 and "\n" not in warnings[0]
@@ -524,7 +524,7 @@ def test_evaluate_partial_gt_coverage_warns_and_scores_the_matched_categories(tm
 
 
 def test_evaluate_curve_without_boundary_layers_names_the_fix(tmp_path, gt_path):
-    from pseudolabel.jobs.evaluate import EvaluationError, evaluate
+    from pseudolabel.jobs.evaluation.evaluate import EvaluationError, evaluate
 
     out = write_run(tmp_path / "plain")
     curve = str(tmp_path / "curve.png")
@@ -560,7 +560,7 @@ def test_curve_settings_come_from_the_runs_job_record(tmp_path):
     """The token curve re-tokenises with the settings the run used, read from job.json's spec."""
     import json as _json
 
-    from pseudolabel.jobs.evaluate import curve_settings
+    from pseudolabel.jobs.evaluation.evaluate import curve_settings
 
     (tmp_path / "job.json").write_text(_json.dumps({"fingerprint": "x", "spec": {"labelers": [
         {"name": "directsam", "params": {"mode": "simple", "max_tokens": 7}}]}}))

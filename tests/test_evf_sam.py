@@ -16,15 +16,31 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pseudolabel.engine.payload import pack_payload, unpack_payload
-from pseudolabel.models.evf_sam import labeler as evf_labeler
 from pseudolabel.models.device import resolve_dtype
+from pseudolabel.models.evf_sam import labeler as evf_labeler
 from pseudolabel.models.evf_sam.labeler import pack_bits
-from pseudolabel.models.evf_sam.model import (EvfSam, EvfSamConfig, MultitaskUndecidedError, WeightsMismatchError,
-                                              best_candidate, checkpoint_multitask, load_evf_sam, load_tokenizer,
-                                              save_evf_sam, tokenizer_added_tokens)
+from pseudolabel.models.evf_sam.model import (
+    EvfSam,
+    EvfSamConfig,
+    MultitaskUndecidedError,
+    WeightsMismatchError,
+    best_candidate,
+    checkpoint_multitask,
+    load_evf_sam,
+    load_tokenizer,
+    save_evf_sam,
+    tokenizer_added_tokens,
+)
 from pseudolabel.models.evf_sam.postprocess import mask_iou_matrix, select_instances
-from pseudolabel.models.evf_sam.preprocess import (SAM_PIXEL_MEAN, SAM_PIXEL_STD, SEMANTIC_PREFIX, beit3_pixels,
-                                                   masks_to_original, prompt_text, sam_pixels)
+from pseudolabel.models.evf_sam.preprocess import (
+    SAM_PIXEL_MEAN,
+    SAM_PIXEL_STD,
+    SEMANTIC_PREFIX,
+    beit3_pixels,
+    masks_to_original,
+    prompt_text,
+    sam_pixels,
+)
 from pseudolabel.models.evf_sam.random_checkpoint import random_config, write_random_checkpoint
 from pseudolabel.models.evf_sam.sam import sam_config
 from pseudolabel.models.registry import labeler_class

@@ -14,12 +14,12 @@ ONTOLOGY = [
 
 
 def test_evf_sam_through_ray_on_demo_data(ray_cluster, tmp_path):
-    import pseudolabel
     from pycocotools.coco import COCO
 
-    from pseudolabel.jobs.demo_data import generate
-    from pseudolabel.jobs.export import export
-    from pseudolabel.jobs.labels_io import read_labels
+    import pseudolabel
+    from pseudolabel.jobs.demo.data import generate
+    from pseudolabel.jobs.outputs.export import export
+    from pseudolabel.jobs.outputs.labels_io import read_labels
     from pseudolabel.models.evf_sam.random_checkpoint import write_random_checkpoint
     from pseudolabel.schemas.coco import rle_to_mask
 

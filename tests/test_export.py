@@ -9,13 +9,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from labels_fixtures import (
+    CATEGORIES,
+    FILE_NAMES,
+    GT_SHAPES,
+    H,
+    W,
+    gt_coco,
+    label_rows,
+    render_image,
+    shape_masks,
+    two_labeler_rows,
+    write_run,
+)
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from labels_fixtures import CATEGORIES, FILE_NAMES, GT_SHAPES, H, W, gt_coco, label_rows, render_image, shape_masks, two_labeler_rows, write_run
 from pseudolabel import storage as st
-from pseudolabel.jobs import labels_io
-from pseudolabel.jobs.export import (
+from pseudolabel.jobs.outputs import labels_io
+from pseudolabel.jobs.outputs.export import (
     ExportError,
     decode_panoptic_ids,
     encode_panoptic_ids,
@@ -227,7 +239,7 @@ def test_read_and_export_on_s3(s3_bucket):
 
 
 def test_rles_to_label_map_matches_dense_painting():
-    from pseudolabel.jobs.metrics import masks_to_label_map
+    from pseudolabel.jobs.evaluation.metrics import masks_to_label_map
 
     rng = np.random.default_rng(0)
     for trial in range(10):

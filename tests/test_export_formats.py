@@ -14,13 +14,12 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from labels_fixtures import CATEGORIES, GT_SHAPES, H, W, label_rows, render_image, shape_masks, write_rows, write_run
 
-from labels_fixtures import (CATEGORIES, GT_SHAPES, H, W, label_rows, render_image, shape_masks, write_rows,
-                             write_run)
 from pseudolabel import storage as st
 from pseudolabel.errors import UsageError
-from pseudolabel.jobs.export import EXPORTERS, ExportError, export, score_thresholds_from_job
-from pseudolabel.jobs.export_formats import (
+from pseudolabel.jobs.outputs.export import EXPORTERS, ExportError, export, score_thresholds_from_job
+from pseudolabel.jobs.outputs.export_formats import (
     image_stems,
     ls_brush_rle,
     outer_polygons,
@@ -342,7 +341,7 @@ def test_min_score_and_category_thresholds_in_every_format(tmp_path):
     assert set(_annotation_counts(tmp_path, out, score_thresholds={"disc": 0.75}).values()) == {N_ANN - 1}
     # the run's job.json ontology thresholds (the highest per category) apply when none are passed;
     # {} turns them off
-    from pseudolabel.schemas.spec import load_spec
+    from pseudolabel.models.specs import load_spec
 
     spec = load_spec({"input": {"uri": "/in"}, "output": {"uri": out}, "labelers": [
         {"name": "classical_grabcut", "ontology": [{"category": "box", "score_threshold": 0.85}, {"category": "disc"}]},

@@ -25,7 +25,7 @@ def _job(data, out, params):
 
 def _check_run(out, layers):
     from pseudolabel.engine.encode import decode_png
-    from pseudolabel.jobs.labels_io import read_labels
+    from pseudolabel.jobs.outputs.labels_io import read_labels
     from pseudolabel.schemas.coco import rle_to_mask
 
     rows = read_labels(str(out)).to_pylist()
@@ -50,9 +50,9 @@ def test_foba_training_and_labeling_through_ray(ray_cluster, tiny_sd, tmp_path):
     from pycocotools.coco import COCO
 
     import pseudolabel
-    from pseudolabel.jobs.demo_data import generate
-    from pseudolabel.jobs.export import export
-    from pseudolabel.jobs.train_foba import train_foba
+    from pseudolabel.jobs.demo.data import generate
+    from pseudolabel.jobs.outputs.export import export
+    from pseudolabel.jobs.training.foba import train_foba
 
     data = tmp_path / "demo"
     generate(str(data), images=3, shards=1, size=64, progress=False)
@@ -88,7 +88,7 @@ def test_foba_training_and_labeling_through_ray(ray_cluster, tiny_sd, tmp_path):
 def test_missing_inpainting_checkpoint_stops_the_job_on_the_driver(tiny_sd, tmp_path):
     import pseudolabel
     from pseudolabel.engine.errors import WeightsError
-    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.jobs.demo.data import generate
 
     data = tmp_path / "demo"
     generate(str(data), images=1, shards=1, size=64, progress=False)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pseudolabel.jobs.train_foba import (
+from pseudolabel.jobs.training.foba import (
     TrainSpec,
     latent_grid_mask,
     segmentation_example,

@@ -27,8 +27,9 @@ from pseudolabel.engine.formats import (
 )
 from pseudolabel.engine.formats.folder import FolderFormat, fetch_plain
 from pseudolabel.engine.sources import list_input
-from pseudolabel.jobs import labels_io
-from pseudolabel.schemas.spec import InputSpec, JobSpec, SpecError, load_spec
+from pseudolabel.jobs.outputs import labels_io
+from pseudolabel.models.specs import load_spec
+from pseudolabel.schemas.spec import InputSpec, JobSpec, SpecError
 from pseudolabel.storage import to_uri
 
 
@@ -179,7 +180,7 @@ def test_report_shows_the_image_column_that_was_labelled(tmp_path):
     source view is the ``other`` picture, not the first struct or first binary column's."""
     from labels_fixtures import write_rows
 
-    from pseudolabel.jobs.report import report
+    from pseudolabel.jobs.outputs.report import report
 
     data = tmp_path / "pq"
     data.mkdir()

@@ -13,8 +13,8 @@ from pseudolabel.engine.pipeline import (
     manifest_parts,
     prepare_output,
 )
-from pseudolabel.jobs.labels_io import read_labels
-from pseudolabel.schemas.spec import load_spec
+from pseudolabel.jobs.outputs.labels_io import read_labels
+from pseudolabel.models.specs import load_spec
 
 
 def _job(images, out, decode_batch_size):

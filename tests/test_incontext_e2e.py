@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 from test_incontext_seggpt import _queries, calibrated_threshold, save_tiny_seggpt, watermark_pair
 
 
@@ -13,8 +12,8 @@ def test_incontext_through_ray_on_watermarked_demo_data(ray_cluster, tmp_path, m
 
     import pseudolabel
     from pseudolabel.engine.encode import decode_png
-    from pseudolabel.jobs.demo_data import generate
-    from pseudolabel.jobs.labels_io import read_labels
+    from pseudolabel.jobs.demo.data import generate
+    from pseudolabel.jobs.outputs.labels_io import read_labels
     from pseudolabel.models.incontext.component import decode_query
     from pseudolabel.schemas.coco import rle_to_mask
 

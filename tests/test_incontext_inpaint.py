@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from halves import assert_same_outputs
+from test_incontext_seggpt import _queries, calibrated_threshold, save_tiny_seggpt, split_outputs, watermark_pair
 
 from pseudolabel.models.incontext.component import decode_query, dilate
 from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import LabelerSpec
-from halves import assert_same_outputs
-from test_incontext_seggpt import (_queries, calibrated_threshold, save_tiny_seggpt,
-                                   split_outputs, watermark_pair)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -33,7 +33,7 @@ def _write_png(path, rgb):
 
 
 def _demo_pair(tmp_path, size=48, seed=0):
-    from pseudolabel.jobs.demo_data import add_watermark, render_scene
+    from pseudolabel.jobs.demo.data import add_watermark, render_scene
 
     rng = np.random.default_rng(seed)
     clean = render_scene(rng, size, shadow_prob=0.0, watermark_prob=0.0).clean
@@ -109,7 +109,7 @@ def test_labeler_requires_weights_and_untrained_is_identity(tmp_path):
 
 
 def test_training_lowers_loss_and_checkpoint_loads_as_labeler(tmp_path, s3_bucket):
-    from pseudolabel.jobs.train_incontext import train_incontext
+    from pseudolabel.jobs.training.incontext import train_incontext
 
     bucket, storage = s3_bucket
     # 1. a few steps on a fixed set of synthesised pairs lower the answer-cell L1
@@ -130,7 +130,7 @@ def test_training_lowers_loss_and_checkpoint_loads_as_labeler(tmp_path, s3_bucke
                     params={"backend": "sefm", "demo_in": demo_in, "demo_out": demo_out}),
         storage=storage)
     assert lab.net.config.cell == 32 and not lab.net.training
-    from pseudolabel.jobs.demo_data import add_watermark, render_scene
+    from pseudolabel.jobs.demo.data import add_watermark, render_scene
 
     rng = np.random.default_rng(7)
     clean = render_scene(rng, 40, shadow_prob=0.0, watermark_prob=0.0).clean
@@ -165,7 +165,7 @@ def perturbed_checkpoint(directory, seed=0, std=0.02, temperature=None, base=TIN
 
 
 def _watermarked_queries(seed=7, sizes=((40, 56), (64, 48))):
-    from pseudolabel.jobs.demo_data import add_watermark, render_scene
+    from pseudolabel.jobs.demo.data import add_watermark, render_scene
 
     rng = np.random.default_rng(seed)
     out = []
@@ -222,7 +222,7 @@ def test_sefm_auto_dtype_on_cpu_is_float32(tmp_path):
 
 
 def test_several_pairs_give_the_mean_of_single_pair_results(tmp_path):
-    from pseudolabel.jobs.demo_data import add_watermark, render_scene
+    from pseudolabel.jobs.demo.data import add_watermark, render_scene
 
     ck = perturbed_checkpoint(tmp_path / "ck", std=0.05, temperature=10.0)
     a_in, a_out = _demo_pair(tmp_path, seed=0)
@@ -287,9 +287,10 @@ def test_sefm_mask_is_where_clean_differs_by_more_than_change_threshold(tmp_path
 @pytest.mark.parametrize("dtype,layout,arch", [("float32", "grid", "sefm-small"), ("float16", "grid", "sefm-small"),
                                                ("float32", "vertical", "sefm-small"), ("float32", "grid", "sefm")])
 def test_sefm_split_is_exact(tmp_path, dtype, layout, arch):
-    from pseudolabel.models.base import Labeler
     from halves import assert_same_outputs
     from test_incontext_seggpt import split_outputs
+
+    from pseudolabel.models.base import Labeler
 
     ck = perturbed_checkpoint(tmp_path / "ck", seed=1, layout=layout, base=TINY if arch == "sefm-small" else REF_TINY)
     a_in, a_out = _demo_pair(tmp_path, seed=0)
@@ -350,7 +351,7 @@ SEFM_PARAMETERS_USED = 202_844_899
 
 def test_sefm_is_the_default_architecture_with_the_published_layout():
     from pseudolabel.models.incontext.sefm import SeFMNet
-    from pseudolabel.models.incontext.sefm_reference import CAttention, GAttention, SAttention, TBlock, TSA
+    from pseudolabel.models.incontext.sefm_reference import TSA, CAttention, GAttention, SAttention, TBlock
 
     cfg = SeFMConfig()
     assert (cfg.arch, cfg.width, cfg.enc_blocks, cfg.middle_blocks, cfg.dec_blocks, cfg.heads, cfg.window,

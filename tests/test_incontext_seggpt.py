@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from halves import assert_same_outputs
+
 from pseudolabel.models.incontext.component import decode_query, dilate
 from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import LabelerSpec
@@ -32,7 +32,7 @@ def _png(path, rgb) -> str:
 
 def watermark_pair(tmp_path, size=64, seed=11) -> tuple[str, str]:
     """A demonstration pair (watermarked scene, the same scene clean) written as PNGs."""
-    from pseudolabel.jobs.demo_data import add_watermark, render_scene
+    from pseudolabel.jobs.demo.data import add_watermark, render_scene
 
     rng = np.random.default_rng(seed)
     clean = render_scene(rng, size, shadow_prob=0.0, watermark_prob=0.0).clean
@@ -53,7 +53,7 @@ def calibrated_threshold(model_dir, demo_in, demo_out, images) -> float:
 
 
 def _queries(n=2, size=64, seed=5):
-    from pseudolabel.jobs.demo_data import render_scene
+    from pseudolabel.jobs.demo.data import render_scene
 
     rng = np.random.default_rng(seed)
     return [render_scene(rng, size, shadow_prob=0.0, watermark_prob=1.0).image for _ in range(n)]

@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 import yaml
+from test_incontext_sefm import REF_TINY, TINY, _demo_pair, _watermarked_queries
 
 from pseudolabel.models.incontext.component import decode_query
 from pseudolabel.models.incontext.sefm import SeFM
 from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import LabelerSpec, SpecError
-from test_incontext_sefm import REF_TINY, TINY, _demo_pair, _watermarked_queries
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,7 +52,7 @@ def test_cli_train_incontext_writes_a_checkpoint_that_loads_as_a_labeler(tmp_pat
 
 
 def test_time_budget_still_runs_one_step(tmp_path):
-    from pseudolabel.jobs.train_incontext import train_incontext
+    from pseudolabel.jobs.training.incontext import train_incontext
 
     summary = train_incontext({**QUICK, "output": str(tmp_path / "ck"), "model": TINY, "steps": 5,
                                "time_budget_s": 1e-9})
@@ -62,7 +62,7 @@ def test_time_budget_still_runs_one_step(tmp_path):
 
 
 def test_init_from_trains_the_checkpoint_and_rejects_a_different_model(tmp_path):
-    from pseudolabel.jobs.train_incontext import TrainSpec, train_incontext
+    from pseudolabel.jobs.training.incontext import TrainSpec, train_incontext
 
     base = str(tmp_path / "base")
     train_incontext({**QUICK, "output": base, "model": TINY})
@@ -90,7 +90,7 @@ def test_init_from_trains_the_checkpoint_and_rejects_a_different_model(tmp_path)
 
 
 def test_train_on_shadows_two_steps(tmp_path):
-    from pseudolabel.jobs.train_incontext import train_incontext
+    from pseudolabel.jobs.training.incontext import train_incontext
 
     out = str(tmp_path / "shadow")
     summary = train_incontext({**QUICK, "output": out, "model": TINY, "components": ["shadow"]})
@@ -99,7 +99,7 @@ def test_train_on_shadows_two_steps(tmp_path):
 
 
 def test_train_vertical_layout_two_steps(tmp_path):
-    from pseudolabel.jobs.train_incontext import train_incontext
+    from pseudolabel.jobs.training.incontext import train_incontext
 
     out = str(tmp_path / "vertical")
     summary = train_incontext({**QUICK, "output": out, "model": {**TINY, "layout": "vertical"},
@@ -118,7 +118,7 @@ def test_train_vertical_layout_two_steps(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_defaults_are_sefms_training():
-    from pseudolabel.jobs.train_incontext import TrainSpec, lr_schedule
+    from pseudolabel.jobs.training.incontext import TrainSpec, lr_schedule
 
     spec = TrainSpec(output="unused", steps=100)
     assert (spec.model.arch, spec.model.width, spec.model.cell, spec.model.layout) == ("sefm", 32, 256, "grid")
@@ -130,7 +130,7 @@ def test_defaults_are_sefms_training():
 
 
 def test_scenes_keep_the_component_the_demonstration_does_not_remove():
-    from pseudolabel.jobs.incontext_data import KINDS, LayeredScene, synthesize_example, type_index
+    from pseudolabel.jobs.training.incontext_data import KINDS, LayeredScene, synthesize_example, type_index
 
     rng = np.random.default_rng(0)
     for kinds in [("shadow", "watermark"), ("watermark", "star"), ("logo", "circle", "shadow")]:
@@ -159,7 +159,7 @@ def test_scenes_keep_the_component_the_demonstration_does_not_remove():
 
 
 def test_make_batch_draws_two_kinds_per_scene():
-    from pseudolabel.jobs.incontext_data import draw_kinds, make_batch
+    from pseudolabel.jobs.training.incontext_data import draw_kinds, make_batch
 
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -175,7 +175,7 @@ def test_make_batch_draws_two_kinds_per_scene():
 
 def test_sefm_training_steps_lower_the_loss(tmp_path):
     """The published architecture (tiny width), L1 + 0.3 · BCE of the discriminator, multi-semantic data."""
-    from pseudolabel.jobs.train_incontext import train_incontext
+    from pseudolabel.jobs.training.incontext import train_incontext
     from pseudolabel.models.incontext.sefm import SeFMNet
 
     out = str(tmp_path / "ref")

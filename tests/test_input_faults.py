@@ -287,7 +287,7 @@ def test_listing_is_retried_and_a_lasting_outage_is_one_line(proxied):
 
 
 def test_trainer_reads_through_the_formats_and_refuses_paths_leaving_its_root(tmp_path):
-    from pseudolabel.jobs.train_directsam import CocoBoundaryData, TrainSpec
+    from pseudolabel.jobs.training.directsam import CocoBoundaryData, TrainSpec
 
     root = tmp_path / "images"
     root.mkdir()

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import pseudolabel
-from pseudolabel.jobs.labels_io import read_labels
+from pseudolabel.jobs.outputs.labels_io import read_labels
 
 
 def _png(seed: int, h: int = 48, w: int = 64, dtype=np.uint8) -> bytes:

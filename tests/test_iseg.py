@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from halves import assert_same_output
+
 from pseudolabel.models.iseg import (
     ISeg,
     combine_seed_columns,
@@ -321,13 +321,13 @@ def test_labeler_power_rule_and_from_s3(sd_dir, s3_bucket, tmp_path, monkeypatch
 
 
 def test_run_through_ray_on_demo_data(sd_dir, ray_cluster, tmp_path):
-    import pseudolabel
     from pycocotools.coco import COCO
 
+    import pseudolabel
     from pseudolabel.engine.encode import decode_png
-    from pseudolabel.jobs.demo_data import CATEGORIES, generate
-    from pseudolabel.jobs.export import export
-    from pseudolabel.jobs.labels_io import read_labels
+    from pseudolabel.jobs.demo.data import CATEGORIES, generate
+    from pseudolabel.jobs.outputs.export import export
+    from pseudolabel.jobs.outputs.labels_io import read_labels
 
     data = tmp_path / "demo"
     generate(str(data), images=3, shards=1, size=64, progress=False)

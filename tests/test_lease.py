@@ -149,7 +149,7 @@ def test_lease_is_released_when_the_run_fails(ray_cluster, demo_root, tmp_path):
 
 
 def test_two_runs_started_together_one_is_refused_and_every_image_is_written_once(demo_root, tmp_path):
-    from pseudolabel.jobs.labels_io import read_labels
+    from pseudolabel.jobs.outputs.labels_io import read_labels
 
     out = str(tmp_path / "out")
     job = {"input": {"uri": f"{demo_root}/images"}, "output": {"uri": out},

@@ -11,15 +11,14 @@ import textwrap
 import numpy as np
 import pytest
 from PIL import Image
+from recording_labelers import calls
 
 import pseudolabel
 from pseudolabel.engine.decode import fetch_decode
 from pseudolabel.engine.sources import list_input
 from pseudolabel.engine.stage import DeviceStage, decode_then_host, host_stage
-from pseudolabel.jobs.labels_io import read_labels
+from pseudolabel.jobs.outputs.labels_io import read_labels
 from pseudolabel.schemas.spec import InputSpec
-
-from recording_labelers import calls
 
 PROVENANCE = {"labelers": ["recording"], "weights": [""], "revisions": [""], "params_hash": "x",
               "engine_version": "0", "run_id": "r"}

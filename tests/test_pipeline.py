@@ -15,7 +15,7 @@ from PIL import Image
 
 import pseudolabel
 from pseudolabel.engine.errors import OutputConflictError
-from pseudolabel.jobs.labels_io import read_labels
+from pseudolabel.jobs.outputs.labels_io import read_labels
 
 COMPARE = ["image_id", "file_name", "width", "height", "status", "error", "annotations", "subobjects"]
 
@@ -138,7 +138,7 @@ def test_rerun_skips_finished_images_and_conflicting_job_is_refused(local_run):
 
 
 def test_coco_webdataset_and_parquet_inputs_run_end_to_end(ray_cluster, tmp_path):
-    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.jobs.demo.data import generate
 
     coco_root = str(tmp_path / "c")
     generate(coco_root, images=4, shards=1, seed=1, size=64, progress=False)
@@ -198,7 +198,7 @@ def test_a_record_without_committed_labels_does_not_block_a_changed_job(ray_clus
     """An earlier run that wrote its record and manifest but committed no labels (it died, or every
     actor failed) is replaced by a corrected job into the same output, listing anew."""
     from pseudolabel.engine.pipeline import prepare_output
-    from pseudolabel.schemas.spec import load_spec
+    from pseudolabel.models.specs import load_spec
 
     images = tmp_path / "imgs"
     images.mkdir()

@@ -10,11 +10,16 @@ import uuid
 
 import pytest
 
-from pseudolabel.engine.cluster import (CONNECT_TIMEOUT_ENV, check_address, cluster_address, connect_timeout,
-                                        split_address)
+from pseudolabel.engine.cluster import (
+    CONNECT_TIMEOUT_ENV,
+    check_address,
+    cluster_address,
+    connect_timeout,
+    split_address,
+)
 from pseudolabel.engine.errors import ClusterError, OutputPathError, StorageAccessError, environment_problem
 from pseudolabel.engine.preflight import check_bucket, check_output, preflight
-from pseudolabel.schemas.spec import load_spec
+from pseudolabel.models.specs import load_spec
 from pseudolabel.storage import exists, read_bytes, write_bytes
 
 

@@ -19,12 +19,11 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from recording_labelers import pids
 
 import pseudolabel
-from pseudolabel.jobs.demo_data import generate
-from pseudolabel.jobs.labels_io import read_labels
-
-from recording_labelers import pids
+from pseudolabel.jobs.demo.data import generate
+from pseudolabel.jobs.outputs.labels_io import read_labels
 
 pytestmark = pytest.mark.reliability
 

@@ -13,10 +13,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from labels_fixtures import render_image, shape_masks, write_run
-from pseudolabel.jobs.report import (CATEGORIES_PNG, SCORES_PNG, category_colour, instance_colour, overlay_masks,
-                                     overlay_tokens, report, run_stats)
+
+from pseudolabel.jobs.outputs.report import (
+    CATEGORIES_PNG,
+    SCORES_PNG,
+    category_colour,
+    instance_colour,
+    overlay_masks,
+    overlay_tokens,
+    report,
+    run_stats,
+)
 from pseudolabel.schemas.tables import LABELS_SCHEMA
 
 

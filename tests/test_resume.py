@@ -12,7 +12,7 @@ import time
 import yaml
 
 from pseudolabel.engine.audit import inspect
-from pseudolabel.jobs.labels_io import read_labels
+from pseudolabel.jobs.outputs.labels_io import read_labels
 
 
 def _committed(out):
@@ -23,7 +23,7 @@ def _committed(out):
 
 
 def test_killed_driver_resumes_exactly_once(tmp_path):
-    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.jobs.demo.data import generate
 
     root = tmp_path / "demo"
     generate(str(root), images=40, shards=4, seed=11, size=128, progress=False)

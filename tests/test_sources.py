@@ -56,7 +56,7 @@ def test_coco_listing_takes_ids_names_and_boxes(demo_root):
 
 
 def test_webdataset_and_parquet_layouts_decode_to_the_same_pixels(tmp_path):
-    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.jobs.demo.data import generate
 
     roots = {}
     for layout in ("folder", "webdataset", "parquet"):
@@ -189,7 +189,6 @@ def test_missing_input_is_a_clear_error(tmp_path):
 def test_s3_listings_are_never_stale(s3_bucket):
     """A listing taken before another client writes (Ray workers write labels/) must not hide new files."""
     import boto3
-
     import pyarrow.dataset as pads
 
     from pseudolabel.storage import arrow_filesystem, filesystem, join

@@ -8,7 +8,8 @@ import time
 import pytest
 import yaml
 
-from pseudolabel.schemas.spec import SpecError, apply_override, load_spec
+from pseudolabel.models.specs import load_spec
+from pseudolabel.schemas.spec import SpecError, apply_override
 
 GOOD = {
     "input": {"uri": "/data/images"},

@@ -3,12 +3,12 @@ the same rows, for every built-in labeler in the engine's stages, and through Ra
 from __future__ import annotations
 
 from directsam_tiny import save_tiny_segformer
-from test_incontext_seggpt import save_tiny_seggpt, watermark_pair
 from test_incontext_sefm import perturbed_checkpoint
+from test_incontext_seggpt import save_tiny_seggpt, watermark_pair
 
 
 def _rows(out: str) -> list[dict]:
-    from pseudolabel.jobs.labels_io import read_labels
+    from pseudolabel.jobs.outputs.labels_io import read_labels
 
     rows = read_labels(out).to_pylist()
     for r in rows:
@@ -22,7 +22,7 @@ PROVENANCE = {"labelers": [], "weights": [], "revisions": [], "params_hash": "x"
 
 def _labelers(tmp_path, tiny_sd) -> list[dict]:
     """Every built-in labeler on tiny random weights, ontologies from the demo categories."""
-    from pseudolabel.jobs.demo_data import CATEGORIES
+    from pseudolabel.jobs.demo.data import CATEGORIES
     from pseudolabel.models.evf_sam.random_checkpoint import write_random_checkpoint
 
     ontology = [{"category": c["name"], "id": c["id"]} for c in CATEGORIES]
@@ -55,9 +55,10 @@ def test_every_labeler_gives_the_same_rows_split_or_whole(tiny_sd, tmp_path, mon
     from pseudolabel.engine.decode import fetch_decode
     from pseudolabel.engine.sources import list_input
     from pseudolabel.engine.stage import DeviceStage, host_stage
-    from pseudolabel.jobs.demo_data import generate
+    from pseudolabel.jobs.demo.data import generate
     from pseudolabel.models.registry import labeler_class
-    from pseudolabel.schemas.spec import InputSpec, load_spec
+    from pseudolabel.models.specs import load_spec
+    from pseudolabel.schemas.spec import InputSpec
 
     monkeypatch.setenv("PSEUDOLABEL_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "demo"
@@ -98,8 +99,8 @@ def test_through_ray_both_plans_write_the_same_parquet_rows(ray_cluster, tmp_pat
     and whole in the actors (``resources.host: actor``) write the same rows."""
     import pseudolabel
     from pseudolabel.engine.pipeline import actor_stages
-    from pseudolabel.jobs.demo_data import CATEGORIES, generate
-    from pseudolabel.schemas.spec import load_spec
+    from pseudolabel.jobs.demo.data import CATEGORIES, generate
+    from pseudolabel.models.specs import load_spec
 
     monkeypatch.setenv("PSEUDOLABEL_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "demo"

@@ -18,8 +18,8 @@ from PIL import Image
 from pseudolabel.cli import main
 from pseudolabel.engine.layout import PENDING_SUFFIX
 from pseudolabel.engine.pipeline import run_job
-from pseudolabel.jobs.labels_io import read_labels
-from pseudolabel.schemas.spec import load_spec
+from pseudolabel.jobs.outputs.labels_io import read_labels
+from pseudolabel.models.specs import load_spec
 
 
 def _job(images, out):

@@ -32,7 +32,6 @@ import warnings
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pseudolabel.version import __version__
 from pseudolabel.engine.audit import repair
 from pseudolabel.engine.cluster import connect
 from pseudolabel.engine.decode import fetch_decode
@@ -57,6 +56,7 @@ from pseudolabel.storage import (
     to_uri,
     write_bytes,
 )
+from pseudolabel.version import __version__
 
 log = logging.getLogger("pseudolabel")
 

@@ -39,8 +39,15 @@ from pseudolabel.engine.payload import pack_payload, unpack_payload
 from pseudolabel.engine.run_stats import report_seconds
 from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.spec import LabelerSpec, StorageSpec
-from pseudolabel.schemas.tables import (ANNOTATION_TYPE, LABELS_SCHEMA, LAYER_TYPE, PROVENANCE_TYPE, STATUS_ERROR,
-                                        STATUS_OK, SUBOBJECT_TYPE)
+from pseudolabel.schemas.tables import (
+    ANNOTATION_TYPE,
+    LABELS_SCHEMA,
+    LAYER_TYPE,
+    PROVENANCE_TYPE,
+    STATUS_ERROR,
+    STATUS_OK,
+    SUBOBJECT_TYPE,
+)
 
 log = logging.getLogger(__name__)
 

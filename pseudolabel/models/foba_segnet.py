@@ -7,7 +7,7 @@ Architecture (the published method's, a standard U-Net): ``DoubleConv`` (conv3x3
 output conv and a sigmoid. ``width`` 64 is the published size; tests use a few channels.
 
 Input (B, 3, H, W) float in [-1, 1]; output (B, 1, H, W) foreground probability in [0, 1]. Any H, W
-work (odd sizes are padded at the skips). Trained at 128 px: see ``pseudolabel.jobs.train_foba``.
+work (odd sizes are padded at the skips). Trained at 128 px: see ``pseudolabel.jobs.training.foba``.
 
 Checkpoint directory: ``config.json`` ({"kind": "foba-segmentation", "width": .., "resolution": ..})
 and ``model.safetensors``.

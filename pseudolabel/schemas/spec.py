@@ -169,17 +169,6 @@ class JobSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     seed: int = 0
 
-    @field_validator("labelers")
-    @classmethod
-    def _known_labelers(cls, labelers):
-        from pseudolabel.models.registry import is_known, labeler_names
-
-        for i, spec in enumerate(labelers):
-            if not is_known(spec.name):
-                raise ValueError(f"labelers.{i}.name: unknown labeler {spec.name!r}; known: "
-                                 f"{', '.join(labeler_names())} (or 'package.module:Class' for your own)")
-        return labelers
-
     @model_validator(mode="after")
     def _one_category_numbering(self):
         """Category ids are job-wide: one name has one id and one id one name, across all labelers.
@@ -326,26 +315,3 @@ def validate_spec(model: type[SpecModel], spec: Any, overrides: dict[str, Any] |
         return model.model_validate(data)
     except ValidationError as err:
         raise SpecError(_format_errors(err)) from None
-
-
-def load_spec(spec: "str | Path | dict | JobSpec", overrides: dict[str, Any] | None = None) -> JobSpec:
-    """Load and validate a job spec from a YAML path, a dict or a JobSpec, with dotted overrides.
-
-    Labeler ``params`` are validated against the labeler's own parameter model here too, so a bad
-    parameter fails before any work starts.
-    """
-    job = validate_spec(JobSpec, spec, overrides)
-    from pseudolabel.models.registry import labeler_class
-
-    for i, lab in enumerate(job.labelers):
-        try:
-            params_model = labeler_class(lab.name).Params
-        except (ImportError, AttributeError) as err:
-            raise SpecError(spec_problems([f"labelers.{i}.name: cannot import {lab.name!r}: {err}"])) from None
-        try:
-            lab.params = params_model.model_validate(lab.params).model_dump()
-        except ValidationError as err:
-            lines = [f"labelers.{i}.params.{'.'.join(str(p) for p in e['loc'])}: "
-                     f"{'unknown parameter' if e['type'] == 'extra_forbidden' else e['msg']}" for e in err.errors()]
-            raise SpecError(spec_problems(lines)) from None
-    return job

@@ -13,7 +13,7 @@ watermark, rain, a kind of object…) and the same image without it — as URIs 
 Backends:
 
 - ``sefm``: the SeFM network on the 2×2 in-context canvas. **No public SeFM weights exist**: pass a
-  checkpoint trained with ``pseudolabel.jobs.train_incontext`` as ``weights`` (local dir or s3://).
+  checkpoint trained with ``pseudolabel.jobs.training.incontext`` as ``weights`` (local dir or s3://).
   The answer cell's change is transferred to the full-resolution query (``canvas.transfer_residual``);
   with several pairs, the clean image is the mean of the per-pair clean images (each in [0, 1],
   rounded to uint8 once, after averaging). The mask is where clean and query differ by more than
@@ -45,9 +45,9 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from pseudolabel import storage as st
-from pseudolabel.models.base import Instance, LabelerParams, Labeler, LabelOutput, Payload
-from pseudolabel.models.incontext import canvas as cv
+from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput, Payload
 from pseudolabel.models.device import compiled, to_host
+from pseudolabel.models.incontext import canvas as cv
 from pseudolabel.models.incontext.component import clean_mask, difference_mask, dilate, encode_component
 from pseudolabel.models.inpainting import inpaint_opencv
 from pseudolabel.models.weights import resolve_weights

@@ -1,7 +1,7 @@
 """The SeFM network ("Separating Anything from Image in Context"), in two architectures.
 
 SeFM repaints the answer cell of an in-context canvas (see ``canvas.py``). No public SeFM weights
-exist: train a checkpoint with ``pseudolabel.jobs.train_incontext`` (or bring your own in one of these
+exist: train a checkpoint with ``pseudolabel.jobs.training.incontext`` (or bring your own in one of these
 layouts) and load it with ``SeFM.from_pretrained(dir)``. A checkpoint directory holds ``config.json``
 (``SeFMConfig``, whose ``arch`` names the architecture) and ``model.safetensors``.
 
@@ -290,7 +290,7 @@ class SeFM(nn.Module):
         cfg_path = os.path.join(directory, CONFIG_NAME)
         if not os.path.exists(cfg_path):
             raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; SeFM has no public weights, "
-                                    "train a checkpoint with pseudolabel.jobs.train_incontext")
+                                    "train a checkpoint with pseudolabel.jobs.training.incontext")
         with open(cfg_path) as f:
             raw = json.load(f)
         raw.pop("model_type", None)

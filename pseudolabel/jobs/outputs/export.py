@@ -24,7 +24,7 @@ Formats (``export(output_uri, fmt, out_path, **options)``; ``EXPORTERS`` maps ea
   visible segment, and tokens left with no visible pixel are dropped. A row holds the tokens of every
   token labeler of the run; ``labeler`` (a name or a list of names, default: all) keeps only those
   labelers' tokens.
-- ``yolo``, ``masks``, ``label-studio``: see ``pseudolabel.jobs.export_formats`` (YOLO segmentation
+- ``yolo``, ``masks``, ``label-studio``: see ``pseudolabel.jobs.outputs.export_formats`` (YOLO segmentation
   dataset, VOC-style semantic/instance PNGs, Label Studio tasks with predictions).
 
 Confidence filters (every format that exports annotations; not ``panoptic``, whose tokens carry no
@@ -53,7 +53,7 @@ from scipy import ndimage
 from pseudolabel import storage as st
 from pseudolabel.engine.formats import format_of_row
 from pseudolabel.errors import UsageError
-from pseudolabel.jobs.labels_io import read_job, read_labels, read_summary, rles_to_label_map
+from pseudolabel.jobs.outputs.labels_io import read_job, read_labels, read_summary, rles_to_label_map
 from pseudolabel.schemas.coco import rle_area, rle_bbox_xywh
 from pseudolabel.schemas.spec import StorageSpec
 from pseudolabel.schemas.tables import STATUS_OK
@@ -470,7 +470,7 @@ def export_coco_results(output_uri: str, out_path: str, storage: StorageSpec | N
     return {"format": "coco-results", "path": out_path, **counts}
 
 
-from pseudolabel.jobs import export_formats as _formats  # noqa: E402  (it uses the helpers above at call time)
+from pseudolabel.jobs.outputs import export_formats as _formats  # noqa: E402  (it uses the helpers above at call time)
 
 #: format name -> exporter ``fn(output_uri, out_path, storage=None, **options) -> counts``; an option a
 #: format does not take is refused by ``export``.

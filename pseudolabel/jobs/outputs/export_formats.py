@@ -1,7 +1,7 @@
 """Exports for training and review tools: YOLO segmentation, VOC-style mask PNGs, Label Studio tasks.
 
 Every exporter here reads the run's ``ok`` rows (error rows are counted in ``errors``), applies the
-score filters of ``pseudolabel.jobs.export`` (``min_score``, ``score_thresholds``) and returns
+score filters of ``pseudolabel.jobs.outputs.export`` (``min_score``, ``score_thresholds``) and returns
 JSON-serialisable counts. Local paths and s3:// work the same for reading and writing.
 
 Image names: each image gets a file stem, the basename of its file name without the extension, with
@@ -82,7 +82,7 @@ import numpy as np
 import yaml
 
 from pseudolabel import storage as st
-from pseudolabel.jobs.labels_io import load_image, load_image_bytes, rles_to_label_map
+from pseudolabel.jobs.outputs.labels_io import load_image, load_image_bytes, rles_to_label_map
 from pseudolabel.schemas.coco import rle_to_mask
 from pseudolabel.schemas.spec import StorageSpec
 
@@ -97,7 +97,7 @@ _LS_COLUMNS = ["image_id", "uri", "member", "file_name", "width", "height", "sta
 
 def _ex():
     """The ``export`` module (imported at call time: it imports this one to build its registry)."""
-    from pseudolabel.jobs import export
+    from pseudolabel.jobs.outputs import export
 
     return export
 

@@ -37,9 +37,16 @@ import pyarrow.dataset as ds
 
 from pseudolabel import storage as st
 from pseudolabel.imageio import ImageError, decode_png, encode_png, to_uint8
-from pseudolabel.jobs.labels_io import _labels_files, load_image, read_labels, read_summary, rles_to_label_map, run_source
-from pseudolabel.jobs.labels_io import categories as run_categories
-from pseudolabel.jobs.metrics import label_boundaries
+from pseudolabel.jobs.evaluation.metrics import label_boundaries
+from pseudolabel.jobs.outputs.labels_io import (
+    _labels_files,
+    load_image,
+    read_labels,
+    read_summary,
+    rles_to_label_map,
+    run_source,
+)
+from pseudolabel.jobs.outputs.labels_io import categories as run_categories
 from pseudolabel.schemas.coco import rle_to_mask
 from pseudolabel.schemas.spec import StorageSpec
 from pseudolabel.schemas.tables import STATUS_OK
@@ -335,7 +342,7 @@ def _card(k: int, row: dict, out_dir: str, storage, cat_names: dict, seed: int, 
 def _template():
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("pseudolabel.jobs", "templates"), autoescape=True,
+    env = jinja2.Environment(loader=jinja2.PackageLoader("pseudolabel.jobs.outputs", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return env.get_template(TEMPLATE)
 

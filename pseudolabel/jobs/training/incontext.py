@@ -45,11 +45,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from pseudolabel import storage as st
-from pseudolabel.jobs.incontext_data import KINDS, MAX_SCENE_KINDS, Kind, make_batch
+from pseudolabel.jobs.training.incontext_data import KINDS, MAX_SCENE_KINDS, Kind, make_batch
 from pseudolabel.models.incontext import canvas as cv
 from pseudolabel.models.incontext.sefm import SeFM, SeFMConfig
-from pseudolabel.models.incontext.sefm_loss import (ADVERSARIAL_WEIGHT, ComponentDiscriminator,
-                                                     discriminator_loss, sefm_loss)
+from pseudolabel.models.incontext.sefm_loss import (
+    ADVERSARIAL_WEIGHT,
+    ComponentDiscriminator,
+    discriminator_loss,
+    sefm_loss,
+)
 from pseudolabel.schemas.spec import SpecError, StorageSpec, validate_spec
 
 Component = Kind
@@ -191,7 +195,7 @@ def train_incontext(spec: "TrainSpec | dict | str | Path", **overrides: Any) -> 
     layout, cell = net.config.layout, net.config.cell
     disc = ComponentDiscriminator().to(spec.device).train() if spec.adversarial_weight > 0 else None
     # 2. data
-    from pseudolabel.jobs.demo_data import render_background
+    from pseudolabel.jobs.demo.data import render_background
 
     backgrounds = [render_background(rng, spec.image_size) for _ in range(spec.pool_size)]
 

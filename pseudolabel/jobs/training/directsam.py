@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import posixpath
 import time
 from collections import OrderedDict, defaultdict
 from pathlib import Path

@@ -1,7 +1,7 @@
 """Recall-vs-token-count curve of boundary maps over thresholds (DirectSAM evaluation).
 
 For each threshold the boundary maps are turned into tokens with the shared post-processing, and the
-tokens are scored against ground-truth segment maps with ``pseudolabel.jobs.metrics`` (boundary
+tokens are scored against ground-truth segment maps with ``pseudolabel.jobs.evaluation.metrics`` (boundary
 precision/recall/F1 at the given pixel tolerances, by default the reference's, and ASA). The curve (mean token count per image on x,
 boundary recall and ASA on y) is written as a PNG: with matplotlib when it is installed, else drawn
 with OpenCV.
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pseudolabel import storage as st
-from pseudolabel.jobs.metrics import (
+from pseudolabel.jobs.evaluation.metrics import (
     BORDER,
     PRECISION_TOL,
     RECALL_TOL,

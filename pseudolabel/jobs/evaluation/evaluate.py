@@ -10,7 +10,7 @@ Tasks (``evaluate(..., task=...)``):
 - ``tokens``: per matched image, the GT instances rasterised to a label map (background 0 is a
   segment of its own; smaller instances painted over larger ones) against the predicted subobject
   tokens (first token wins where tokens overlap): boundary precision/recall/F1 with the reference
-  tolerances (pseudolabel.jobs.metrics), ASA and token count. Boundary scores are micro-averaged over
+  tolerances (pseudolabel.jobs.evaluation.metrics), ASA and token count. Boundary scores are micro-averaged over
   pixels of all images (``boundary_*``) and also averaged per image (``mean_image_boundary_*``).
   A row holds the tokens of every token labeler of the run; ``labeler`` (a name or a list, default
   all) scores only those labelers' tokens (and, for the curve, their ``boundary`` layers).
@@ -44,10 +44,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pseudolabel.errors import UsageError
 from pseudolabel import storage as st
-from pseudolabel.jobs import metrics as M
-from pseudolabel.jobs.export import (
+from pseudolabel.errors import UsageError
+from pseudolabel.jobs.evaluation import metrics as M
+from pseudolabel.jobs.outputs.export import (
     _INSTANCE_COLUMNS,
     _category_table,
     coco_results,
@@ -57,7 +57,7 @@ from pseudolabel.jobs.export import (
     match_gt_image,
     select_tokens,
 )
-from pseudolabel.jobs.labels_io import read_job, read_labels, rles_to_label_map
+from pseudolabel.jobs.outputs.labels_io import read_job, read_labels, rles_to_label_map
 from pseudolabel.schemas.spec import StorageSpec
 from pseudolabel.schemas.tables import STATUS_OK
 
@@ -331,7 +331,7 @@ def evaluate_tokens(output_uri: str, gt: dict, storage: StorageSpec | None = Non
     ``labeler``: score only the tokens of this labeler (or these labelers); None = all of them.
 
     With ``curve_png``, the rows' ``boundary`` layers (DirectSAM ``save_boundary: true``) are re-tokenised
-    over thresholds and the recall-vs-token-count curve is written there (pseudolabel.jobs.directsam_eval),
+    over thresholds and the recall-vs-token-count curve is written there (pseudolabel.jobs.evaluation.directsam_eval),
     scored with the same ``precision_tol``/``recall_tol``/``border`` and tokenised with the post-processing
     the layers' labeler used in the run (``curve_settings``); the points are returned under ``curve``.
     """
@@ -410,7 +410,7 @@ def evaluate_tokens(output_uri: str, gt: dict, storage: StorageSpec | None = Non
             several = ", ".join(sorted(map(str, layer_labelers)))
             raise EvaluationError(f"boundary layers of several labelers ({several}): "
                                   "choose one with --labeler NAME (labeler= in Python)")
-        from pseudolabel.jobs.directsam_eval import token_recall_curve
+        from pseudolabel.jobs.evaluation.directsam_eval import token_recall_curve
 
         settings = curve_settings(output_uri, storage, next(iter(layer_labelers)))
         out["curve"] = token_recall_curve(probs, gt_maps, curve_png, storage=storage, precision_tol=precision_tol,

@@ -11,7 +11,7 @@ say what goes: only the demonstration does. The label is the multi-hot vector of
 ``NUM_COMPONENT_TYPES`` (20) type slots of the discriminator (``sefm_loss``); ``KINDS[i]`` has slot i,
 the remaining slots are unused.
 
-Component kinds (``KINDS``), all drawn with ``pseudolabel.jobs.demo_data``:
+Component kinds (``KINDS``), all drawn with ``pseudolabel.jobs.demo.data``:
 
 - ``shadow``: cast shadows of the scene's base objects (``add_shadow``, one light per scene);
 - ``watermark``: a semi-transparent text watermark (``add_watermark`` with a word);
@@ -33,7 +33,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
-from pseudolabel.jobs import demo_data as dd
+from pseudolabel.jobs.demo import data as dd
 from pseudolabel.models.incontext import canvas as cv
 from pseudolabel.models.incontext.sefm_loss import NUM_COMPONENT_TYPES
 

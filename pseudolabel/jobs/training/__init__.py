@@ -1,0 +1,1 @@
+"""The trainers (``pseudolabel train-*``): DirectSAM, FOBA and the in-context separator."""
