@@ -45,6 +45,7 @@ from pseudolabel.engine.run_stats import stats_actor, stats_totals
 from pseudolabel.engine.sources import list_input
 from pseudolabel.engine.stage import DeviceStage, decode_then_host, host_stage
 from pseudolabel.models.registry import labeler_class
+from pseudolabel.schemas.coco import category_table
 from pseudolabel.schemas.spec import JobSpec, SpecError
 from pseudolabel.schemas.tables import MANIFEST_SCHEMA, STATUS_ERROR, STATUS_RETRY
 from pseudolabel.storage import (
@@ -88,14 +89,11 @@ def _input_of(public_spec: dict) -> dict:
 
 
 def categories_of(job: JobSpec) -> list[dict]:
-    cats, seen = [], set()
-    for lab in job.labelers:
-        for entry in lab.ontology:
-            if entry.id not in seen:
-                seen.add(entry.id)
-                cats.append({"id": entry.id, "name": entry.category, "labeler": lab.name,
-                             "semantic": entry.semantic})
-    return cats
+    """The job's category table (``schemas.coco.category_table``) from its labelers' ontologies, in
+    labeler order: summary.json's ``categories``."""
+    declared = [{"id": e.id, "name": e.category, "labeler": lab.name, "semantic": e.semantic}
+                for lab in job.labelers for e in lab.ontology]
+    return category_table(declared)
 
 
 def manifest_part_rows(images: int) -> int:

@@ -4,8 +4,12 @@ Conventions:
 - a mask is a 2-D array of shape (H, W), any dtype, non-zero = inside;
 - an RLE is ``{"size": [H, W], "counts": str}`` (COCO compressed);
 - boxes named ``xywh`` are [x, y, w, h] in pixels, ``xyxy`` are [x0, y0, x1, y1].
+
+``category_table`` is the one builder of a run's category table (declared ontology + what annotations add).
 """
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -135,3 +139,47 @@ def mask_iou(rles_a: list[dict], rles_b: list[dict]) -> np.ndarray:
     if not rles_a or not rles_b:
         return np.zeros((len(rles_a), len(rles_b)))
     return np.asarray(mask_utils.iou(_as_coco(rles_a), _as_coco(rles_b), [0] * len(rles_b)))
+
+
+def category_table(declared: Iterable[dict], annotations: Iterable[dict] = ()) -> list[dict]:
+    """A run's COCO categories: the declared ones, then any seen only in annotations.
+
+    Args:
+        declared: ``{"id", "name", "labeler"?, "semantic"?}`` entries (the job's ontology, as summary.json
+            stores it); entries without an id are skipped; the first name given for an id wins.
+        annotations: annotation dicts (``category_id``, ``category``, ``labeler``); a pair not declared
+            is added, and a name seen without an id gets the next free id.
+
+    Returns:
+        ``[{"id": int, "name": str, "supercategory": str, "labeler": str | None, "semantic": bool}]``
+        sorted by id (``supercategory`` is the labeler's name, or "object"). ``category_ids`` gives the
+        name -> id map of a table.
+    """
+    cats: dict[int, dict] = {}
+
+    def add(cid: int, name: str | None, labeler: str | None, semantic: bool = False) -> None:
+        cats.setdefault(cid, {"id": cid, "name": str(name or cid), "supercategory": labeler or "object",
+                              "labeler": labeler, "semantic": bool(semantic)})
+
+    for c in declared:
+        if c.get("id") is not None:
+            add(int(c["id"]), c.get("name"), c.get("labeler"), c.get("semantic", False))
+    names = {c["name"] for c in cats.values()}
+    for a in annotations:
+        cid, name = a.get("category_id"), a.get("category")
+        if cid is None:
+            if name is None or name in names:
+                continue
+            cid = max(cats, default=0) + 1
+        if int(cid) not in cats:
+            add(int(cid), name, a.get("labeler"))
+            names.add(cats[int(cid)]["name"])
+    return [cats[k] for k in sorted(cats)]
+
+
+def category_ids(table: list[dict]) -> dict[str, int]:
+    """name -> id of a ``category_table`` (the lowest id of a name given twice)."""
+    out: dict[str, int] = {}
+    for c in table:
+        out.setdefault(c["name"], c["id"])
+    return out

@@ -48,8 +48,8 @@ from pseudolabel import storage as st
 from pseudolabel.errors import UsageError
 from pseudolabel.jobs.evaluation import metrics as M
 from pseudolabel.jobs.outputs.export import (
-    _INSTANCE_COLUMNS,
-    _category_table,
+    INSTANCE_COLUMNS,
+    category_table_of,
     coco_results,
     gt_file_index,
     labeler_filter,
@@ -98,13 +98,8 @@ def _run_categories(output_uri: str, storage, table: pa.Table) -> list[dict]:
     """The run's COCO categories (ontology plus any (id, name) seen in the ok rows' annotations), with the
     ids ``coco_results`` gives its results."""
     ok = table.select(["image_id", "status", "annotations"])
-    ok = ok.filter(pc.equal(ok["status"], STATUS_OK)).sort_by("image_id")
-    anns = pc.list_flatten(ok["annotations"])
-    fields = {k: (pc.struct_field(anns, k).to_pylist() if len(anns) else [])
-              for k in ("category_id", "category", "labeler")}
-    seen = dict.fromkeys(zip(fields["category_id"], fields["category"], fields["labeler"]))
-    rows = [{"annotations": [{"category_id": i, "category": n, "labeler": lab} for i, n, lab in seen]}]
-    return _category_table(output_uri, storage, rows)[0]
+    ok = ok.filter(pc.equal(ok["status"], STATUS_OK)).sort_by("image_id")  # the order coco_results reads them in
+    return category_table_of(output_uri, storage, ok.to_pylist())[0]
 
 
 def match_categories(run_cats: list[dict], gt: dict, category_map: dict[str, str] | None = None,
@@ -168,7 +163,7 @@ def _category_results(output_uri: str, storage, gt: dict, category_map: dict[str
                       agnostic_hint: bool = True) -> tuple[list[dict], dict, dict]:
     """``coco_results`` with the run's categories matched to the GT's by ``match_categories``:
     (results with GT category ids, counts, the match)."""
-    table = read_labels(output_uri, storage, columns=_INSTANCE_COLUMNS)
+    table = read_labels(output_uri, storage, columns=INSTANCE_COLUMNS)
     # no GT categories: the results keep the run's category ids, matched here
     results, counts = coco_results(output_uri, storage, gt={**gt, "categories": []}, table=table)
     run_cats = _run_categories(output_uri, storage, table)

@@ -54,13 +54,13 @@ from pseudolabel import storage as st
 from pseudolabel.engine.formats import format_of_row
 from pseudolabel.errors import UsageError
 from pseudolabel.jobs.outputs.labels_io import read_job, read_labels, read_summary, rles_to_label_map
-from pseudolabel.schemas.coco import rle_area, rle_bbox_xywh
+from pseudolabel.schemas.coco import category_ids, category_table, rle_area, rle_bbox_xywh
 from pseudolabel.schemas.spec import StorageSpec
 from pseudolabel.schemas.tables import STATUS_OK
 
 SUBOBJECT_CATEGORY = {"id": 1, "name": "subobject", "supercategory": "subobject", "isthing": 1}
 
-_INSTANCE_COLUMNS = ["image_id", "uri", "member", "file_name", "width", "height", "status", "error", "annotations"]
+INSTANCE_COLUMNS = ["image_id", "uri", "member", "file_name", "width", "height", "status", "error", "annotations"]
 
 
 class ExportError(UsageError):
@@ -126,26 +126,12 @@ def _ok_rows(table: pa.Table) -> tuple[list[dict], list[dict]]:
     return ok, err
 
 
-def _category_table(output_uri: str, storage: StorageSpec | None, rows: list[dict]) -> tuple[list[dict], dict]:
-    """(COCO categories, name -> id) from the run's ontology plus any (id, name) seen in annotations."""
-    cats = {}
-    for c in read_summary(output_uri, storage).get("categories") or []:
-        if c.get("id") is not None:
-            cats.setdefault(int(c["id"]), {"id": int(c["id"]), "name": str(c.get("name") or c["id"]),
-                                           "supercategory": c.get("labeler") or "object"})
-    by_name = {c["name"]: c["id"] for c in cats.values()}
-    for r in rows:
-        for a in r["annotations"] or []:
-            cid, name = a.get("category_id"), a.get("category")
-            if cid is None:
-                if name is None or name in by_name:
-                    continue
-                cid = max(cats, default=0) + 1
-            cid = int(cid)
-            if cid not in cats:
-                cats[cid] = {"id": cid, "name": name or str(cid), "supercategory": a.get("labeler") or "object"}
-                by_name.setdefault(cats[cid]["name"], cid)
-    return [cats[k] for k in sorted(cats)], by_name
+def category_table_of(output_uri: str, storage: StorageSpec | None, rows: list[dict]) -> tuple[list[dict], dict]:
+    """(COCO categories, name -> id) of a run: its ontology plus any (id, name) seen in ``rows``'
+    annotations (``schemas.coco.category_table``)."""
+    anns = [a for r in rows for a in r["annotations"] or []]
+    cats = category_table(read_summary(output_uri, storage).get("categories") or [], anns)
+    return cats, category_ids(cats)
 
 
 def _ann_category(a: dict, by_name: dict) -> int:
@@ -225,9 +211,9 @@ def load_instances(output_uri: str, storage: StorageSpec | None = None, min_scor
         number of annotations dropped by the score filters).
     """
     if table is None:
-        table = read_labels(output_uri, storage, columns=columns or _INSTANCE_COLUMNS)
+        table = read_labels(output_uri, storage, columns=columns or INSTANCE_COLUMNS)
     ok, err = _ok_rows(table)
-    cats, by_name = _category_table(output_uri, storage, ok)
+    cats, by_name = category_table_of(output_uri, storage, ok)
     dropped = filter_annotations(ok, cats, min_score, score_thresholds)
     return ok, err, cats, by_name, dropped
 
@@ -310,7 +296,7 @@ def coco_results(output_uri: str, storage: StorageSpec | None = None, gt: dict |
         gt: the COCO ground-truth dataset dict (required): image ids are the GT's (matched by file
             name), category ids are mapped to the GT's by name where names match, and rows with no GT
             image are left out (counted in ``unmatched_images``).
-        table: the labels table, if already read (columns of ``_INSTANCE_COLUMNS``).
+        table: the labels table, if already read (columns of ``INSTANCE_COLUMNS``).
         min_score, score_thresholds: score filters (see the module docstring).
 
     Returns:

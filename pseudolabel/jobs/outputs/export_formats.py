@@ -254,7 +254,7 @@ def yolo(output_uri: str, out_path: str, storage: StorageSpec | None = None, *,
         lines = []
         for a in r["annotations"] or []:
             cid = ex._ann_category(a, by_name)
-            if cid not in cls_of:  # a category outside the table (cannot happen with _category_table)
+            if cid not in cls_of:  # a category outside the table (cannot happen with category_table_of)
                 continue
             n_ann += 1
             for poly in outer_polygons(rle_to_mask(a["segmentation"])):

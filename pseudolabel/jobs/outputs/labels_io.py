@@ -20,6 +20,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pseudolabel import storage as st
+from pseudolabel.schemas.coco import category_table
 from pseudolabel.schemas.spec import StorageSpec
 from pseudolabel.schemas.tables import LABELS_SCHEMA
 
@@ -87,31 +88,18 @@ def read_job(output_uri: str, storage: StorageSpec | None = None) -> dict:
 
 
 def categories(output_uri: str, storage: StorageSpec | None = None, labels: pa.Table | None = None) -> list[dict]:
-    """The run's categories, ``[{"id": int, "name": str, "labeler": str | None}, ...]`` sorted by id.
+    """The run's categories (``schemas.coco.category_table``): summary.json's ontology, plus any
+    (category_id, category) pair seen only in the annotations, sorted by id.
 
-    From summary.json's ``categories`` when present; otherwise the distinct (category_id, category)
-    pairs seen in the annotations (``labels`` may be passed to avoid reading the table again).
-    Entries without an id are dropped; the first name seen for an id wins.
+    ``labels`` (a table with an ``annotations`` column) adds its annotations; without it the table is
+    read only when summary.json lists no categories (an older run).
     """
-    summary = read_summary(output_uri, storage)
-    out: dict[int, dict] = {}
-    for c in summary.get("categories") or []:
-        if c.get("id") is None:
-            continue
-        out.setdefault(int(c["id"]), {"id": int(c["id"]), "name": str(c.get("name") or c["id"]),
-                                      "labeler": c.get("labeler")})
-    if out:
-        return [out[k] for k in sorted(out)]
-    if labels is None:
+    declared = read_summary(output_uri, storage).get("categories") or []
+    if labels is None and not declared:
         labels = read_labels(output_uri, storage, columns=["annotations"])
-    for anns in labels.column("annotations").to_pylist():
-        for a in anns or []:
-            cid = a.get("category_id")
-            if cid is None:
-                continue
-            out.setdefault(int(cid), {"id": int(cid), "name": a.get("category") or str(cid),
-                                      "labeler": a.get("labeler")})
-    return [out[k] for k in sorted(out)]
+    anns = ([a for row in labels.column("annotations").to_pylist() for a in row or []]
+            if labels is not None else [])
+    return category_table(declared, anns)
 
 
 def run_source(output_uri: str, storage: StorageSpec | None = None) -> dict:
