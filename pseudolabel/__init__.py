@@ -34,7 +34,7 @@ def read_labels(output: str, columns: list[str] | None = None, storage: Any = No
     """The ``labels`` table of a run (``output``: its folder, local or s3://) as a pyarrow Table.
 
     Masks are COCO compressed RLE: ``pseudolabel.schemas.coco.rle_to_mask(annotation["segmentation"])``
-    gives the (H, W) uint8 mask; layers are PNG bytes (``pseudolabel.engine.encode.decode_png``).
+    gives the (H, W) uint8 mask; layers are PNG bytes (``pseudolabel.imageio.decode_png``).
     ``storage``: a ``StorageSpec`` (or its dict) for s3:// endpoints and credentials.
     """
     from pseudolabel.jobs.outputs.labels_io import read_labels as _read

@@ -16,12 +16,14 @@ Pixel rules (deeper than 8 bits is scaled, never clipped):
   scaled to [0, 255] (a constant image outside [0, 1] becomes 0); NaN or infinity -> ImageError.
 
 ``encode_png(array)`` / ``decode_png(data)`` write and read PNG layers exactly (no scaling): (H, W) grey,
-(H, W, 3) RGB or (H, W, 4) RGBA, uint8 (uint16 grey is kept as 16-bit).
+(H, W, 3) RGB or (H, W, 4) RGBA, uint8 (uint16 grey is kept as 16-bit). Every PNG the package writes or
+reads (layers, exports, ground truth) goes through these two.
 """
 from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -192,18 +194,25 @@ def _decode_tifffile(data: bytes, max_pixels: int) -> np.ndarray:
     return _ORIENT.get(orient, lambda a: a)(arr)
 
 
-def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
-    """(H, W) grey (uint8 or uint16), (H, W, 3) RGB or (H, W, 4) RGBA uint8 -> PNG bytes (lossless)."""
+def encode_png(image: np.ndarray) -> bytes:
+    """(H, W) bool/uint8/uint16 grey, (H, W, 3) RGB or (H, W, 4) RGBA uint8 -> PNG bytes (lossless).
+
+    Bool is written as 0/255. OpenCV's encoder (fast, default compression): the layers of every image
+    of a run go through here.
+    """
     arr = np.ascontiguousarray(image)
-    if arr.dtype == np.uint16 and arr.ndim == 2:
-        im = Image.fromarray(arr)  # mode I;16
-    elif arr.dtype == np.uint8 and (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
-        im = Image.fromarray(arr)
-    else:
-        raise ValueError(f"encode_png: unsupported array {arr.shape} {arr.dtype}")
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    elif arr.ndim == 3 and arr.shape[2] == 4 and arr.dtype == np.uint8:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGBA2BGRA)
+    elif not (arr.ndim == 2 and arr.dtype in (np.uint8, np.uint16)):
+        raise ValueError(f"encode_png: unsupported array {arr.shape} {arr.dtype} (grey uint8/uint16, RGB or RGBA uint8)")
+    ok, buf = cv2.imencode(".png", arr)
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
 
 
 def decode_png(data: bytes) -> np.ndarray:

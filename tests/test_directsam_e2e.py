@@ -81,7 +81,7 @@ def test_directsam_through_ray_on_demo_data(ray_cluster, tmp_path, monkeypatch):
         assert sorted(m.tobytes() for m in got) == sorted(m.tobytes() for m in expected)
 
     # the boundary layer went into the table as 16-bit PNG
-    from pseudolabel.engine.encode import decode_png
+    from pseudolabel.imageio import decode_png
 
     layers = [layer for row in rows for layer in row["layers"] if layer["name"] == "boundary"]
     assert len(layers) == 3 and all(decode_png(layer["png"]).dtype == np.uint16 for layer in layers)

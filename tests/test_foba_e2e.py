@@ -24,7 +24,7 @@ def _job(data, out, params):
 
 
 def _check_run(out, layers):
-    from pseudolabel.engine.encode import decode_png
+    from pseudolabel.imageio import decode_png
     from pseudolabel.jobs.outputs.labels_io import read_labels
     from pseudolabel.schemas.coco import rle_to_mask
 

@@ -11,7 +11,7 @@ def test_incontext_through_ray_on_watermarked_demo_data(ray_cluster, tmp_path, m
     import cv2
 
     import pseudolabel
-    from pseudolabel.engine.encode import decode_png
+    from pseudolabel.imageio import decode_png
     from pseudolabel.jobs.demo.data import generate
     from pseudolabel.jobs.outputs.labels_io import read_labels
     from pseudolabel.models.incontext.component import decode_query

@@ -324,7 +324,7 @@ def test_run_through_ray_on_demo_data(sd_dir, ray_cluster, tmp_path):
     from pycocotools.coco import COCO
 
     import pseudolabel
-    from pseudolabel.engine.encode import decode_png
+    from pseudolabel.imageio import decode_png
     from pseudolabel.jobs.demo.data import CATEGORIES, generate
     from pseudolabel.jobs.outputs.export import export
     from pseudolabel.jobs.outputs.labels_io import read_labels

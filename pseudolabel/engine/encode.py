@@ -1,39 +1,11 @@
 """Encode labeler outputs into `labels` table records: masks -> COCO RLE, layers -> PNG bytes."""
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
+from pseudolabel.imageio import decode_png, encode_png  # noqa: F401  (decode_png: for readers of layers)
 from pseudolabel.models.base import LabelOutput
 from pseudolabel.schemas.coco import label_map_to_rles, masks_to_rles, rle_area, rle_bbox_xywh
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 RGB, (H, W) uint8 or (H, W) uint16 -> PNG bytes (lossless)."""
-    if image.dtype == bool:
-        image = image.astype(np.uint8) * 255
-    if image.ndim == 3 and image.shape[2] == 3:
-        image = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGBA2BGRA)
-    if image.dtype not in (np.uint8, np.uint16):
-        raise TypeError(f"layers must be uint8 or uint16, got {image.dtype}")
-    ok, buf = cv2.imencode(".png", image)
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    return buf.tobytes()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> (H, W, 3) RGB / (H, W) array, dtype as stored."""
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise ValueError("not a PNG image")
-    if image.ndim == 3 and image.shape[2] == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
-    return image
 
 
 def encode_output(out: LabelOutput, labeler: str, height: int, width: int, first_id: int = 1) -> dict:

@@ -50,7 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pseudolabel import storage as st
-from pseudolabel.engine.encode import decode_png, encode_png  # noqa: F401  (re-exported for callers)
+from pseudolabel.imageio import decode_png, encode_png  # noqa: F401  (re-exported for callers)
 from pseudolabel.schemas.coco import mask_to_rle, masks_to_rles, rle_area, rle_bbox_xywh
 from pseudolabel.schemas.spec import StorageSpec
 

@@ -39,13 +39,13 @@ import posixpath
 from collections import defaultdict
 from collections.abc import Sequence
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pseudolabel import storage as st
 from pseudolabel.errors import UsageError
+from pseudolabel.imageio import ImageError, decode_png
 from pseudolabel.jobs.evaluation import metrics as M
 from pseudolabel.jobs.outputs.export import (
     INSTANCE_COLUMNS,
@@ -292,8 +292,9 @@ def _boundary_layer(row: dict, names: set[str] | None = None) -> tuple[np.ndarra
             continue
         if names is not None and layer.get("labeler") not in names:
             continue
-        m = cv2.imdecode(np.frombuffer(layer["png"], np.uint8), cv2.IMREAD_UNCHANGED)
-        if m is None:
+        try:
+            m = decode_png(layer["png"])
+        except ImageError:
             return None, None
         m = m if m.ndim == 2 else m[..., 0]
         return m.astype(np.float32) / (65535.0 if m.dtype == np.uint16 else 255.0), layer.get("labeler")
@@ -423,11 +424,11 @@ def _semantic_png(root: str, file_name: str, storage) -> np.ndarray | None:
     for cand in (stem + ".png", file_name):
         uri = st.join(root, cand)
         if st.exists(uri, storage):
-            raw = np.frombuffer(st.read_bytes(uri, storage), np.uint8)
-            m = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
-            if m is None:
-                raise EvaluationError(f"{uri}: not a readable image")
-            return m if m.ndim == 2 else m[..., 0]
+            try:
+                m = decode_png(st.read_bytes(uri, storage))
+            except ImageError:
+                raise EvaluationError(f"{uri}: not a readable image") from None
+            return m if m.ndim == 2 else m[..., 0]  # grey ids (a colour PNG: its first channel)
     return None
 
 

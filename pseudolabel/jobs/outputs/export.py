@@ -45,7 +45,6 @@ import posixpath
 from collections.abc import Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 import pyarrow as pa
 from scipy import ndimage
@@ -53,6 +52,7 @@ from scipy import ndimage
 from pseudolabel import storage as st
 from pseudolabel.engine.formats import format_of_row
 from pseudolabel.errors import UsageError
+from pseudolabel.imageio import decode_png, encode_png
 from pseudolabel.jobs.outputs.labels_io import read_job, read_labels, read_summary, rles_to_label_map
 from pseudolabel.schemas.coco import category_ids, category_table, rle_area, rle_bbox_xywh
 from pseudolabel.schemas.spec import StorageSpec
@@ -396,10 +396,7 @@ def panoptic(output_uri: str, out_path: str, storage: StorageSpec | None = None,
         n_segments += len(segments)
         # 3. the id-encoded PNG (segment id = token index)
         png_name = f"{img_id:012d}.png"
-        ok_png, buf = cv2.imencode(".png", encode_panoptic_ids(label)[..., ::-1])
-        if not ok_png:
-            raise RuntimeError(f"PNG encoding failed for image {r['image_id']}")
-        st.write_bytes(st.join(folder, png_name), buf.tobytes(), storage)
+        st.write_bytes(st.join(folder, png_name), encode_png(encode_panoptic_ids(label)), storage)
         annotations.append({"image_id": img_id, "file_name": png_name, "segments_info": segments})
     dataset = {"info": {"description": f"pseudolabel subobject tokens {output_uri}", "run_uri": output_uri},
                "images": images, "annotations": annotations, "categories": [dict(SUBOBJECT_CATEGORY)]}
@@ -422,9 +419,8 @@ def read_panoptic(json_path: str, storage: StorageSpec | None = None) -> dict[in
     images = {img["id"]: img for img in data["images"]}
     out = {}
     for ann in data["annotations"]:
-        raw = np.frombuffer(st.read_bytes(st.join(folder, ann["file_name"]), storage), np.uint8)
-        bgr = cv2.imdecode(raw, cv2.IMREAD_COLOR)
-        id_map = decode_panoptic_ids(bgr[..., ::-1])
+        rgb = decode_png(st.read_bytes(st.join(folder, ann["file_name"]), storage))
+        id_map = decode_panoptic_ids(rgb[..., :3])
         seg_ids = np.array([s["id"] for s in ann["segments_info"]], dtype=np.int64)
         masks = id_map[None] == seg_ids[:, None, None] if len(seg_ids) else np.zeros((0,) + id_map.shape, bool)
         out[ann["image_id"]] = {"image": images.get(ann["image_id"]), "segments_info": ann["segments_info"],

@@ -82,6 +82,7 @@ import numpy as np
 import yaml
 
 from pseudolabel import storage as st
+from pseudolabel.imageio import encode_png
 from pseudolabel.jobs.outputs.labels_io import load_image, load_image_bytes, rles_to_label_map
 from pseudolabel.schemas.coco import rle_to_mask
 from pseudolabel.schemas.spec import StorageSpec
@@ -188,13 +189,6 @@ def _local_path(uri: str) -> str:
     return st.strip_protocol(str(uri))
 
 
-def _png(array: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", array)
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
-
-
 # ----------------------------------------------------------------------------- yolo
 
 def _write_image(row: dict, dst_stem: str, mode: str, storage: StorageSpec | None) -> str | None:
@@ -220,7 +214,7 @@ def _write_image(row: dict, dst_stem: str, mode: str, storage: StorageSpec | Non
             data = load_image_bytes(uri, member, storage)
         else:
             rgb = load_image(uri, member, storage)
-            data, ext = _png(np.ascontiguousarray(rgb[..., ::-1])), ".png"
+            data, ext = encode_png(rgb), ".png"
     except (OSError, KeyError, IndexError, ValueError):
         return None
     dst = dst_stem + ext
@@ -327,8 +321,8 @@ def masks(output_uri: str, out_path: str, storage: StorageSpec | None = None, *,
         visible = np.bincount(inst.ravel(), minlength=len(anns) + 1)
         inst_dtype = np.uint16 if len(anns) > 255 else np.uint8
         stem = stems[r["image_id"]]
-        st.write_bytes(st.join(root, "SegmentationClass", stem + ".png"), _png(sem.astype(sem_dtype)), storage)
-        st.write_bytes(st.join(root, "SegmentationObject", stem + ".png"), _png(inst.astype(inst_dtype)), storage)
+        st.write_bytes(st.join(root, "SegmentationClass", stem + ".png"), encode_png(sem.astype(sem_dtype)), storage)
+        st.write_bytes(st.join(root, "SegmentationObject", stem + ".png"), encode_png(inst.astype(inst_dtype)), storage)
         n_inst += len(anns)
         hidden += int((visible[1:] == 0).sum())
         index[stem] = {"image_id": r["image_id"], "file_name": ex.row_file_name(r), "width": w, "height": h,

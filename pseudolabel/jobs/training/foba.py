@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from pseudolabel import storage as st
+from pseudolabel.imageio import ImageError, decode_image, decode_png
 from pseudolabel.models.foba_steps import (
     augment,
     ema_update,
@@ -57,7 +58,10 @@ from pseudolabel.models.foba_steps import (
     training_example,
     warmup_factor,
 )
-from pseudolabel.schemas.spec import StorageSpec, validate_spec
+from pseudolabel.schemas.spec import InputSpec, StorageSpec, validate_spec
+
+#: decompression-bomb cap of training images: the engine's default ``input.max_pixels``
+MAX_PIXELS: int = InputSpec.model_fields["max_pixels"].default
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 COPIED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")
@@ -115,10 +119,8 @@ class TrainSpec(BaseModel):
 # ----------------------------------------------------------------------------------------------
 
 def _decode_rgb(data: bytes) -> np.ndarray:
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if arr is None:
-        raise ValueError("undecodable image")
-    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    """Image bytes -> (H, W, 3) uint8 RGB after EXIF orientation (the engine's decode)."""
+    return decode_image(data, max_pixels=MAX_PIXELS)
 
 
 def list_images(uri: str, storage: StorageSpec | None = None) -> list[str]:
@@ -152,9 +154,12 @@ def load_mask_folder(uri: str, storage: StorageSpec | None, names: list[str],
     for name, (h, w) in zip(names, sizes):
         path = posixpath.join(root, posixpath.splitext(name)[0] + ".png")
         with fs.open(path, "rb") as f:
-            m = cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_GRAYSCALE)
-        if m is None:
-            raise ValueError(f"undecodable mask {path}")
+            try:
+                m = decode_png(f.read())
+            except ImageError:
+                raise ValueError(f"undecodable mask {path}") from None
+        if m.ndim == 3:
+            m = cv2.cvtColor(m[..., :3], cv2.COLOR_RGB2GRAY)
         out.append(cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST) > 0)
     return out
 
