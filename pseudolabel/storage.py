@@ -50,10 +50,10 @@ def storage_options(uri: str, storage: StorageSpec | None = None) -> dict[str, A
 
 
 def filesystem(uri: str, storage: StorageSpec | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(fsspec filesystem, path inside it) for a URI or local path."""
-    proto = protocol_of(uri)
-    fs = fsspec.filesystem("file" if proto == "file" else proto, **storage_options(uri, storage))
-    return fs, strip_protocol(uri).rstrip("/") or "/"
+    """(fsspec filesystem, path inside it) for a URI or local path (``~`` expanded, made absolute)."""
+    local = protocol_of(uri) == "file"
+    fs, path = fsspec.core.url_to_fs(os.path.expanduser(uri) if local else uri, **storage_options(uri, storage))
+    return fs, path.rstrip("/") or "/"
 
 
 def arrow_filesystem(uri: str, storage: StorageSpec | None = None) -> tuple[pafs.FileSystem, str]:
@@ -73,11 +73,9 @@ def join(uri: str, *parts: str) -> str:
 
 
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """Inverse of ``filesystem``: a path inside ``fs`` back to a full URI."""
+    """Inverse of ``filesystem``: a path inside ``fs`` back to a full URI (a local path stays a plain path)."""
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if proto in ("file", "local"):
-        return path
-    return f"{proto}://{path}"
+    return path if proto in ("file", "local") else fs.unstrip_protocol(path)
 
 
 def read_bytes(uri: str, storage: StorageSpec | None = None) -> bytes:
