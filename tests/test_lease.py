@@ -177,3 +177,19 @@ def test_two_runs_started_together_one_is_refused_and_every_image_is_written_onc
     verify = subprocess.run([sys.executable, "-m", "pseudolabel.cli", "verify", out], check=False,
                             capture_output=True, text=True)
     assert verify.returncode == 0 and verify.stdout.startswith("OK: 12 images"), verify.stdout + verify.stderr
+
+
+def test_the_job_sets_how_long_a_silent_lease_blocks(ray_cluster, demo_root, tmp_path):
+    """``output.lease_timeout_s``: a holder elsewhere silent for 8 s blocks a job at the 60 s default and
+    is taken over by a job that sets 5 s."""
+    import pseudolabel
+
+    out = tmp_path / "out"
+    _write_lease(str(out), heartbeat=time.time() - 8)
+    job = {"input": {"uri": f"{demo_root}/images", "limit": 4}, "output": {"uri": str(out)},
+           "labelers": [{"name": "classical_tokens"}]}
+    with pytest.raises(OutputBusyError, match="host elsewhere"):
+        pseudolabel.run(job, progress=False)
+    job["output"]["lease_timeout_s"] = 5
+    summary = pseudolabel.run(job, progress=False)
+    assert summary["ok"] == 4 and not (out / LEASE).exists()

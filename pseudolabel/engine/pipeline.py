@@ -350,7 +350,7 @@ def run_job(job: JobSpec, address: str | None = None, progress: bool = True, ver
     preflight(job, address, verbose)  # output writable, S3 reachable, --address joined: one line each, before listing
     check_weights(job)
     # One writer per output: a second run is refused here, before anything is written or Ray starts.
-    with acquire(job.output.uri, job.storage, run_id):
+    with acquire(job.output.uri, job.storage, run_id, timeout_s=job.output.lease_timeout_s):
         return _run_job_holding_lease(job, address, progress, verbose, retry_errors, run_id, started)
 
 

@@ -68,6 +68,9 @@ class StorageSpec(_Strict):
 
 class OutputSpec(_Strict):
     uri: str
+    lease_timeout_s: float | None = Field(
+        None, gt=0, description="seconds without heartbeat before another run may take over the output's lease "
+                                "(default: PSEUDOLABEL_LEASE_TIMEOUT_S, else 60)")
 
 
 class OntologyEntry(_Strict):
