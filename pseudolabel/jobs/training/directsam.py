@@ -45,7 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pseudolabel import storage as st
 from pseudolabel.engine.formats import PARQUET_ROW_PREFIX, confine
-from pseudolabel.schemas.spec import StorageSpec, validate_spec
+from pseudolabel.jobs.training.common import start
+from pseudolabel.schemas.spec import StorageSpec
 
 
 class TrainSpec(BaseModel):
@@ -329,10 +330,8 @@ def train_directsam(spec: "TrainSpec | dict | str | Path", **overrides: Any) -> 
     """
     from pseudolabel.models.directsam_pyramid import IMAGENET_MEAN, IMAGENET_STD, normalize
 
-    spec = validate_spec(TrainSpec, spec, overrides)
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    t_start = time.time()
+    run = start(TrainSpec, spec, overrides)
+    spec, t_start = run.spec, run.started
 
     # 1. model, data, optimiser
     model, preprocessor = init_model(spec)

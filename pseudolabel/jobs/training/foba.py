@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pseudolabel import storage as st
 from pseudolabel.imageio import ImageError, decode_image, decode_png
+from pseudolabel.jobs.training.common import start
 from pseudolabel.models.foba_steps import (
     augment,
     ema_update,
@@ -58,7 +59,7 @@ from pseudolabel.models.foba_steps import (
     training_example,
     warmup_factor,
 )
-from pseudolabel.schemas.spec import InputSpec, StorageSpec, validate_spec
+from pseudolabel.schemas.spec import InputSpec, StorageSpec
 
 #: decompression-bomb cap of training images: the engine's default ``input.max_pixels``
 MAX_PIXELS: int = InputSpec.model_fields["max_pixels"].default
@@ -364,10 +365,8 @@ def train_foba(spec: TrainSpec | dict | str | Path, **overrides: Any) -> dict[st
     ``spec``: a TrainSpec, a dict, or a YAML path; ``overrides``: dotted keys (``**{"steps": 10}``).
     Returns ``{"output", "stage", "steps", "losses" (per step), "seconds", "images", ...}``.
     """
-    spec = validate_spec(TrainSpec, spec, overrides)
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    t_start = time.time()
+    run = start(TrainSpec, spec, overrides)
+    spec, t_start = run.spec, run.started
     images, names = load_dataset(spec)
     run = finetune if spec.stage == "finetune" else train_segmentation
     result = run(spec, images, names)

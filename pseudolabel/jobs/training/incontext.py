@@ -45,6 +45,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from pseudolabel import storage as st
+from pseudolabel.jobs.training.common import start
 from pseudolabel.jobs.training.incontext_data import KINDS, MAX_SCENE_KINDS, Kind, make_batch
 from pseudolabel.models.incontext import canvas as cv
 from pseudolabel.models.incontext.sefm import SeFM, SeFMConfig
@@ -54,7 +55,7 @@ from pseudolabel.models.incontext.sefm_loss import (
     discriminator_loss,
     sefm_loss,
 )
-from pseudolabel.schemas.spec import SpecError, StorageSpec, validate_spec
+from pseudolabel.schemas.spec import SpecError, StorageSpec
 
 Component = Kind
 
@@ -185,11 +186,8 @@ def train_incontext(spec: "TrainSpec | dict | str | Path", **overrides: Any) -> 
     """
     # 1. spec, seeds, network, discriminator
     original = spec
-    spec = validate_spec(TrainSpec, spec, overrides)
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    torch.manual_seed(spec.seed)
-    rng = np.random.default_rng(spec.seed)
+    run = start(TrainSpec, spec, overrides)
+    spec, rng = run.spec, run.rng
     net = load_init(spec, _model_fields_given(original, spec, overrides)) if spec.init_from else SeFM(spec.model)
     net.to(spec.device).train()
     layout, cell = net.config.layout, net.config.cell
