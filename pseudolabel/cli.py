@@ -151,6 +151,8 @@ def cmd_models(args) -> int:
         print(f"{name}{tag}: {cls.summary}")
         if cls.default_weights:
             print(f"  weights (default): {cls.default_weights}")
+        if cls.has_device_half():
+            print(f"  dtype auto = {cls.cuda_dtype} on CUDA, float32 elsewhere (a named dtype is used as asked)")
         for field, info in cls.Params.model_fields.items():
             value = "(required)" if info.is_required() else repr(info.get_default(call_default_factory=True))
             desc = f"  {info.description}" if info.description else ""

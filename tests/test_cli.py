@@ -24,6 +24,7 @@ def test_models_lists_every_labeler_with_parameters_and_defaults(capsys):
     for name in ("directsam", "evf_sam", "iseg", "foba", "incontext", "classical_tokens", "classical_grabcut"):
         assert name in text
     assert "[baseline]" in text and "threshold" in text and "max_tokens" in text
+    assert "dtype auto = bfloat16 on CUDA" in text.split("evf_sam")[0]  # directsam's; each labeler says its own
 
 
 def test_quickstart_through_the_command_line(ray_cluster, tmp_path, capsys):

@@ -50,10 +50,12 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple, cast
 
 import numpy as np
 import torch
+
+from pseudolabel.models.device import resolve_dtype  # the one dtype rule (auto: float16 on CUDA)
 
 KINDS = ("self", "cross")
 
@@ -68,15 +70,6 @@ class SDComponents(NamedTuple):
     text_encoder: Any
     tokenizer: Any
     scheduler: Any
-
-
-def resolve_dtype(dtype: "str | torch.dtype | None", device: str) -> torch.dtype:
-    """``"auto"``/None -> float16 on CUDA, float32 elsewhere; names -> torch dtypes."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.float16 if str(device).startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
 def _load_scheduler(root: str, revision: str | None):
@@ -110,7 +103,7 @@ def load_sd_components(weights: str, storage=None, revision: str | None = None,
     root = resolve_weights(weights, storage, revision)
     torch_dtype = resolve_dtype(dtype, device)
     vae_dtype = torch.bfloat16 if torch_dtype == torch.bfloat16 else torch.float32
-    rev = {"revision": revision} if revision and not os.path.isdir(root) else {}
+    rev: dict[str, Any] = {"revision": revision} if revision and not os.path.isdir(root) else {}
     unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch_dtype, **rev)
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=vae_dtype, **rev)
     text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **rev)
@@ -118,7 +111,7 @@ def load_sd_components(weights: str, storage=None, revision: str | None = None,
     scheduler = _load_scheduler(root, rev.get("revision"))
     unet = unet.to(device).eval()
     vae = vae.to(device).eval()
-    text_encoder = text_encoder.to(device=device, dtype=torch_dtype).eval()
+    text_encoder = text_encoder.to(device=device, dtype=torch_dtype).eval()  # type: ignore[call-arg]  # stub: .to() typed as unbound
     return SDComponents(vae, unet, text_encoder, tokenizer, scheduler)
 
 
@@ -226,6 +219,15 @@ def per_row_noise(batch: int, shape: "Iterable[int]", seed: int, count: int = 1,
 # Capture
 # ---------------------------------------------------------------------------------------------------
 
+def _as_hw(r: "int | tuple[int, int]") -> tuple[int, int]:
+    """A grid size given as one side (square) or (h, w) -> (h, w) ints."""
+    if np.isscalar(r):
+        side = int(cast(int, r))
+        return side, side
+    hw = cast("tuple[int, int]", r)
+    return int(hw[0]), int(hw[1])
+
+
 def grid_for_length(length: int, latent_hw: tuple[int, int] | None) -> tuple[tuple[int, int], int]:
     """The (h, w) grid of a token sequence of ``length`` inside a UNet fed ``latent_hw``, and its factor.
 
@@ -286,7 +288,7 @@ class AttentionStore:
         self.kind = kind
         self.resolutions = None
         if resolutions is not None:
-            self.resolutions = {(int(r), int(r)) if np.isscalar(r) else (int(r[0]), int(r[1])) for r in resolutions}
+            self.resolutions = {_as_hw(r) for r in resolutions}
         self.factors = {int(f) for f in factors} if factors is not None else None
         self.per_head = per_head
         self.average = average
@@ -322,7 +324,8 @@ class AttentionStore:
             old.probs.mul_((n - 1) / n).add_(probs, alpha=1.0 / n)
             old.count = n
         else:
-            self.maps[name] = CapturedAttention(name, kind, tuple(hw), factor, probs.clone() if self.average else probs)
+            self.maps[name] = CapturedAttention(name, kind, (hw[0], hw[1]), factor,
+                                                probs.clone() if self.average else probs)
 
     def reset(self) -> None:
         """Forget every record (keeps the filters)."""
@@ -332,13 +335,12 @@ class AttentionStore:
     def select(self, kind: str | None = None, resolution: "int | tuple[int, int] | None" = None,
                factor: int | None = None) -> list[CapturedAttention]:
         """Captured layers matching ``kind``/``resolution``/``factor`` in UNet order."""
-        if resolution is not None and np.isscalar(resolution):
-            resolution = (int(resolution), int(resolution))
+        want_hw = None if resolution is None else _as_hw(resolution)
         out = []
         for rec in self.maps.values():
             if kind is not None and rec.kind != kind:
                 continue
-            if resolution is not None and rec.hw != tuple(resolution):
+            if want_hw is not None and rec.hw != want_hw:
                 continue
             if factor is not None and rec.factor != factor:
                 continue
@@ -457,7 +459,8 @@ def attention_modules(model: torch.nn.Module) -> Iterator[tuple[str, Any, str]]:
 
 
 @contextlib.contextmanager
-def capture_attention(unet: torch.nn.Module, store: AttentionStore | None = None, **filters) -> Iterator[AttentionStore]:
+def capture_attention(unet: torch.nn.Module, store: AttentionStore | None = None,
+                      **filters) -> Iterator[AttentionStore]:
     """Record attention of ``unet`` inside the ``with`` block; previous processors come back on exit.
 
     ``store`` or ``filters`` (the ``AttentionStore`` arguments) choose the layers; the latent size of

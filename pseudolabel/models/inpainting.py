@@ -45,12 +45,11 @@ class DiffusionInpainter:
 
     def __init__(self, weights: str, device: str = "cpu", dtype: str = "auto", prompt: str = "",
                  steps: int = 25, guidance_scale: float = 7.5, resolution: int = 512, seed: int = 0):
-        import torch
         from diffusers import AutoPipelineForInpainting
 
-        torch_dtype = torch.float32
-        if dtype in ("float16", "bfloat16") or (dtype == "auto" and device.startswith("cuda")):
-            torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float16
+        from pseudolabel.models.device import resolve_dtype
+
+        torch_dtype = resolve_dtype(dtype, device)  # auto: float16 on CUDA, float32 elsewhere
         self.pipe = AutoPipelineForInpainting.from_pretrained(weights, torch_dtype=torch_dtype,
                                                               use_safetensors=True)
         self.pipe.to(device)
