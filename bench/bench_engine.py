@@ -265,7 +265,8 @@ def main() -> None:
             raw = load_images(f"{root}/images", storage)
             rows.append((f"ceiling: labelers in a tight loop, {n} pre-decoded images", ceiling(raw)))
             with tempfile.TemporaryDirectory() as tmp:
-                rows.append((f"naive sequential script, {n} images", naive(f"{root}/images", storage, f"{tmp}/l.parquet")))
+                rows.append((f"naive sequential script, {n} images",
+                             naive(f"{root}/images", storage, f"{tmp}/l.parquet")))
 
     print(f"\nmachine: {os.cpu_count()} CPUs; images {args.size}px; labelers: "
           + " + ".join(lab["name"] for lab in LABELERS))

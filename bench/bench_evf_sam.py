@@ -82,7 +82,8 @@ def main() -> None:
             for p in args.prompts:
                 r = bench_one(variant, size, p, images, args.repeats, args.device)
                 print(f"| {r['variant']} | {r['size']} | {p} | {r['images_s']:.2f} | {r['prompts_s']:.1f} | "
-                      f"{r['enc_ms']:.1f} | {r['fuse_ms']:.1f} | {r['dec_ms']:.1f} | {r['total_ms']:.1f} | {r['enc_per_image']:.2f} |",
+                      f"{r['enc_ms']:.1f} | {r['fuse_ms']:.1f} | {r['dec_ms']:.1f} | {r['total_ms']:.1f} | "
+                      f"{r['enc_per_image']:.2f} |",
                       flush=True)
 
 

@@ -56,7 +56,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--host-cpus", type=float, default=0.5, help="resources.host_cpus of both plans")
-    parser.add_argument("--one", nargs=4, metavar=("IMAGES_URI", "OUT_URI", "HOST", "HOST_CPUS"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=4, metavar=("IMAGES_URI", "OUT_URI", "HOST", "HOST_CPUS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one_run(*args.one)))

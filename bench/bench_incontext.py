@@ -80,7 +80,8 @@ def main() -> int:
         ckpt = os.path.join(tmp, "sefm")
         s = train_incontext({"output": ckpt, "model": small_config(args.cell).model_dump(), "components": comps,
                              "image_size": args.cell, "steps": args.steps, "batch_size": 8, "lr": 2e-3,
-                             "warmup_steps": 10, "component_weight": 4.0, "time_budget_s": args.train_seconds, "threads": args.threads,
+                             "warmup_steps": 10, "component_weight": 4.0, "time_budget_s": args.train_seconds,
+                             "threads": args.threads,
                              # the small network's recipe as measured below: one component per scene, plain L1
                              "scene_components": 1, "adversarial_weight": 0.0, "grad_clip": 1.0,
                              "log_every": 50})
@@ -94,7 +95,8 @@ def main() -> int:
     seggpt_dir = save_tiny_seggpt(os.path.join(tmp, "seggpt"))
     for k, comp in enumerate(["watermark", "shadow"]):
         items, (d_in, d_out) = held_out(comp, args.images, args.cell, seed=1000 + k)
-        demo_in, demo_out = _png(os.path.join(tmp, f"{comp}_in.png"), d_in), _png(os.path.join(tmp, f"{comp}_out.png"), d_out)
+        demo_in = _png(os.path.join(tmp, f"{comp}_in.png"), d_in)
+        demo_out = _png(os.path.join(tmp, f"{comp}_out.png"), d_out)
         queries = [q for q, _, _ in items]
         targets = [t for _, t, _ in items]
         sefm = labeler_class("incontext")(LabelerSpec(name="incontext", weights=ckpt, params={
@@ -103,9 +105,9 @@ def main() -> int:
             "backend": "seggpt+inpaint", "demo_in": demo_in, "demo_out": demo_out}))
         methods = {
             "identity (query as is)": (lambda qs: qs, None),
-            f"sefm small ({'+'.join(comps)})": (lambda qs: [o.layers["clean"] for o in sefm(qs)], sefm),
+            f"sefm small ({'+'.join(comps)})": (lambda qs, lab=sefm: [o.layers["clean"] for o in lab(qs)], sefm),
             "opencv inpaint, true mask": (None, None),
-            "seggpt+inpaint (tiny random)": (lambda qs: [o.layers["clean"] for o in seggpt(qs)], seggpt),
+            "seggpt+inpaint (tiny random)": (lambda qs, lab=seggpt: [o.layers["clean"] for o in lab(qs)], seggpt),
         }
         for name, (fn, _) in methods.items():
             t0 = time.perf_counter()

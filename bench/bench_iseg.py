@@ -83,13 +83,13 @@ def main() -> None:
             latents = encode_image(sd.vae, np.stack(images))
             emb, _ = encode_text(sd.tokenizer, sd.text_encoder, ["a photograph of cat and dog and sky"] * args.batch)
 
-        def bare():
+        def bare(sd=sd, latents=latents, emb=emb):
             with torch.inference_mode():
                 noisy_unet_pass(sd.unet, sd.scheduler, latents, 100, emb, generator=torch.Generator().manual_seed(0))
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
 
-        def captured():
+        def captured(sd=sd, latents=latents, emb=emb):
             cross = AttentionStore(layers=REFERENCE_CROSS_LAYERS, kind="cross", factors=[2, 4], per_head=True)
             selfs = HeadSetStore({"text": [1, 2]}, layers=["up_blocks.3.attentions.1"], kind="self")
             with torch.inference_mode(), capture_attention(sd.unet, cross), capture_attention(sd.unet, selfs):
@@ -97,12 +97,13 @@ def main() -> None:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
 
-        seeds = [{"points_xy": [[res // 4, res // 4]], "boxes_xyxy": [[res // 2, res // 2, res - 1, res - 1]]}] * args.batch
+        seed = {"points_xy": [[res // 4, res // 4]], "boxes_xyxy": [[res // 2, res // 2, res - 1, res - 1]]}
+        seeds = [seed] * args.batch
         rates = _median_rates({
             "unet pass (ceiling)": bare,
             "unet pass + capture": captured,
-            "iseg text (3 classes)": lambda: lab(images, [None] * args.batch),
-            "iseg seeds (point+box)": lambda: lab(images, seeds),
+            "iseg text (3 classes)": lambda lab=lab, images=images: lab(images, [None] * args.batch),
+            "iseg seeds (point+box)": lambda lab=lab, images=images, seeds=seeds: lab(images, seeds),
         }, args.rounds, args.batch)
         r_bare = rates["unet pass (ceiling)"]
         for name, (r, c) in rates.items():
@@ -111,7 +112,8 @@ def main() -> None:
     print(f"# iseg on {args.device} ({platform.processor() or platform.machine()}, torch threads "
           f"{torch.get_num_threads()}), batch {args.batch}, median of {args.rounds} rounds, weights "
           f"{'tiny random SD' if args.weights is None else args.weights}")
-    print(f"| {'resolution':>10} | {'what':<24} | {'images/s':>9} | {'of ceiling':>10} | {'cpu s/image':>11} | {'of ceiling (cpu)':>16} |")
+    print(f"| {'resolution':>10} | {'what':<24} | {'images/s':>9} | {'of ceiling':>10} | {'cpu s/image':>11} | "
+          f"{'of ceiling (cpu)':>16} |")
     print(f"|{'-' * 12}|{'-' * 26}|{'-' * 11}|{'-' * 12}|{'-' * 13}|{'-' * 18}|")
     for res, name, r, frac, c, cfrac in rows:
         print(f"| {res:>10} | {name:<24} | {r:>9.2f} | {frac:>10.2f} | {c:>11.3f} | {cfrac:>16.2f} |")

@@ -66,20 +66,21 @@ def main() -> None:
     for size in (512, 1024):
         prob = voronoi_boundary_map(size, args.cells)
         for mode in ("simple", "partition"):
-            tokens, wall, cpu = timed(lambda: boundary_to_tokens(prob, 0.2, mode), args.repeats)
+            tokens, wall, cpu = timed(lambda prob=prob, mode=mode: boundary_to_tokens(prob, 0.2, mode), args.repeats)
             k = int(tokens.label_map.max())
             rows.append((f"boundary_to_tokens {mode}", f"{size}²", k, wall, cpu, k / (wall / 1e3)))
             label_maps[(size, mode)] = tokens.label_map
-        _, wall, cpu = timed(lambda: boundary_to_tokens(prob, 0.2, "partition", max_tokens=100), args.repeats)
+        _, wall, cpu = timed(lambda prob=prob: boundary_to_tokens(prob, 0.2, "partition", max_tokens=100),
+                             args.repeats)
         rows.append(("boundary_to_tokens partition max_tokens=100", f"{size}²", 100, wall, cpu, 100 / (wall / 1e3)))
 
     # 2. label map -> RLE: the vectorised encoder vs one mask at a time
     for size in (512, 1024):
         lm = label_maps[(size, "partition")]
         k = int(lm.max())
-        rles, wall, cpu = timed(lambda: label_map_to_rles(lm), args.repeats)
+        rles, wall, cpu = timed(lambda lm=lm: label_map_to_rles(lm), args.repeats)
         rows.append(("label_map_to_rles (runs, one pass)", f"{size}²", k, wall, cpu, k / (wall / 1e3)))
-        ref, wall, cpu = timed(lambda: per_mask_rles(lm), 1)
+        ref, wall, cpu = timed(lambda lm=lm: per_mask_rles(lm), 1)
         assert ref == rles[0], "encoders disagree"
         rows.append(("mask_to_rle per token (reference)", f"{size}²", k, wall, cpu, k / (wall / 1e3)))
 
@@ -91,7 +92,7 @@ def main() -> None:
     images = [render_index(0, i, 256).image for i in range(8)]
     for cls, name in ((EdgeTokens, "classical_tokens"), (GrabCutForeground, "classical_grabcut")):
         labeler = cls(LabelerSpec(name=name))
-        outs, wall, cpu = timed(lambda: labeler(images), max(1, args.repeats // 2))
+        outs, wall, cpu = timed(lambda labeler=labeler: labeler(images), max(1, args.repeats // 2))
         n = sum(int(o.tokens.label_map.max()) if o.tokens is not None else len(o.instances) for o in outs)
         rows.append((f"{name} labeler (per image)", "256²", n / len(images), wall / len(images),
                      cpu / len(images), len(images) / (wall / 1e3)))

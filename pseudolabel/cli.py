@@ -252,8 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--curve", default=None, help="tokens: write a recall-vs-token-count plot here (PNG)")
     v.add_argument("--precision-tol", type=float, default=None,
                    help="tokens: pixel tolerance of boundary precision (default 2)")
-    v.add_argument("--recall-tol", type=float, default=None, help="tokens: pixel tolerance of boundary recall (default 5)")
-    v.add_argument("--border", type=int, default=None, help="tokens: ignored band at the image border, pixels (default 5)")
+    v.add_argument("--recall-tol", type=float, default=None,
+                   help="tokens: pixel tolerance of boundary recall (default 5)")
+    v.add_argument("--border", type=int, default=None,
+                   help="tokens: ignored band at the image border, pixels (default 5)")
     v.add_argument("--labeler", action="append", default=[], metavar="NAME",
                    help="tokens: score only this labeler's tokens (repeat for several; default: all)")
     v.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: the AWS environment)")
@@ -271,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module, func, text in [
         ("train-directsam", "pseudolabel.jobs.training.directsam", "train_directsam", "fine-tune DirectSAM"),
-        ("train-foba", "pseudolabel.jobs.training.foba", "train_foba", "FOBA: concept-distillation fine-tuning (stage: finetune) and the segmentation network (stage: segmentation)"),
+        ("train-foba", "pseudolabel.jobs.training.foba", "train_foba",
+         "FOBA: concept-distillation fine-tuning (stage: finetune) and the segmentation network (stage: segmentation)"),
         ("train-incontext", "pseudolabel.jobs.training.incontext", "train_incontext", "train the SeFM network"),
     ]:
         t = sub.add_parser(name, help=text)

@@ -208,7 +208,8 @@ def encode_png(image: np.ndarray) -> bytes:
     elif arr.ndim == 3 and arr.shape[2] == 4 and arr.dtype == np.uint8:
         arr = cv2.cvtColor(arr, cv2.COLOR_RGBA2BGRA)
     elif not (arr.ndim == 2 and arr.dtype in (np.uint8, np.uint16)):
-        raise ValueError(f"encode_png: unsupported array {arr.shape} {arr.dtype} (grey uint8/uint16, RGB or RGBA uint8)")
+        raise ValueError(f"encode_png: unsupported array {arr.shape} {arr.dtype} "
+                         "(grey uint8/uint16, RGB or RGBA uint8)")
     ok, buf = cv2.imencode(".png", arr)
     if not ok:
         raise ValueError("PNG encoding failed")

@@ -119,7 +119,8 @@ def test_filters_per_head_and_memory_bound(sd, inputs):
 
     with capture_attention(sd.unet, layers=["up_blocks.3"], kind="self", resolutions=[(8, 16)]) as store:
         _pass(sd, latents, emb)
-    assert set(store.maps) == {n for n, _, k in attention_modules(sd.unet) if n.startswith("up_blocks.3.") and k == "self"}
+    assert set(store.maps) == {n for n, _, k in attention_modules(sd.unet)
+                               if n.startswith("up_blocks.3.") and k == "self"}
 
 
 def test_processors_restored(sd, inputs):

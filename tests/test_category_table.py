@@ -7,12 +7,14 @@ from pseudolabel.schemas.coco import category_ids, category_table
 def test_declared_first_then_annotations_with_new_ids_for_names_without_one():
     declared = [{"id": 2, "name": "cat", "labeler": "evf_sam"}, {"id": 1, "name": "sky", "semantic": True},
                 {"id": 2, "name": "dog"}, {"name": "no id: skipped"}]
-    anns = [{"category_id": 2, "category": "other name for 2"}, {"category_id": 7, "category": "tree", "labeler": "iseg"},
+    anns = [{"category_id": 2, "category": "other name for 2"},
+            {"category_id": 7, "category": "tree", "labeler": "iseg"},
             {"category_id": None, "category": "rock"}, {"category_id": None, "category": "cat"},
             {"category_id": None, "category": None}]
     table = category_table(declared, anns)
     assert [(c["id"], c["name"], c["supercategory"], c["semantic"]) for c in table] == [
-        (1, "sky", "object", True), (2, "cat", "evf_sam", False), (7, "tree", "iseg", False), (8, "rock", "object", False)]
+        (1, "sky", "object", True), (2, "cat", "evf_sam", False), (7, "tree", "iseg", False),
+        (8, "rock", "object", False)]
     assert category_ids(table) == {"sky": 1, "cat": 2, "tree": 7, "rock": 8}
     assert category_table([]) == [] and category_ids([]) == {}
 

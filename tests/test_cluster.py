@@ -18,7 +18,8 @@ def _write_job(tmp_path, images: str, out: str, **resources) -> str:
            # a host-only labeler (CPU tasks) and one with a device half (actors) before its host half
            "labelers": [{"name": "classical_grabcut", "ontology": [{"category": "shape"}],
                          "params": {"iterations": 6}},
-                        {"name": "fault_labelers:SplitFlaky", "params": {"forward_fail_width": 1, "host_fail_width": 1}}],
+                        {"name": "fault_labelers:SplitFlaky",
+                         "params": {"forward_fail_width": 1, "host_fail_width": 1}}],
            "resources": {"actors": 2, "cpus_per_actor": 0.5, "batch_size": 2, "decode_batch_size": 2, **resources}}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))

@@ -5,6 +5,7 @@ import math
 import os
 
 import numpy as np
+import pydantic
 import pytest
 import torch
 from directsam_tiny import (
@@ -278,7 +279,7 @@ def test_registry_and_params():
     assert p.mode == "simple" and p.fast_resize is False
     assert "our addition" in DirectSAM.Params.model_fields["mode"].description
     assert "not exact" in DirectSAM.Params.model_fields["fast_resize"].description
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError):
         DirectSAM.Params(mode="bogus")
 
 

@@ -162,7 +162,8 @@ def test_every_coco_segmentation_form_gives_the_same_label(tmp_path):
         n += 1
     runs.append(n)
     forms = {
-        "polygon": [{"segmentation": [[10, 8, 30, 8, 30, 24, 10, 24]]}, {"segmentation": [[5, 28, 55, 28, 55, 36, 5, 36]]}],
+        "polygon": [{"segmentation": [[10, 8, 30, 8, 30, 24, 10, 24]]},
+                    {"segmentation": [[5, 28, 55, 28, 55, 36, 5, 36]]}],
         "rle": [{"segmentation": compressed}, {"segmentation": {"size": [h, w], "counts": runs}}],
     }
     labels = {}

@@ -510,7 +510,7 @@ def test_sam_h_mask_decoder_matches_the_reference_definition():
     cfg = random_config("sam")
     model = EvfSam(cfg).eval()
     with torch.no_grad():       # spread the random weights as write_random_checkpoint does
-        for name, p in model.sam.mask_decoder.named_parameters():
+        for p in model.sam.mask_decoder.parameters():
             if p.dim() >= 2:
                 p.mul_(3.0)
     g = torch.Generator().manual_seed(1)

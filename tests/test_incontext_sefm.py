@@ -260,7 +260,7 @@ def test_sefm_mask_is_where_clean_differs_by_more_than_change_threshold(tmp_path
     for thr in (low, high):
         # without clean-up the mask is exactly the thresholded difference
         lab = _sefm(ck, demo_in, demo_out, change_threshold=thr, mask_open_radius=0, mask_close_radius=0, min_area=0)
-        for i, (q, out) in enumerate(zip(queries, lab(queries))):
+        for i, out in enumerate(lab(queries)):
             np.testing.assert_array_equal(out.layers["clean"], cleans[i])
             expected = diffs[i] > thr
             assert 0 < expected.sum() < expected.size  # some pixels on each side of the threshold
@@ -274,7 +274,7 @@ def test_sefm_mask_is_where_clean_differs_by_more_than_change_threshold(tmp_path
     # with the default clean-up: the cleaned thresholded difference
     lab = _sefm(ck, demo_in, demo_out, change_threshold=low)
     p = lab.params
-    for q, d, out in zip(queries, diffs, lab(queries)):
+    for d, out in zip(diffs, lab(queries)):
         expected = clean_mask(d > low, p.mask_open_radius, p.mask_close_radius, p.min_area)
         assert expected.any()
         np.testing.assert_array_equal(out.instances[0].mask, expected)
@@ -330,7 +330,7 @@ def test_sefm_host_half_loads_no_weights_and_reads_no_demonstration(tmp_path):
     missing = tmp_path / "missing"
     spec = LabelerSpec(name="incontext", weights=str(missing / "ck"), ontology=ontology,
                        params={**params, "demo_in": str(missing / "in.png"), "demo_out": str(missing / "out.png")})
-    with pytest.raises(Exception):  # the full labeler needs the checkpoint and the pair
+    with pytest.raises(FileNotFoundError):  # the full labeler needs the checkpoint and the pair
         labeler_class("incontext")(spec)
     host = labeler_class("incontext").host_half(spec)
     assert not any(hasattr(host, a) for a in ("net", "run_net", "pairs", "cell", "layout"))
@@ -365,7 +365,8 @@ def test_sefm_is_the_default_architecture_with_the_published_layout():
         assert kinds == {(TBlock, TSA, SAttention, CAttention, GAttention)}
         b = blocks[0]
         assert b.att.window == 16 and b.att.satt.window == 16
-        return len(blocks), b.att.conv1_1.in_channels, b.att.satt.heads, b.att.gatt.shuffle, b.dp_ffn.linear[0].out_channels
+        return (len(blocks), b.att.conv1_1.in_channels, b.att.satt.heads, b.att.gatt.shuffle,
+                b.dp_ffn.linear[0].out_channels)
 
     # (depth, channels, heads, global patch, FFN hidden) per stage
     assert [stage(e) for e in net.encoders] == [(2, 32, 1, 16, 64), (2, 64, 2, 8, 128), (4, 128, 4, 4, 256),
@@ -378,7 +379,8 @@ def test_sefm_is_the_default_architecture_with_the_published_layout():
         (c, c // 2, (3, 3), "PixelUnshuffle") for c in (32, 64, 128, 256)]
     assert [(u[0].in_channels, u[0].out_channels, u[0].kernel_size, type(u[1]).__name__) for u in net.ups] == [
         (c, 2 * c, (1, 1), "PixelShuffle") for c in (512, 256, 128, 64)]
-    assert (net.intro.in_channels, net.intro.out_channels, net.ending.in_channels, net.ending.out_channels) == (3, 32, 32, 3)
+    channels = (net.intro.in_channels, net.intro.out_channels, net.ending.in_channels, net.ending.out_channels)
+    assert channels == (3, 32, 32, 3)
     # its size: counted on the meta device
     params = dict(net.named_parameters())
     assert sum(p.numel() for p in params.values()) == SEFM_PARAMETERS

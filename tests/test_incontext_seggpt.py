@@ -209,7 +209,7 @@ def test_host_half_loads_no_weights_and_reads_no_demonstration(tmp_path):
         params={**params, "demo_in": f"{missing}/in.png", "demo_out": f"{missing}/out.png"}))
     assert not any(hasattr(host, a) for a in ("finder", "pairs", "demo_masks", "inpainter"))
     assert (host.category, host.category_id) == ("component", 1)
-    with pytest.raises(Exception):  # the full labeler does need them
+    with pytest.raises(FileNotFoundError):  # the full labeler does need them
         labeler_class("incontext")(host.spec)
     split, _ = split_outputs(lab, images, host=host)
     whole = lab(images)

@@ -67,7 +67,8 @@ def test_coco_file_names_stay_under_the_root(tmp_path):
     refused = [got[n] for n in names[1:]]
     assert all(status == "error" for status, _ in refused)
     # one message, whether the target exists (../secret.png) or not (../missing.png)
-    assert got["../secret.png"][1].replace("../secret.png", "X") == got["../missing.png"][1].replace("../missing.png", "X")
+    assert (got["../secret.png"][1].replace("../secret.png", "X")
+            == got["../missing.png"][1].replace("../missing.png", "X"))
     assert all("outside the input root" in err for _, err in refused)
     # nothing outside was named as a source, and without the manifest's error column nothing is read either
     assert all(u == str(root) for u, n in zip(m.column("uri").to_pylist(), names) if n != "a.png")

@@ -69,7 +69,8 @@ def test_entropy_step_nonnegative_rows_sum_to_one_zeros_stay_zero():
     assert torch.isfinite(out).all() and torch.allclose(out.sum(-1), torch.ones(10), atol=1e-5)
     colnorm = peaky[9] / peaky.amax(0)
     assert torch.allclose(out[9], colnorm / colnorm.sum(), atol=1e-6)
-    assert torch.equal(entropy_reduce(a, 0.0), (a / a.amax(0, keepdim=True)) / (a / a.amax(0, keepdim=True)).sum(-1, keepdim=True))
+    scaled = a / a.amax(0, keepdim=True)
+    assert torch.equal(entropy_reduce(a, 0.0), scaled / scaled.sum(-1, keepdim=True))
     # batched input gives the same per item
     batch = torch.stack([a, _random_attention(64, seed=1)])
     assert torch.allclose(entropy_reduce(batch, 0.1)[0], entropy_reduce(a, 0.1))
@@ -296,7 +297,8 @@ def test_labeler_text_and_seeds_end_to_end(sd_dir):
 
     # deterministic for a fixed seed; the row's categories restrict the classes (image-level tags)
     again = lab(images[:1], [None])[0]
-    assert [(i.category, i.mask.sum()) for i in again.instances] == [(i.category, i.mask.sum()) for i in outs[0].instances]
+    assert ([(i.category, i.mask.sum()) for i in again.instances]
+            == [(i.category, i.mask.sum()) for i in outs[0].instances])
     tagged = lab(images[:1], [{"categories": ["sky"]}])[0]
     assert {i.category for i in tagged.instances} <= {"sky"} and tagged.instances
     with pytest.raises(ValueError):
@@ -334,7 +336,8 @@ def test_run_through_ray_on_demo_data(sd_dir, ray_cluster, tmp_path):
     ontology = [{"category": c["name"], "id": c["id"]} for c in CATEGORIES]
     job = {
         "name": "iseg-demo",
-        "input": {"uri": str(data / "images"), "format": "coco", "coco_json": str(data / "annotations" / "instances.json")},
+        "input": {"uri": str(data / "images"), "format": "coco",
+                  "coco_json": str(data / "annotations" / "instances.json")},
         "output": {"uri": str(tmp_path / "out")},
         "labelers": [{"name": "iseg", "weights": sd_dir, "dtype": "float32", "ontology": ontology,
                       "params": {"resolution": 64, "iterations": 5, "semantic_layer": True}}],
@@ -458,7 +461,8 @@ def test_mask_score_is_the_mean_map_value_inside_the_mask(lab, monkeypatch):
             expected = float(maps[k][inst.mask].mean())
             assert inst.score == pytest.approx(expected, abs=1e-6)
             # not some other statistic of the map
-            assert abs(expected - float(maps[k].mean())) > 1e-3 and abs(expected - float(maps[k][inst.mask].max())) > 1e-3
+            assert abs(expected - float(maps[k].mean())) > 1e-3
+            assert abs(expected - float(maps[k][inst.mask].max())) > 1e-3
             checked += 1
     assert checked >= 2
 
@@ -486,7 +490,7 @@ def test_forward_then_host_half_equals_the_whole_labeler(lab):
     grid = tuple(int(v) for v in payloads[0]["grid"])
     length = grid[0] * grid[1]
     n_maps = [3, 2, 2, 2, 0]
-    for payload, n, prompt in zip(payloads, n_maps, prompts):
+    for payload, n in zip(payloads, n_maps):
         assert set(payload) == {"maps", "grid", "seeded", "classes", "tagged", "strength"}
         assert all(type(v) is np.ndarray for v in payload.values())  # no tensors, no python objects
         assert payload["maps"].dtype == np.float32 and payload["maps"].shape == (length, n)

@@ -188,7 +188,8 @@ def test_token_choice(tokenizer):
     # precedence: prompt override, category override, the reference's table, all tokens
     assert class_words("traffic light", ["traffic light"], {}) == [["light"]]
     assert class_words("signal", ["traffic light", "signal"], {}) == [["light"], None]
-    assert class_words("traffic light", ["traffic light", "stoplight"], {"traffic light": "traffic"}) == [["traffic"], None]
+    words = class_words("traffic light", ["traffic light", "stoplight"], {"traffic light": "traffic"})
+    assert words == [["traffic"], None]
     assert class_words("traffic light", ["traffic light"], {"traffic light": []}) == [None]
     assert class_words("x", ["traffic light"], {"traffic light": ["traffic"]}) == [["traffic"]]
     with pytest.raises(ValueError, match="tokens"):
@@ -229,7 +230,8 @@ def test_host_half_masks_untagged_rows_only(sd_dir):
     assert {i.category for i in untagged.instances} == {"cat"}
     assert {i.category for i in tagged.instances} == {"cat", "sky"}
     everything = ISeg.host_half(spec.model_copy(update={"params": {"untagged": "all"}}))
-    assert {i.category for i in everything.postprocess(image, None, {**payload, "tagged": np.array(False)}).instances} == {"cat", "sky"}
+    untagged = everything.postprocess(image, None, {**payload, "tagged": np.array(False)})
+    assert {i.category for i in untagged.instances} == {"cat", "sky"}
 
 
 # ------------------------------------------------------------------------------- maps to image, seeds
@@ -261,13 +263,16 @@ def test_seed_cells_and_level_rule_by_hand():
 
 def test_seed_defaults_are_the_interactive_tools():
     p = ISegParams()
-    assert (p.seed_lam, p.seed_iterations, p.seed_threshold, p.seed_self_heads, p.clip_box_seeds) == (0.1, 50, 0.5, None, False)
+    assert ((p.seed_lam, p.seed_iterations, p.seed_threshold, p.seed_self_heads, p.clip_box_seeds)
+            == (0.1, 50, 0.5, None, False))
     assert (p.lam, p.iterations, p.text_scale, p.timestep, p.seed, p.self_heads) == (0.1, 10, 1.6, 100, 1101, [1, 2])
-    assert (p.kmeans_clusters, p.kmeans_iters, p.kmeans_precision, p.bg_threshold, p.mask_size) == (32, 20, "float16", 0.45, 512)
+    assert ((p.kmeans_clusters, p.kmeans_iters, p.kmeans_precision, p.bg_threshold, p.mask_size)
+            == (32, 20, "float16", 0.45, 512))
     assert p.cross_layers == REFERENCE_CROSS_LAYERS and p.cross_head_index() is None
     assert (p.background_end, p.drop_class_words, p.resize, p.untagged) == (",", False, "bilinear", "attenuate")
     voc = ISegParams(preset="voc")
-    assert (voc.lam, voc.background, voc.background_end, voc.cross_head_index()) == (0.015, "power", "", VOC_CROSS_HEADS)
+    assert ((voc.lam, voc.background, voc.background_end, voc.cross_head_index())
+            == (0.015, "power", "", VOC_CROSS_HEADS))
     assert voc.background_words == ["ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water"]
     assert ISegParams(preset="voc", lam=0.05).lam == 0.05  # explicit params win
     with pytest.raises(ValueError):
@@ -357,7 +362,8 @@ def test_labeler_without_tags(sd_dir, monkeypatch):
     with torch.inference_mode():
         base, _ = encode_text(lab.sd.tokenizer, lab.sd.text_encoder,
                               ["a photograph of cat and traffic light and sky and other object and background, "
-                               "ground, land, grass, tree, building, wall, sky, lake, water, river, sea, railway,", " "])
+                               "ground, land, grass, tree, building, wall, sky, lake, water, river, sea, railway,",
+                               " "])
     scaled = {0: [4, 7, 9], 1: [0]}
     for row, pos in scaled.items():
         rest = [i for i in range(base.shape[1]) if i not in pos]
@@ -419,9 +425,11 @@ def test_cross_heads_index_the_layers_heads_in_unet_order(sd_dir):
         emb, _ = encode_text(sd.tokenizer, sd.text_encoder, ["a photograph of cat"])
         emb = emb.clone()
         emb[0, [4]] *= 1.6
-        store = AttentionStore(layers=["up_blocks.2.attentions.0", "up_blocks.1.attentions.0"], kind="cross", per_head=True)
+        store = AttentionStore(layers=["up_blocks.2.attentions.0", "up_blocks.1.attentions.0"], kind="cross",
+                               per_head=True)
         with capture_attention(sd.unet, store):
-            noisy_unet_pass(sd.unet, sd.scheduler, latents, 100, emb, noise=per_row_noise(1, latents.shape[1:], 1101)[0])
+            noisy_unet_pass(sd.unet, sd.scheduler, latents, 100, emb,
+                            noise=per_row_noise(1, latents.shape[1:], 1101)[0])
     by_factor = {r.factor: r for r in store.maps.values()}
     expected = fuse_cross_attention({2: by_factor[2].probs[:, 2], 4: by_factor[4].probs[:, 5]},
                                     {2: by_factor[2].hw, 4: by_factor[4].hw}, {4: 0.7, 2: 0.3}, grid)

@@ -50,7 +50,8 @@ def test_verify_names_a_run_writing_the_output(tmp_path, capsys):
     with acquire(str(out), None, "runA", timeout_s=30):
         assert main(["verify", str(out)]) == 1  # listing not done yet
         text = capsys.readouterr().out
-    assert text.startswith("FAILED: 0 images, 0 rows") and "; listing incomplete;" in text and "\n  listing: incomplete (" in text
+    assert text.startswith("FAILED: 0 images, 0 rows") and "; listing incomplete;" in text
+    assert "\n  listing: incomplete (" in text
     assert f"lease: being written now by host {socket.gethostname()} pid {os.getpid()} run runA since" in text
     _write_lease(str(out), heartbeat=time.time() - 3600)
     main(["verify", str(out)])

@@ -93,7 +93,8 @@ def test_labels_read_in_pyarrow_duckdb_and_datasets(local_run):
     ).fetchone()
     assert (n, distinct) == (16, 16) and anns == sum(len(a) for a in table.column("annotations").to_pylist())
     counts = con.execute(
-        f"SELECT a.segmentation.counts FROM (SELECT unnest(annotations) AS a FROM read_parquet('{out}/labels/*.parquet')) LIMIT 1"
+        "SELECT a.segmentation.counts FROM (SELECT unnest(annotations) AS a "
+        f"FROM read_parquet('{out}/labels/*.parquet')) LIMIT 1"
     ).fetchone()[0]
     assert isinstance(counts, str)
     assert b"huggingface" in pq.read_schema(f"{out}/labels/{files[0]}").metadata  # datasets' feature types
@@ -151,7 +152,8 @@ def test_coco_webdataset_and_parquet_inputs_run_end_to_end(ray_cluster, tmp_path
     gt = json.load(open(f"{coco_root}/annotations/instances.json"))
     assert sorted(table.column("image_id").to_pylist()) == sorted(str(i["id"]) for i in gt["images"])
     # the COCO boxes became prompts: one instance per ground-truth box, with its category
-    per_image = {str(i["id"]): sorted(a["category_id"] for a in gt["annotations"] if a["image_id"] == i["id"]) for i in gt["images"]}
+    per_image = {str(i["id"]): sorted(a["category_id"] for a in gt["annotations"] if a["image_id"] == i["id"])
+                 for i in gt["images"]}
     for r in table.to_pylist():
         assert sorted(a["category_id"] for a in r["annotations"]) == per_image[r["image_id"]]
 
@@ -228,7 +230,8 @@ def test_summary_has_category_counts_score_quantiles_and_labeler_seconds(local_r
     assert stats["score_p10"] <= stats["score_p50"] <= stats["score_p90"]
     timing = {t["labeler"]: t for t in summary["labeler_seconds"]}
     assert set(timing) == {"classical_grabcut", "classical_tokens"}
-    assert all(set(t) == {"labeler", "host"} and t["host"] > 0 for t in timing.values()), timing  # no network: host only
+    # no network: host only
+    assert all(set(t) == {"labeler", "host"} and t["host"] > 0 for t in timing.values()), timing
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["category_stats"] == summary["category_stats"]
 

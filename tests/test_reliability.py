@@ -175,7 +175,8 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
 
 
 # -- kill -9 of the driver ----------------------------------------------------------------------------
@@ -558,11 +559,12 @@ def test_coco_file_names_leaving_the_root_are_refused(ray_cluster, tmp_path, rel
     rows = {} if failure else {r["file_name"]: r for r in read_labels(str(tmp_path / "out")).to_pylist()}
     good = [r for k, r in rows.items() if k not in escapes]
     shown = dict(zip(escapes, ["../outside.png", "absolute path", "../missing.png"]))
+    first_error = (f" ({rows[escapes[0]]['error'].replace(str(tmp_path), '')[:90]})"
+                   if escapes[0] in rows and rows[escapes[0]]["error"] else "")
     reliability_log.add("COCO file_name leaving the root", "file_name '../outside.png' (exists), an absolute path "
                         "(exists), '../missing.png'", len(escapes), f"job failed: {failure[:160]}" if failure else
                         "; ".join(f"{shown[n]}: {rows[n]['status']}" if n in rows else f"{shown[n]}: no row"
-                                  for n in escapes) + (f" ({rows[escapes[0]]['error'].replace(str(tmp_path), '')[:90]})" if escapes[0] in rows
-                                                       and rows[escapes[0]]["error"] else ""),
+                                  for n in escapes) + first_error,
                         4 - sum(1 for r in good if r["status"] == "ok"), 0)
     assert failure is None
     assert sum(1 for r in good if r["status"] == "ok") == 4

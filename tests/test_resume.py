@@ -43,7 +43,8 @@ def test_killed_driver_resumes_exactly_once(tmp_path):
     spec.write_text(yaml.safe_dump(job))
     cmd = [sys.executable, "-m", "pseudolabel.cli", "run", str(spec), "--quiet"]
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "RAY_ADDRESS": "",
+           "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))}
 
     # 1. Start the job in its own process group (its own local Ray cluster) and kill it all once
     #    some, but not all, labels are committed (a labels file being written may be cut short).

@@ -45,7 +45,8 @@ def test_coco_listing_takes_ids_names_and_boxes(demo_root):
     m = list_input(InputSpec(uri=f"{demo_root}/images", format="coco",
                              coco_json=f"{demo_root}/annotations/instances.json"))
     gt = json.load(open(f"{demo_root}/annotations/instances.json"))
-    assert sorted(m.column("image_id").to_pylist(), key=int) == [str(im["id"]) for im in sorted(gt["images"], key=lambda i: i["id"])]
+    assert (sorted(m.column("image_id").to_pylist(), key=int)
+            == [str(im["id"]) for im in sorted(gt["images"], key=lambda i: i["id"])])
     prompts = json.loads(m.column("prompts")[0].as_py())
     first = [a for a in gt["annotations"] if a["image_id"] == int(m.column("image_id")[0].as_py())]
     x, y, w, h = first[0]["bbox"]
@@ -109,7 +110,8 @@ def test_bad_images_become_error_rows(tmp_path):
     (root / "huge.png").write_bytes(_png(150, 150))
     m = list_input(InputSpec(uri=str(root)))
     out = _decode_all(m, max_pixels=100 * 100)
-    got = dict(zip([n for n in out.column("file_name").to_pylist()], zip(out.column("status").to_pylist(), out.column("error").to_pylist())))
+    got = dict(zip([n for n in out.column("file_name").to_pylist()],
+                   zip(out.column("status").to_pylist(), out.column("error").to_pylist())))
     assert got["good.png"] == ("ok", None)
     assert got["zero.png"][0] == "error" and "0 bytes" in got["zero.png"][1]
     assert got["text.jpg"][0] == "error" and "cannot decode" in got["text.jpg"][1]
@@ -140,7 +142,8 @@ def test_tar_members_never_escape_and_missing_members_error(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     m = list_input(InputSpec(uri=str(tmp_path), format="webdataset"))
     out = _decode_all(m)
-    status = dict(zip(m.column("member").to_pylist(), zip(out.column("status").to_pylist(), out.column("error").to_pylist())))
+    status = dict(zip(m.column("member").to_pylist(),
+                      zip(out.column("status").to_pylist(), out.column("error").to_pylist())))
     assert status["ok.png"][0] == "ok"
     assert status["../evil.png"][0] == "error" and "unsafe" in status["../evil.png"][1]
     with pytest.raises(ImageError):

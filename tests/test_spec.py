@@ -14,7 +14,8 @@ from pseudolabel.schemas.spec import SpecError, apply_override
 GOOD = {
     "input": {"uri": "/data/images"},
     "output": {"uri": "/tmp/out"},
-    "labelers": [{"name": "classical_grabcut", "ontology": [{"category": "shape"}, {"category": "sky", "semantic": True}]}],
+    "labelers": [{"name": "classical_grabcut",
+                  "ontology": [{"category": "shape"}, {"category": "sky", "semantic": True}]}],
 }
 
 
@@ -86,7 +87,8 @@ def test_cli_rejects_bad_spec_before_ray_starts(tmp_path):
 def test_cli_set_override_is_validated(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(GOOD))
-    proc = subprocess.run([sys.executable, "-m", "pseudolabel.cli", "run", str(path), "--set", "resources.gpus_per_actor=-1"],
+    proc = subprocess.run([sys.executable, "-m", "pseudolabel.cli", "run", str(path),
+                           "--set", "resources.gpus_per_actor=-1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "resources.gpus_per_actor" in proc.stderr
 
@@ -108,8 +110,10 @@ def test_category_ids_are_job_wide_across_labelers():
 
 
 @pytest.mark.parametrize("first, second, message", [
-    ([{"category": "a", "id": 1}], [{"category": "b", "id": 1}], "labelers.1.ontology.0.id: id 1 is already category 'a'"),
-    ([{"category": "a", "id": 1}], [{"category": "a", "id": 2}], "labelers.1.ontology.0.id: category 'a' already has id 1"),
+    ([{"category": "a", "id": 1}], [{"category": "b", "id": 1}],
+     "labelers.1.ontology.0.id: id 1 is already category 'a'"),
+    ([{"category": "a", "id": 1}], [{"category": "a", "id": 2}],
+     "labelers.1.ontology.0.id: category 'a' already has id 1"),
 ])
 def test_conflicting_category_ids_are_rejected(first, second, message):
     with pytest.raises(SpecError) as err:

@@ -49,7 +49,8 @@ def test_hub_id_not_in_the_offline_cache_says_how_to_get_it(tmp_path, monkeypatc
     monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
     with pytest.raises(WeightsError) as err:
         pseudolabel.run(_job(tmp_path, "someone/not-cached"), progress=False)
-    assert "not in the local hub cache" in str(err.value) and "huggingface-cli download someone/not-cached" in str(err.value)
+    assert "not in the local hub cache" in str(err.value)
+    assert "huggingface-cli download someone/not-cached" in str(err.value)
 
 
 def test_empty_s3_prefix_is_refused(tmp_path, s3_bucket):

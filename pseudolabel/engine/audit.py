@@ -109,7 +109,8 @@ class Audit:
 
 
 def _repeated(ids: list[str]) -> set[str]:
-    seen, twice = set(), set()
+    seen: set[str] = set()
+    twice: set[str] = set()
     for i in ids:
         (twice if i in seen else seen).add(i)
     return twice

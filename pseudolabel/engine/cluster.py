@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from typing import Iterator
+from typing import Any, Iterator
 
 from pseudolabel.engine.errors import ClusterError, one_line
 
@@ -140,7 +140,7 @@ def connect(address: str | None = None, min_cpus: float = 0, verbose: bool = Fal
         for name in ("ray._private.authentication", "ray.data"):
             logging.getLogger(name).setLevel(logging.ERROR)
     target = cluster_address(address)
-    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     if target:
         check_address(address)
         bound_ray_connect()

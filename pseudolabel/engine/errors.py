@@ -49,7 +49,7 @@ def environment_problem(err: BaseException) -> str | None:
     full disk), looking through the chain of causes and Ray's task errors; None for anything else,
     which stays a traceback (a bug to report, not a mistake to fix)."""
     seen = set()
-    stack = [err]
+    stack: list[BaseException | None] = [err]
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
@@ -72,7 +72,8 @@ def _describe(e: BaseException) -> str | None:
     if name in ("EndpointConnectionError", "ConnectTimeoutError"):
         return (f"cannot reach the S3 endpoint ({one_line(e)}): check storage.endpoint_url or "
                 f"AWS_ENDPOINT_URL")
-    code = getattr(e, "response", None) and e.response.get("Error", {}).get("Code")
+    response = getattr(e, "response", None)
+    code = response and response.get("Error", {}).get("Code")
     if code == "NoSuchBucket":
         return ("an S3 bucket of the job does not exist: create it first (buckets are never created for you) or "
                 "fix the s3:// path")

@@ -221,7 +221,7 @@ class _S3Store:
 class Lease:
     """A held lease; ``release()`` (or leaving the ``with`` block) gives it back."""
 
-    store: object
+    store: _LocalStore | _S3Store
     record: dict
     interval_s: float
     lost: bool = False

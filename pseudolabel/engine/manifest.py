@@ -8,6 +8,8 @@ so Ray Data's checkpoint filter (resume, exactly-once) applies to it.
 """
 from __future__ import annotations
 
+import functools
+
 import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
@@ -37,7 +39,7 @@ class ManifestDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         tasks = []
         for uri, n in zip(self.part_uris, self.rows):
-            meta = BlockMetadata(num_rows=n, size_bytes=256 * n, input_files=[uri], exec_stats=None)
-            tasks.append(ReadTask(lambda uri=uri: _read_part(uri, self.storage, self.block_rows), meta, schema=MANIFEST_SCHEMA,
-                                  per_task_row_limit=per_task_row_limit))
+            meta = BlockMetadata(num_rows=n, size_bytes=256 * n, input_files=(uri,), exec_stats=None)
+            read = functools.partial(_read_part, uri, self.storage, self.block_rows)
+            tasks.append(ReadTask(read, meta, schema=MANIFEST_SCHEMA, per_task_row_limit=per_task_row_limit))
         return tasks

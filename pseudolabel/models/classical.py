@@ -300,8 +300,10 @@ class GrabCutParams(LabelerParams):
     background_below: float = Field(2.0, ge=0.0, description="init=saliency: saliency below this is sure background")
     probable_above: float = Field(4.0, ge=0.0, description="init=saliency: saliency above this is probable foreground")
     sure_above: float = Field(8.0, ge=0.0, description="init=saliency: saliency above this is sure foreground")
-    box_margin: float = Field(0.15, ge=0.0, le=2.0, description="box prompts: context around each box, fraction of its size")
-    min_area_fraction: float = Field(0.002, ge=0.0, lt=1.0, description="drop components smaller than this fraction of the image")
+    box_margin: float = Field(0.15, ge=0.0, le=2.0,
+                              description="box prompts: context around each box, fraction of its size")
+    min_area_fraction: float = Field(0.002, ge=0.0, lt=1.0,
+                                     description="drop components smaller than this fraction of the image")
     max_instances: int = Field(20, ge=1, description="without prompts: keep at most this many components")
 
 
@@ -441,7 +443,8 @@ class GrabCutForeground(Labeler[None]):
 class ClassicalInpaintParams(GrabCutParams):
     dilate: int = Field(3, ge=0, le=50, description="grow the foreground mask by this many pixels before filling")
     radius: int = Field(5, ge=1, le=50, description="OpenCV inpainting neighbourhood radius in pixels")
-    method: Literal["telea", "ns"] = Field("telea", description="OpenCV inpainting: Telea fast marching or Navier-Stokes")
+    method: Literal["telea", "ns"] = Field("telea",
+                                           description="OpenCV inpainting: Telea fast marching or Navier-Stokes")
 
 
 class ClassicalInpaint(GrabCutForeground):

@@ -98,7 +98,8 @@ def border_weights(height: int, width: int, overlap: int = 90, device: str | tor
     return w
 
 
-def image_views(width: int, height: int, layers: int, overlap: int = 90) -> list[tuple[tuple[int, int, int, int], bool]]:
+def image_views(width: int, height: int, layers: int,
+                overlap: int = 90) -> list[tuple[tuple[int, int, int, int], bool]]:
     """All views of one image: the whole image, then every crop of layers 1..``layers``.
 
     Returns:

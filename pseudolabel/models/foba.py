@@ -224,11 +224,12 @@ def canvas_map_to_image(grid: np.ndarray, side: int, part_hw: tuple[int, int], i
     """A map on the canvas's latent grid (h, w) -> the image's (H, W), nearest neighbour: to the canvas,
     cropped to the image part (h', w'), then to the image size."""
     dtype = grid.dtype
-    arr = grid.astype(np.float32) if dtype == bool else grid
+    is_bool = dtype.kind == "b"
+    arr = grid.astype(np.float32) if is_bool else grid
     canvas = cv2.resize(arr, (side, side), interpolation=cv2.INTER_NEAREST)
     part = np.ascontiguousarray(unpad_canvas(canvas, part_hw))
     out = cv2.resize(part, (image_hw[1], image_hw[0]), interpolation=cv2.INTER_NEAREST)
-    return out > 0.5 if dtype == bool else out
+    return out > 0.5 if is_bool else out
 
 
 def resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

@@ -66,14 +66,14 @@ class DiffusionInpainter:
         h, w = mask.shape
         r = self.resolution
         # 1. run at the pipeline's resolution (multiple of 8)
-        src = Image.fromarray(image).resize((r, r), Image.BICUBIC)
-        msk = Image.fromarray(mask.astype(np.uint8) * 255).resize((r, r), Image.NEAREST)
+        src = Image.fromarray(image).resize((r, r), Image.Resampling.BICUBIC)
+        msk = Image.fromarray(mask.astype(np.uint8) * 255).resize((r, r), Image.Resampling.NEAREST)
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         result = self.pipe(prompt=self.prompt, image=src, mask_image=msk, height=r, width=r,
                            num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
                            generator=gen).images[0]
         # 2. back to the input size; keep unmasked pixels exactly
-        filled = np.asarray(result.convert("RGB").resize((w, h), Image.BICUBIC), dtype=np.uint8)
+        filled = np.asarray(result.convert("RGB").resize((w, h), Image.Resampling.BICUBIC), dtype=np.uint8)
         out = image.copy()
         out[mask] = filled[mask]
         return out

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from pseudolabel.models.attention import AttentionStore, CapturedAttention, head_mean
-from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput
+from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput, entry_id
 from pseudolabel.models.iseg_tags import TagParams
 from pseudolabel.models.iseg_tokens import class_words, n_tokens, word_token_offsets
 
@@ -128,7 +128,10 @@ def plan_prompts(tokenizer, class_phrases: list[list[str]], background_words: li
     plans: list[PromptPlan] = []
     current: list[int] = []
     used = 1 + n_prefix  # start token + prefix
-    make = lambda ks: _make_plan(ks, class_phrases, lengths, choices, n_prefix, n_join, words, end)
+
+    def make(ks: list[int]) -> PromptPlan:
+        return _make_plan(ks, class_phrases, lengths, choices, n_prefix, n_join, words, end)
+
     for k, lens in enumerate(lengths):
         need = sum(lens) + n_join * len(lens)
         if 1 + n_prefix + need + n_suffix + 1 > max_length:
@@ -146,7 +149,7 @@ def _make_plan(classes, class_phrases, lengths, choices, n_prefix, n_join, words
     phrases, token_ids = [], []
     start = 1 + n_prefix
     for k in classes:
-        ids = []
+        ids: list[int] = []
         for phrase, n, chosen in zip(class_phrases[k], lengths[k], choices[k]):
             ids.extend(start + o for o in (chosen if chosen is not None else range(n)))
             start += n + n_join
@@ -277,10 +280,14 @@ def kl_kmeans_smooth(maps: torch.Tensor, hw: tuple[int, int], clusters: int = 32
     x = torch.where(raw == 0, torch.full_like(raw, 1e-6), raw)
     if half:
         x = x.half().float()  # the values the reference clusters
-        distance = lambda c: symmetric_kl_half(c, x, eps).float()
+
+        def distance(c: torch.Tensor) -> torch.Tensor:
+            return symmetric_kl_half(c, x, eps).float()
     else:
         points = _kl_terms(x, eps)  # the pixels' logs, computed once
-        distance = lambda c: _symmetric_kl_terms(_kl_terms(c, eps), points)
+
+        def distance(c: torch.Tensor) -> torch.Tensor:
+            return _symmetric_kl_terms(_kl_terms(c, eps), points)
     centres = x[kmeans_start_cells(hw, clusters).to(x.device)]
     assign = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     for _ in range(max(1, iters)):
@@ -515,7 +522,7 @@ class HeadSetStore(AttentionStore):
             mean = pick_heads(probs, heads, f"{key} self-attention ({name})")
             self.set_maps[key][name] = mean.to(self.device) if self.device is not None else mean
         first = next(iter(self.set_maps.values()))[name]
-        self.maps[name] = CapturedAttention(name, kind, tuple(hw), factor, first)
+        self.maps[name] = CapturedAttention(name, kind, (hw[0], hw[1]), factor, first)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -541,17 +548,21 @@ class ISegParams(LabelerParams):
         "all", description="cross-attention heads per factor, indices into the layers' heads concatenated in "
                            "UNet order: all; voc (the reference's VOC subsets); or {factor: [heads]}")
     self_layers: list[str] = Field(default_factory=lambda: ["up_blocks.3.attentions.1"],
-                                   description="self-attention module prefixes; the highest-resolution grid among them is used")
+                                   description="self-attention module prefixes; the highest-resolution grid "
+                                               "among them is used")
     self_heads: list[int] | None = Field(default_factory=lambda: [1, 2],
-                                         description="self-attention heads averaged for text rows (the reference: [1, 2]; None = all)")
+                                         description="self-attention heads averaged for text rows (the "
+                                                     "reference: [1, 2]; None = all)")
     kmeans: bool = Field(True, description="KL k-means smoothing of the cross-attention")
-    kmeans_clusters: int = Field(32, ge=1, description="k-means centres start every floor(side / sqrt(clusters)) rows and columns")
+    kmeans_clusters: int = Field(32, ge=1, description="k-means centres start every floor(side / sqrt(clusters)) "
+                                                       "rows and columns")
     kmeans_iters: int = Field(20, ge=1, description="k-means iterations")
     kmeans_precision: Literal["float16", "float32"] = Field(
         "float16", description="float16: the reference's half-precision KL distances; float32: exact distances "
                                "by matrix products, no (centres x pixels x tokens) tensor (less memory)")
     background: Literal["threshold", "power"] = Field(
-        "threshold", description="threshold: maps below bg_threshold are background; power: a (1 - max)^2 background channel")
+        "threshold", description="threshold: maps below bg_threshold are background; power: a (1 - max)^2 "
+                                 "background channel")
     bg_threshold: float = Field(0.45, ge=0, le=1, description="for background=threshold (0.45 COCO)")
     background_words: list[str] = Field(default_factory=lambda: list(DEFAULT_BACKGROUND_WORDS),
                                         description="words after 'background,' in the prompt")
@@ -577,10 +588,12 @@ class ISegParams(LabelerParams):
     resize: Literal["bilinear", "area"] = Field(
         "bilinear", description="image -> resolution: bilinear on float pixels (the reference); area: "
                                 "anti-aliased when shrinking (less aliasing on large images)")
-    seed_lam: float = Field(0.1, ge=0, description="entropy-reduction lambda for point/box/line seeds (the reference tool: 0.1)")
+    seed_lam: float = Field(0.1, ge=0, description="entropy-reduction lambda for point/box/line seeds (the "
+                                                   "reference tool: 0.1)")
     seed_iterations: int = Field(50, ge=0, description="refinement iterations for seeds (the reference tool: 50)")
     seed_threshold: float = Field(0.5, ge=0, le=1, description="background level for point/box/line seeds")
-    seed_self_heads: list[int] | None = Field(None, description="self-attention heads for seeded rows (the reference tool: all)")
+    seed_self_heads: list[int] | None = Field(None, description="self-attention heads for seeded rows (the "
+                                                                "reference tool: all)")
     clip_box_seeds: bool = Field(False, description="keep a box seed's mask inside its box (the reference does not)")
     seed: int = Field(1101, description="noise seed (the reference's 1101); every image gets the same noise "
                                         "whatever its batch, drawn on the UNet's device in its dtype")
@@ -615,7 +628,7 @@ class RowPlan:
     plans: list[PromptPlan]
 
 
-class ISeg(Labeler):
+class ISeg(Labeler[dict[str, np.ndarray]]):
     """Open-vocabulary or seeded segmentation from one noisy Stable Diffusion pass.
 
     Device half (``forward``): tags (when a tagger is configured), VAE encode, the attention pass(es),
@@ -638,6 +651,7 @@ class ISeg(Labeler):
 
     name = "iseg"
     Params = ISegParams
+    params: ISegParams
     summary = ("training-free segmentation from Stable Diffusion attention (iSeg, reference defaults): text "
                "classes (row tags, CLIP tags or all) or point/box/line seeds")
     default_weights = "stabilityai/stable-diffusion-2-1-base"
@@ -661,7 +675,7 @@ class ISeg(Labeler):
 
     def setup_host(self) -> None:
         #: (category, id, prompts) per ontology entry; rows and payloads index into this list
-        self.classes = [(e.category, int(e.id), list(e.prompts)) for e in self.ontology]
+        self.classes = [(e.category, entry_id(e), list(e.prompts)) for e in self.ontology]
         known = {c[0] for c in self.classes} | {p for c in self.classes for p in c[2]}
         unknown = sorted(set(self.params.tokens) - known)
         if unknown:
@@ -721,7 +735,7 @@ class ISeg(Labeler):
         seeded = [self._is_seeded(prm) for prm in prompts]
         given = [None if s else self._row_classes(prm) for s, prm in zip(seeded, prompts)]
         need = [i for i, (s, g) in enumerate(zip(seeded, given)) if not s and g is None]
-        tags = {}
+        tags: dict[int, list[int]] = {}
         if self.tagger is not None and need:
             tags = dict(zip(need, self.tagger.tags([images[i] for i in need])))
         choices = self._token_choices()
@@ -730,7 +744,8 @@ class ISeg(Labeler):
             if seeded[i]:
                 rows.append(RowPlan(True, [], False, [PromptPlan(SEED_PROMPT, [[0]], [])]))
                 continue
-            classes, tagged = (given[i], True) if given[i] is not None else \
+            row_given = given[i]
+            classes, tagged = (row_given, True) if row_given is not None else \
                 (tags[i], True) if i in tags else (list(range(len(self.classes))), False)
             plans = plan_prompts(self.sd.tokenizer, [self.classes[k][2] for k in classes], p.background_words,
                                  choices=[choices[k] for k in classes], end=p.background_end,
@@ -821,6 +836,7 @@ class ISeg(Labeler):
                 sa, grid_g, cross, raw = self._attention(latents[idx], [pl.text for pl in plans], flat_ids, head_sets)
                 if g == 0:
                     self_attn, grid = sa, grid_g
+                assert grid is not None  # set by pass 0
                 for j, (i, pl) in enumerate(zip(idx, plans)):
                     if rows[i].seeded or not pl.token_ids:
                         continue
@@ -833,19 +849,20 @@ class ISeg(Labeler):
                         class_maps[i].append((rows[i].classes[k], sel[:, c], strength[c]))
 
             # 3. per row: entropy reduction and refinement on the grid
+            assert self_attn is not None  # every row has at least one prompt, so pass 0 ran
             refined = [self._refine_row(images[i].shape[:2], prompts[i], rows[i].seeded, class_maps[i],
                                         self_attn["seed" if rows[i].seeded else "text"][i], grid)
                        for i in range(len(images))]
             strengths = [torch.stack([s for _, _, s in m]) if m else torch.zeros(0) for m in class_maps]
             hosts = to_host(refined)
-            strengths = [s.float().cpu().numpy() for s in strengths]
+            strengths_np = [s.float().cpu().numpy() for s in strengths]
         grid_np = np.asarray(grid, np.int32)
         return [{"maps": host,
                  "grid": grid_np.copy(),
                  "seeded": np.asarray(rows[i].seeded, bool),
                  "classes": np.asarray([k for k, _, _ in class_maps[i]], np.int32),
                  "tagged": np.asarray(rows[i].tagged, bool),
-                 "strength": strengths[i].astype(np.float32)}
+                 "strength": strengths_np[i].astype(np.float32)}
                 for i, host in enumerate(hosts)]
 
     def _refine_row(self, hw, prompt, seeded, class_maps, self_attn, grid) -> torch.Tensor:
@@ -901,7 +918,8 @@ class ISeg(Labeler):
             if box is not None:
                 clip = np.zeros(hw, bool)
                 x0, y0, x1, y1 = box
-                clip[max(0, int(math.floor(y0))):int(math.ceil(y1)), max(0, int(math.floor(x0))):int(math.ceil(x1))] = True
+                ys = slice(max(0, int(math.floor(y0))), int(math.ceil(y1)))
+                clip[ys, max(0, int(math.floor(x0))):int(math.ceil(x1))] = True
                 mask &= clip
             if mask.sum() < p.min_area:
                 continue

@@ -62,7 +62,8 @@ class TagParams(BaseModel):
                                      "tokenizer and image processor")
     revision: str | None = None
     threshold: float = Field(0.6, ge=0, le=1, description="tags: classes above min + threshold * (max - min) "
-                                                          "of the row's class probabilities (0.6: the reference's COCO/VOC)")
+                                                          "of the row's class probabilities (0.6: the "
+                                                          "reference's COCO/VOC)")
     templates: list[str] | None = Field(None, description="prompt templates with one '{}' (None: the reference's 85)")
     background_words: list[str] = Field(default_factory=lambda: list(BACKGROUND_WORDS),
                                         description="distractor classes in the softmax, never tags")
@@ -97,7 +98,7 @@ class ClipTagger:
         root = resolve_weights(params.weights, storage, params.revision)
         self.params = params
         self.device = device
-        self.model = CLIPModel.from_pretrained(root, torch_dtype=dtype).to(device).eval()
+        self.model = CLIPModel.from_pretrained(root, torch_dtype=dtype).to(device).eval()  # type: ignore[arg-type]  # transformers types .to() as an unbound wrapper
         self.tokenizer = CLIPTokenizer.from_pretrained(root)
         self.processor = CLIPImageProcessor.from_pretrained(root)
         self.n_classes = len(class_prompts)

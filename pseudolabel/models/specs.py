@@ -23,7 +23,8 @@ def load_spec(spec: str | Path | dict | JobSpec, overrides: dict[str, Any] | Non
     """
     job = validate_spec(JobSpec, spec, overrides)
     unknown = [f"labelers.{i}.name: unknown labeler {lab.name!r}; known: {', '.join(labeler_names())} "
-               f"(or 'package.module:Class' for your own)" for i, lab in enumerate(job.labelers) if not is_known(lab.name)]
+               f"(or 'package.module:Class' for your own)"
+               for i, lab in enumerate(job.labelers) if not is_known(lab.name)]
     if unknown:
         raise SpecError(spec_problems(unknown))
     for i, lab in enumerate(job.labelers):

@@ -37,11 +37,13 @@ class InputSpec(_Strict):
                         description="auto | folder | webdataset | parquet | coco | a registered name | "
                                     "'package.module:Class' (checked against the format registry before Ray starts)")
     coco_json: str | None = Field(None, description="COCO instances JSON, for format=coco")
-    image_column: str | None = Field(None, description="Parquet column holding the image (default: first binary or {bytes,path} column)")
+    image_column: str | None = Field(None, description="Parquet column holding the image (default: first binary "
+                                                       "or {bytes,path} column)")
     id_column: str | None = Field(None, description="Parquet column holding a stable image id (optional)")
     prompts_column: str | None = Field(None, description="Parquet column with per-row prompts/seeds as JSON (optional)")
     extensions: list[str] = Field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"])
-    max_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb cap: images with more pixels become error rows")
+    max_pixels: int = Field(89_478_485, gt=0,
+                            description="decompression-bomb cap: images with more pixels become error rows")
     limit: int | None = Field(None, gt=0, description="label only the first N listed images")
     demo: DemoSpec | None = Field(None, description="generate demo data (at the parent of uri) if uri is missing")
     fetch_retries: int = Field(7, ge=1, description="tries of a fetch or listing that fails transiently (network, "
@@ -54,7 +56,8 @@ class InputSpec(_Strict):
         if self.format == "coco" and not self.coco_json:
             raise ValueError("input.coco_json is required when input.format is 'coco'")
         if self.demo is not None and self.uri.rstrip("/").rsplit("/", 1)[-1] != "images":
-            raise ValueError("input.uri must end in /images when input.demo is set (demo data is written to its parent)")
+            raise ValueError("input.uri must end in /images when input.demo is set "
+                             "(demo data is written to its parent)")
         return self
 
 

@@ -4,8 +4,9 @@ Two layers: botocore's own retries inside each S3 request (``s3_retry_options``:
 connect/read timeouts), then ``with_retries`` around whole fetches and listings: up to ``attempts``
 tries with exponential backoff ``backoff_s * 2**k`` (capped at ``MAX_BACKOFF_S``). With the defaults
 (``input.fetch_retries: 7``, ``input.fetch_backoff_s: 1``) the waits are 1+2+4+8+16+16 = 47 s (plus
-botocore's own tries), so an outage of 40 s is ridden out. What is still failing transiently after that is a ``retry`` row (the next
-run labels it again); permanent failures (missing key, access denied, bad bytes) are ``error`` rows.
+botocore's own tries), so an outage of 40 s is ridden out. What is still failing transiently after that
+is a ``retry`` row (the next run labels it again); permanent failures (missing key, access denied, bad
+bytes) are ``error`` rows.
 """
 from __future__ import annotations
 

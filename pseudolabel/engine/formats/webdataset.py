@@ -112,7 +112,8 @@ class WebDatasetFormat(InputFormat):
                 if not safe_member(info.name):
                     row["error"] = f"unsafe tar member name {info.name!r}"
                 elif end is not None and info.offset_data + info.size > end:
-                    row["error"] = f"tar member cut short: the shard ends {info.offset_data + info.size - end} bytes early"
+                    short = info.offset_data + info.size - end
+                    row["error"] = f"tar member cut short: the shard ends {short} bytes early"
                 rows.append(row)
             if damage is not None:
                 rows.append(error_row(stable_image_id(rel), to_uri(fs, f), rel, shard,

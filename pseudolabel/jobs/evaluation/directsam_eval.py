@@ -2,9 +2,9 @@
 
 For each threshold the boundary maps are turned into tokens with the shared post-processing, and the
 tokens are scored against ground-truth segment maps with ``pseudolabel.jobs.evaluation.metrics`` (boundary
-precision/recall/F1 at the given pixel tolerances, by default the reference's, and ASA). The curve (mean token count per image on x,
-boundary recall and ASA on y) is written as a PNG: with matplotlib when it is installed, else drawn
-with OpenCV.
+precision/recall/F1 at the given pixel tolerances, by default the reference's, and ASA). The curve (mean
+token count per image on x, boundary recall and ASA on y) is written as a PNG: with matplotlib when it is
+installed, else drawn with OpenCV.
 """
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -147,7 +147,8 @@ def score_thresholds_from_job(output_uri: str, storage: StorageSpec | None = Non
     labelers' ontologies gets the highest of its thresholds.
     """
     job = read_job(output_uri, storage)
-    spec = job.get("spec") if isinstance(job.get("spec"), dict) else job
+    given = job.get("spec")
+    spec = given if isinstance(given, dict) else job
     out: dict[str, float] = {}
     for lab in spec.get("labelers") or []:
         for entry in (lab or {}).get("ontology") or []:
@@ -179,8 +180,8 @@ def filter_annotations(rows: list[dict], cats: list[dict], min_score: float | No
     ``cats``; a missing score counts as 1.0. Returns the number of annotations dropped.
     """
     min_score = _check_min_score(min_score)
-    thresholds = {str(k): _check_min_score(v) for k, v in (score_thresholds or {}).items()}
-    thresholds = {k: v for k, v in thresholds.items() if v is not None}
+    checked = {str(k): _check_min_score(v) for k, v in (score_thresholds or {}).items()}
+    thresholds = {k: v for k, v in checked.items() if v is not None}
     if min_score is None and not thresholds:
         return 0
     name_of = {c["id"]: c["name"] for c in cats}
@@ -230,7 +231,8 @@ def coco_instances(output_uri: str, storage: StorageSpec | None = None, min_scor
     """
     ok, err, cats, by_name, dropped = load_instances(output_uri, storage, min_score, score_thresholds)
     ids = integer_image_ids([r["image_id"] for r in ok])
-    images, anns = [], []
+    images: list[dict] = []
+    anns: list[dict] = []
     for r in ok:
         img = {"id": ids[r["image_id"]], "file_name": row_file_name(r), "width": int(r["width"]),
                "height": int(r["height"])}
@@ -444,6 +446,7 @@ def export_coco_results(output_uri: str, out_path: str, storage: StorageSpec | N
     """Write the ``coco-results`` list against the ground truth ``gt_json`` (required); returns counts."""
     if not gt_json:
         coco_results(output_uri, storage, gt=None)  # raises ExportError
+    assert gt_json  # coco_results raised without it
     gt = load_json(gt_json, storage)
     results, counts = coco_results(output_uri, storage, gt=gt, min_score=min_score,
                                    score_thresholds=score_thresholds)
@@ -456,7 +459,7 @@ from pseudolabel.jobs.outputs import export_formats as _formats  # noqa: E402  (
 
 #: format name -> exporter ``fn(output_uri, out_path, storage=None, **options) -> counts``; an option a
 #: format does not take is refused by ``export``.
-EXPORTERS = {
+EXPORTERS: dict[str, Callable[..., dict]] = {
     "coco": export_coco,
     "coco-results": export_coco_results,
     "panoptic": panoptic,

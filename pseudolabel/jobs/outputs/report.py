@@ -74,9 +74,10 @@ def category_colour(category_id: int) -> tuple[int, int, int]:
 
 
 # Kelly's colours of maximum contrast (white, black and grey left out), in his order
-_INSTANCE_PALETTE = tuple(tuple(int(h[i:i + 2], 16) for i in (0, 2, 4)) for h in (
-    "F3C300 875692 F38400 A1CAF1 BE0032 C2B280 008856 E68FAC 0067A5 F99379 604E97 F6A600 B3446C DCD300 "
-    "882D17 8DB600 654522 E25822 2B3D26").split())
+_INSTANCE_PALETTE: tuple[tuple[int, int, int], ...] = tuple(
+    (int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)) for h in (
+        "F3C300 875692 F38400 A1CAF1 BE0032 C2B280 008856 E68FAC 0067A5 F99379 604E97 F6A600 B3446C DCD300 "
+        "882D17 8DB600 654522 E25822 2B3D26").split())
 
 
 def instance_colour(k: int) -> tuple[int, int, int]:
@@ -209,7 +210,7 @@ def plot_scores(scores: dict) -> bytes:
     total = sum(len(d) for d in data)
     if total:
         lo, hi = float(min(d.min() for d in data)), float(max(d.max() for d in data))
-        bins = np.linspace(0.0, 1.0, 21) if lo >= 0.0 and hi <= 1.0 else 20
+        bins: int | list[float] = np.linspace(0.0, 1.0, 21).tolist() if lo >= 0.0 and hi <= 1.0 else 20
         ax.hist(data, bins=bins, stacked=True, label=[str(x) if x is not None else "(no labeler)" for x in labs],
                 edgecolor="white", linewidth=0.5)
         if len(labs) > 1:
@@ -330,8 +331,8 @@ def _card(k: int, row: dict, out_dir: str, storage, cat_names: dict, seed: int, 
             continue
         name = f"sample_{k:03d}_layer_{j}.png"
         st.write_bytes(st.join(out_dir, name), _png(_fit(arr, THUMB_SIDE)), storage)
-        label = f"{layer.get('name')} ({layer.get('labeler')})" if layer.get("labeler") else layer.get("name")
-        layers.append({"src": name, "label": label})
+        caption = f"{layer.get('name')} ({layer.get('labeler')})" if layer.get("labeler") else layer.get("name")
+        layers.append({"src": name, "label": caption})
     s = _scores(row)
     score_note = (f"lowest score {min(s):.2f}, mean {sum(s) / len(s):.2f}" if s else "no scored instances")
     return {"image_id": row["image_id"], "title": row.get("file_name") or row["uri"], "size": f"{w}×{h}",

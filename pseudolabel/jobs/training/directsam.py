@@ -35,7 +35,7 @@ import json
 import time
 from collections import OrderedDict, defaultdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import cv2
 import numpy as np
@@ -58,7 +58,8 @@ class TrainSpec(BaseModel):
     coco_json: str | None = Field(None, description="COCO instances JSON; default: DATA/annotations/instances.json "
                                                     "with images under DATA/images")
     weights: str | None = Field(None, description="initial weights: hub id, local dir or s3:// prefix "
-                                                  "(a num_labels=1 Segformer, or any Segformer: the head is re-initialised)")
+                                                  "(a num_labels=1 Segformer, or any Segformer: the head is "
+                                                  "re-initialised)")
     revision: str | None = None
     model_size: Literal["tiny", "b0", "b1", "b2", "b3", "b4", "b5"] = Field(
         "b0", description="Segformer size of a randomly initialised model, when no weights are given")
@@ -160,6 +161,7 @@ class CocoBoundaryData:
 
     def __init__(self, spec: TrainSpec):
         self.spec = spec
+        assert spec.coco_json is not None  # TrainSpec's validator fills in the default
         coco = json.loads(st.read_bytes(spec.coco_json, spec.storage))
         self.images = sorted(coco["images"], key=lambda im: im["id"])[: spec.limit]
         self.coco = COCO()  # pycocotools' index: annToMask reads polygons, RLE and uncompressed RLE
@@ -240,7 +242,8 @@ class CocoBoundaryData:
         got: dict[int, bytes] = {}
         for path, items in groups.items():
             members = [m for _, m in items]
-            spans = self._spans(path, members) if members[0] is not None else [None] * len(members)
+            # one file's members are all tar members (names) or all None
+            spans = self._spans(path, cast("list[str]", members)) if members[0] is not None else [None] * len(members)
             rows = [FetchRow(m, *(span or (None, None))) for m, span in zip(members, spans)]
             fetched = format_class(format_of_row(path, members[0]))().fetch(self.fs, path, rows)
             for (i, _), data in zip(items, fetched):
@@ -297,7 +300,8 @@ def init_model(spec: TrainSpec):
     if spec.weights:
         local = resolve_weights(spec.weights, spec.storage, spec.revision)
         model = SegformerForSemanticSegmentation.from_pretrained(
-            local, revision=spec.revision, num_labels=1, ignore_mismatched_sizes=True)
+            local, revision=spec.revision,  # type: ignore[arg-type]  # None: the default revision
+            num_labels=1, ignore_mismatched_sizes=True)
         return model, load_preprocessor(local, spec.revision, needed=False)
     return SegformerForSemanticSegmentation(segformer_config(spec.model_size)), {}
 

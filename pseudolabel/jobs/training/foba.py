@@ -107,7 +107,8 @@ class TrainSpec(BaseModel):
     # -- segmentation
     inpaint_weights: str | None = Field(None, description="fine-tuned checkpoint that inpaints (default: weights)")
     refined_masks: str | None = Field(None, description="folder of refined-mask PNGs instead of computing them")
-    labeler_params: dict[str, Any] = Field(default_factory=dict, description="foba labeler params for the refined masks")
+    labeler_params: dict[str, Any] = Field(default_factory=dict,
+                                           description="foba labeler params for the refined masks")
     seg_resolution: int = Field(128, ge=16, description="segmentation network input side")
     seg_steps: int = Field(12000, ge=1)
     seg_batch_size: int = Field(32, ge=1)
@@ -283,7 +284,8 @@ def finetune(spec: TrainSpec, images: list[np.ndarray], names: list[str]) -> dic
         cond = torch.cat([emb_fg if e[0] else emb_bg for e in examples]).to(dev)
         with torch.no_grad():
             dist = sd.vae.encode(x).latent_dist
-            z0 = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dev)) * sd.vae.config.scaling_factor
+            z0 = ((dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dev))
+                  * sd.vae.config.scaling_factor)
         noise = torch.randn(z0.shape, generator=gen).to(dev)
         t = torch.randint(0, n_train, (z0.shape[0],), generator=gen).to(dev)
         pred = unet(sd.scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
@@ -368,7 +370,7 @@ def train_foba(spec: TrainSpec | dict | str | Path, **overrides: Any) -> dict[st
     run = start(TrainSpec, spec, overrides)
     spec, t_start = run.spec, run.started
     images, names = load_dataset(spec)
-    run = finetune if spec.stage == "finetune" else train_segmentation
-    result = run(spec, images, names)
+    stage_fn = finetune if spec.stage == "finetune" else train_segmentation
+    result = stage_fn(spec, images, names)
     return {"output": spec.output, "stage": spec.stage, **result,
             "seconds": time.time() - t_start, "images": len(images)}

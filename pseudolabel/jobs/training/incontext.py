@@ -244,7 +244,8 @@ def train_incontext(spec: "TrainSpec | dict | str | Path", **overrides: Any) -> 
         if disc is not None:
             logs["adv"].append(float(parts["adv"].detach()))
         if (step + 1) % spec.log_every == 0:
-            extra = (f" adv {np.mean(logs['adv'][-spec.log_every:]):.4f} d {np.mean(logs['disc'][-spec.log_every:]):.4f}"
+            extra = (f" adv {np.mean(logs['adv'][-spec.log_every:]):.4f}"
+                     f" d {np.mean(logs['disc'][-spec.log_every:]):.4f}"
                      if disc is not None else "")
             print(f"step {step + 1}/{spec.steps} loss {np.mean(losses[-spec.log_every:]):.4f} "
                   f"l1 {np.mean(logs['l1'][-spec.log_every:]):.4f}{extra} ({time.perf_counter() - t0:.0f}s)",

@@ -31,7 +31,8 @@ from pseudolabel.models.weights import looks_like_local_path, resolve_weights
 
 class EvfSamParams(LabelerParams):
     score_threshold: float = Field(0.0, ge=0.0, le=1.0, description="keep masks whose IoU-head score is at least this")
-    min_area: int = Field(1, ge=0, description="drop masks with fewer pixels than this (empty masks are always dropped)")
+    min_area: int = Field(1, ge=0,
+                          description="drop masks with fewer pixels than this (empty masks are always dropped)")
     dedup_iou: float | None = Field(None, gt=0.0, le=1.0, description="if set, drop a mask whose IoU with a "
                                     "higher-scoring mask from another prompt exceeds this")
     multitask: bool | None = Field(None, description="a multitask checkpoint: prefix '[semantic] ' to prompts of "

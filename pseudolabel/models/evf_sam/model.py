@@ -236,7 +236,8 @@ def _mismatch_message(missing: list[str], unexpected: list[str], key_map: SamKey
     lines = ["checkpoint does not match the EVF-SAM model"]
     if missing:
         names = sorted({_original_name(k, key_map) for k in missing})
-        lines.append(f"missing keys ({len(names)}): " + ", ".join(names[:limit]) + (" ..." if len(names) > limit else ""))
+        more = " ..." if len(names) > limit else ""
+        lines.append(f"missing keys ({len(names)}): " + ", ".join(names[:limit]) + more)
     if unexpected:
         lines.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(sorted(unexpected)[:limit])
                      + (" ..." if len(unexpected) > limit else ""))
@@ -245,7 +246,8 @@ def _mismatch_message(missing: list[str], unexpected: list[str], key_map: SamKey
 
 # ---------------------------------------------------------------------- files
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -38,14 +38,14 @@ Two halves (``Labeler.forward`` / ``Labeler.postprocess``); the payload of one i
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
 from pseudolabel import storage as st
-from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput, Payload
+from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput, entry_id
 from pseudolabel.models.device import compiled, to_host
 from pseudolabel.models.incontext import canvas as cv
 from pseudolabel.models.incontext.component import clean_mask, difference_mask, dilate, encode_component
@@ -63,11 +63,15 @@ class InContextParams(LabelerParams):
     demo_out: list[str] = Field(description="URI(s) of the same image(s) WITHOUT the component, same order")
     # sefm
     cell: int | None = Field(None, ge=8, description="sefm canvas cell size (default: the checkpoint's)")
-    layout: Literal["grid", "vertical"] | None = Field(None, description="sefm canvas layout (default: the checkpoint's)")
-    change_threshold: int = Field(12, ge=0, le=255, description="sefm: |query − clean| (max over RGB) above this is the component mask")
-    allow_untrained: bool = Field(False, description="sefm without weights: run an untrained network (identity; for tests)")
+    layout: Literal["grid", "vertical"] | None = Field(None, description="sefm canvas layout (default: the "
+                                                                      "checkpoint's)")
+    change_threshold: int = Field(12, ge=0, le=255, description="sefm: |query − clean| (max over RGB) above this "
+                                                                "is the component mask")
+    allow_untrained: bool = Field(False, description="sefm without weights: run an untrained network (identity; "
+                                                     "for tests)")
     # seggpt+inpaint
-    demo_threshold: int = Field(12, ge=0, le=255, description="demo mask: |demo in − demo out| (max over RGB) above this")
+    demo_threshold: int = Field(12, ge=0, le=255, description="demo mask: |demo in − demo out| (max over RGB) "
+                                                              "above this")
     mask_open_radius: int = Field(1, ge=0, description="opening radius (px) when cleaning masks")
     mask_close_radius: int = Field(2, ge=0, description="closing radius (px) when cleaning masks")
     min_area: int = Field(16, ge=0, description="drop mask components smaller than this (px)")
@@ -107,7 +111,7 @@ def decode_image(data: bytes) -> np.ndarray:
         raise ValueError(f"cannot decode demonstration image: {err}") from None
 
 
-class InContextSeparator(Labeler):
+class InContextSeparator(Labeler[dict[str, np.ndarray]]):
     name = "incontext"
     Params = InContextParams
     params: InContextParams  # the validated Params of this labeler
@@ -133,12 +137,13 @@ class InContextSeparator(Labeler):
     def setup_host(self) -> None:
         """The category of the separated component: the ontology's first entry, else ``component`` (1)."""
         if self.ontology:
-            self.category, self.category_id = self.ontology[0].category, int(self.ontology[0].id)
+            self.category, self.category_id = self.ontology[0].category, entry_id(self.ontology[0])
         else:
             self.category, self.category_id = "component", 1
 
     def weight_sources(self) -> list[str]:
-        extra = [self.params.inpaint_weights] if self.params.backend == "seggpt+inpaint" and self.params.inpaint_weights else []
+        p = self.params
+        extra = [p.inpaint_weights] if p.backend == "seggpt+inpaint" and p.inpaint_weights else []
         return super().weight_sources() + extra
 
     @property
@@ -151,13 +156,13 @@ class InContextSeparator(Labeler):
     # the two halves
     # -------------------------------------------------------------------------------------------
 
-    def forward(self, images: list[np.ndarray], prompts: list[Any]) -> list[Payload]:
+    def forward(self, images: list[np.ndarray], prompts: list[Any]) -> list[dict[str, np.ndarray]]:
         """Device half: the network(s) of the backend; see the module docstring for the payloads."""
         if self.params.backend == "sefm":
             return self._sefm_forward(images)
         return self._seggpt_forward(images)
 
-    def postprocess(self, image: np.ndarray, prompt: Any, payload: Payload) -> LabelOutput:
+    def postprocess(self, image: np.ndarray, prompt: Any, payload: dict[str, np.ndarray]) -> LabelOutput:
         """Host half for one image: the clean image and mask from the payload, then the layers and the
         instance."""
         p = self.params
@@ -205,10 +210,11 @@ class InContextSeparator(Labeler):
         self.layout = p.layout or self.net.config.layout
         expected = 3 if self.layout == "grid" else 6
         if self.net.config.in_channels != expected:
-            raise ValueError(f"checkpoint takes {self.net.config.in_channels} channels; layout {self.layout!r} needs {expected}")
+            raise ValueError(f"checkpoint takes {self.net.config.in_channels} channels; "
+                             f"layout {self.layout!r} needs {expected}")
 
     @torch.inference_mode()
-    def _sefm_forward(self, images: list[np.ndarray]) -> list[Payload]:
+    def _sefm_forward(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """N (H, W, 3) uint8 queries -> N payloads {answer, query_cell}: (P, cell, cell, 3) each."""
         # 1. one canvas per (query, pair), all the same size
         demos = [(a.astype(np.float32) / 255.0, b.astype(np.float32) / 255.0) for a, b in self.pairs]
@@ -221,9 +227,9 @@ class InContextSeparator(Labeler):
         kept = self.dtype if self.dtype in (torch.float16, torch.float32) else torch.float32
         answer = self.run_net(x)[:, :, y0:y1, x0:x1].to(kept).permute(0, 2, 3, 1).contiguous()
         seen = x[:, -3:, y0:y1, x0:x1].to(kept).permute(0, 2, 3, 1).contiguous()
-        answer, seen = to_host([answer, seen])
+        answer_np, seen_np = to_host([answer, seen])
         pairs = len(self.pairs)
-        return [{"answer": answer[i * pairs:(i + 1) * pairs], "query_cell": seen[i * pairs:(i + 1) * pairs]}
+        return [{"answer": answer_np[i * pairs:(i + 1) * pairs], "query_cell": seen_np[i * pairs:(i + 1) * pairs]}
                 for i in range(len(images))]
 
     @staticmethod
@@ -260,22 +266,25 @@ class InContextSeparator(Labeler):
                                                 dtype=self.spec.dtype, prompt=p.inpaint_prompt, steps=p.inpaint_steps,
                                                 resolution=p.inpaint_resolution)
 
-    def _seggpt_forward(self, images: list[np.ndarray]) -> list[Payload]:
+    def _seggpt_forward(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """N (H, W, 3) uint8 queries -> N payloads {mask (packed rows), score[, clean]}."""
         p = self.params
         # 1. SegGPT foreground probabilities, averaged over the pairs whose demo mask is not empty
         used = [(a, m) for (a, _), m in zip(self.pairs, self.demo_masks) if m.any()]
-        acc = None
+        acc: list[torch.Tensor] | None = None
         for demo_image, demo_mask in used:
-            probs = self.finder.foreground(images, demo_image, demo_mask, host=False)
+            # host=False: device tensors
+            probs = cast("list[torch.Tensor]", self.finder.foreground(images, demo_image, demo_mask, host=False))
             acc = probs if acc is None else [s + t for s, t in zip(acc, probs)]
-        acc = to_host([s / len(used) for s in acc])
+        assert acc is not None  # setup rejects pairs whose demo masks are all empty
+        acc_np = to_host([s / len(used) for s in acc])
         # 2. the thresholded, cleaned mask; the diffusion inpainting (device) when there is one
         payloads = []
-        for im, prob in zip(images, acc):
+        for im, prob in zip(images, acc_np):
             m = clean_mask(prob > p.fg_threshold, p.mask_open_radius, p.mask_close_radius, p.min_area)
-            payload = {"mask": np.packbits(m, axis=1),
-                       "score": np.asarray(float(prob[m].mean()) if m.any() else 0.0, np.float64)}
+            payload: dict[str, np.ndarray] = {
+                "mask": np.packbits(m, axis=1),
+                "score": np.asarray(float(prob[m].mean()) if m.any() else 0.0, np.float64)}
             if self.inpainter is not None and m.any():
                 payload["clean"] = self.inpainter(im, dilate(m, p.inpaint_dilate))
             payloads.append(payload)
