@@ -21,6 +21,8 @@ import time
 
 #: seconds between SIGTERM and SIGKILL
 GRACE_S = 2.0
+#: at most this long in rounds of stopping what is left (processes started during a round included)
+ROUNDS_S = 60.0
 
 
 def node_processes(node_id: str) -> list[int]:
@@ -73,8 +75,11 @@ def main(argv: list[str]) -> int:
     # 2. Wait for the driver to go: its end of the pipe closes when it exits, however it exits.
     while sys.stdin.buffer.read(4096):
         pass
-    # 3. Stop what is left of its node (nothing, after a clean ray.shutdown).
-    stop(node_processes(node_id))
+    # 3. Stop what is left of its node (nothing, after a clean ray.shutdown). Again until none is left:
+    #    a raylet that is still alive during the grace period can start a worker after a snapshot.
+    deadline = time.monotonic() + ROUNDS_S
+    while (pids := node_processes(node_id)) and time.monotonic() < deadline:
+        stop(pids)
     return 0
 
 
