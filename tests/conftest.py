@@ -139,7 +139,23 @@ def pytest_runtest_makereport(item, call):
         _RELIABILITY.outcomes[item.nodeid] = state
 
 
+_RELIABILITY_DESELECTED: set[str] = set()
+
+
+def pytest_deselected(items):
+    _RELIABILITY_DESELECTED.update(i.nodeid for i in items if i.get_closest_marker("reliability") is not None)
+
+
+def _every_reliability_case_ran(config) -> bool:
+    """True for ``pytest -m reliability`` or a whole-suite run; False when ``-k``, a deselection or a
+    ``file::test`` argument ran only some cases (their rows would make a partial table)."""
+    if config.option.keyword or _RELIABILITY_DESELECTED:
+        return False
+    return not any("::" in str(arg) for arg in config.args)
+
+
 def pytest_sessionfinish(session, exitstatus):
-    """Write RELIABILITY.md at the repository root when any reliability case recorded a row."""
-    if _RELIABILITY.rows:
+    """Write RELIABILITY.md at the repository root when every reliability case ran and recorded its rows."""
+    complete = _every_reliability_case_ran(session.config)
+    if _RELIABILITY.rows and complete:
         _RELIABILITY.write(os.path.join(str(session.config.rootpath), "RELIABILITY.md"))

@@ -5,11 +5,12 @@ agents the raylet starts (dashboard agent, runtime-env agent): after a ``kill -9
 linger for about a minute, or longer on a loaded machine. The driver runs this module as a small
 process of its own::
 
-    python -m pseudolabel.engine.reaper NODE_ID
+    python -m pseudolabel.engine.reaper NODE_ID [RAYLET_PID]
 
 and keeps the write end of its stdin open. When the driver exits, however it exits, the kernel closes
 that pipe; the reaper then reads end-of-file and stops every process whose environment carries
-``RAY_NODE_ID=NODE_ID`` (SIGTERM, then SIGKILL after a grace period). Processes of other Ray nodes
+``RAY_NODE_ID=NODE_ID`` (the agents) or ``RAY_RAYLET_PID=RAYLET_PID`` (the workers) (SIGTERM, then SIGKILL
+after a grace period). Processes of other Ray nodes
 on the machine carry other ids and are never touched. Linux only (it reads ``/proc``).
 """
 from __future__ import annotations
@@ -25,9 +26,12 @@ GRACE_S = 2.0
 ROUNDS_S = 60.0
 
 
-def node_processes(node_id: str) -> list[int]:
-    """Pids of the live processes (this one excepted) started for the Ray node ``node_id`` (hex)."""
-    needle = f"RAY_NODE_ID={node_id}".encode()
+def node_processes(node_id: str, raylet_pid: str | None = None) -> list[int]:
+    """Pids of the live processes (this one excepted) started for the Ray node ``node_id`` (hex): its
+    agents (``RAY_NODE_ID``) and, given the node's raylet pid, its workers (``RAY_RAYLET_PID``)."""
+    needles = {f"RAY_NODE_ID={node_id}".encode()}
+    if raylet_pid:
+        needles.add(f"RAY_RAYLET_PID={raylet_pid}".encode())
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -37,7 +41,7 @@ def node_processes(node_id: str) -> list[int]:
                 environ = f.read().split(b"\0")
         except OSError:  # gone meanwhile, or not ours to read
             continue
-        if needle in environ:
+        if needles.intersection(environ):
             pids.append(int(entry))
     return pids
 
@@ -68,7 +72,7 @@ def _alive(pid: int) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    node_id = argv[0]
+    node_id, raylet_pid = argv[0], (argv[1] if len(argv) > 1 else None)
     # 1. Outlive the driver's terminal: Ctrl-C and hang-ups go to the driver, not here.
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
@@ -78,7 +82,7 @@ def main(argv: list[str]) -> int:
     # 3. Stop what is left of its node (nothing, after a clean ray.shutdown). Again until none is left:
     #    a raylet that is still alive during the grace period can start a worker after a snapshot.
     deadline = time.monotonic() + ROUNDS_S
-    while (pids := node_processes(node_id)) and time.monotonic() < deadline:
+    while (pids := node_processes(node_id, raylet_pid)) and time.monotonic() < deadline:
         stop(pids)
     return 0
 
