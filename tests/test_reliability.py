@@ -97,7 +97,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-#: kill point -> processes of the killed driver still running 10 s after the kill (filled by the kill cases)
+#: kill point -> processes of the killed driver still running 20 s after the kill (filled by the kill cases)
 _LEFT_AFTER_KILL: dict[str, list[str]] = {}
 
 
@@ -107,7 +107,7 @@ def _left_text(names: list[str]) -> str:
 
 
 def _kill_driver(proc: subprocess.Popen) -> list[str]:
-    """kill -9 of the driver's process group; returns the names of its descendants still running 10 s
+    """kill -9 of the driver's process group; returns the names of its descendants still running 20 s
     later (they are then killed one by one, so nothing is left behind)."""
     children, tree, todo = _children(), [], [proc.pid]
     while todo:
@@ -116,7 +116,7 @@ def _kill_driver(proc: subprocess.Popen) -> list[str]:
         todo += children.get(pid, [])
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    _wait(lambda: not any(_alive(p) for p in tree[1:]), timeout=10.0)
+    _wait(lambda: not any(_alive(p) for p in tree[1:]), timeout=20.0)
     left = [p for p in tree[1:] if _alive(p)]
     names = []
     for pid in left:
@@ -258,10 +258,9 @@ def test_driver_killed_mid_labelling_and_after_first_commit_then_rerun(ray_clust
     assert 0 < partial < len(expected) and summary["this_run"] + committed == len(expected)
 
 
-@pytest.mark.xfail(reason="Ray's agent processes can outlive a kill -9 of the driver (they should stop with it)",
-                   strict=False)
 def test_no_process_of_a_killed_driver_keeps_running():
-    """Read from the kill cases above: every process the killed driver had started is gone 10 s later."""
+    """Read from the kill cases above: every process the killed driver had started (its local Ray's
+    agents and workers included: ``engine/reaper.py``) is gone 20 s later."""
     if not _LEFT_AFTER_KILL:
         pytest.skip("no driver was killed in this session (run the kill cases with this one)")
     assert not any(_LEFT_AFTER_KILL.values()), _LEFT_AFTER_KILL
