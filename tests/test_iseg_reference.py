@@ -449,3 +449,9 @@ def test_bad_token_overrides_are_clear_errors():
     host = ISeg.host_half(LabelerSpec(**spec, params={"tokens": {"traffic light": "traffic"}}))
     assert host.class_words == [[None], [["traffic"]], [None]]
     assert ISeg.host_half(LabelerSpec(**spec)).class_words == [[None], [["light"]], [None]]
+    # the per-ontology override: the entry's own ``token`` (it wins over params.tokens for its category)
+    ontology = [dict(e, token="traffic") if e["category"] == "traffic light" else e for e in ONTOLOGY]
+    own = ISeg.host_half(LabelerSpec(**dict(spec, ontology=ontology), params={"tokens": {"traffic light": "light"}}))
+    assert own.class_words == [[None], [["traffic"]], [None]]
+    with pytest.raises(ValueError, match="none of"):
+        ISeg.host_half(LabelerSpec(**dict(spec, ontology=[dict(e, token="lamp") for e in ONTOLOGY[1:2]])))

@@ -680,8 +680,10 @@ class ISeg(Labeler[dict[str, np.ndarray]]):
         unknown = sorted(set(self.params.tokens) - known)
         if unknown:
             raise ValueError(f"iseg: tokens names {unknown}, which are neither categories nor prompts of the ontology")
+        # an ontology entry's own ``token`` wins over ``params.tokens`` for its category
+        overrides = {**self.params.tokens, **{e.category: e.token for e in self.ontology if e.token is not None}}
         #: per class, per prompt: the words whose tokens carry the class (None = all)
-        self.class_words = [class_words(name, prompts, self.params.tokens) for name, _, prompts in self.classes]
+        self.class_words = [class_words(name, prompts, overrides) for name, _, prompts in self.classes]
 
     def weight_sources(self) -> list[str]:
         extra = [self.params.tags.weights] if self.params.tags is not None else []

@@ -80,6 +80,9 @@ class OntologyEntry(_Strict):
     category: str
     prompts: list[str] = Field(default_factory=list, description="text prompts; default: the category name")
     semantic: bool = Field(False, description="stuff/part class (multitask checkpoints take a '[semantic] ' prefix)")
+    token: str | list[str] | None = Field(
+        None, description="word(s) of its prompts whose tokens carry the class, for labelers that read attention "
+                          "to text tokens (iseg; [] = all tokens); default: the labeler's rule")
     id: int | None = Field(None, ge=1, description="category id; default: the next id not yet used in the job, "
                                                    "the same id wherever the same category name appears")
     score_threshold: float | None = Field(None, ge=0, le=1, description="exports drop this category's annotations "
