@@ -152,24 +152,23 @@ def _decode_block(table: pa.Table, raw: list, idx: list[int], max_pixels: int) -
     for i in idx:
         data = raw[i]
         try:
-            if isinstance(data, _Transient):
-                pixels.append(b"")
-                heights.append(0)
-                widths.append(0)
-                status.append(STATUS_RETRY)
-                errors.append(str(data))
-                continue
-            if isinstance(data, ImageError):
-                raise data
-            if isinstance(data, Exception):
-                raise ImageError(f"fetch failed: {type(data).__name__}: {data}")
-            arr = decode_image(data, max_pixels)
+            if isinstance(data, _Transient):  # outlived the retries: the next run labels it again
+                failed = (STATUS_RETRY, str(data))
+            elif isinstance(data, ImageError):
+                failed = (STATUS_ERROR, str(data))
+            elif isinstance(data, Exception):
+                failed = (STATUS_ERROR, f"fetch failed: {type(data).__name__}: {data}")
+            else:
+                arr = decode_image(data, max_pixels)
+                failed = None
         except ImageError as e:
+            failed = (STATUS_ERROR, str(e))
+        if failed is not None:
             pixels.append(b"")
             heights.append(0)
             widths.append(0)
-            status.append(STATUS_ERROR)
-            errors.append(str(e))
+            status.append(failed[0])
+            errors.append(failed[1])
             continue
         pixels.append(arr.tobytes())
         heights.append(arr.shape[0])

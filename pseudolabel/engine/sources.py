@@ -35,9 +35,8 @@ from pseudolabel.schemas.tables import MANIFEST_SCHEMA
 __all__ = ["MANIFEST_WITH_ERRORS", "PARQUET_ROW_PREFIX", "SourceError", "image_column_of", "list_input",
            "stable_image_id", "tar_members"]
 
-#: the manifest as ``list_input`` returns it: MANIFEST_SCHEMA plus ``error`` (a listing error, else null)
-MANIFEST_WITH_ERRORS = (MANIFEST_SCHEMA if "error" in MANIFEST_SCHEMA.names
-                        else MANIFEST_SCHEMA.append(pa.field("error", pa.string())))
+#: the manifest as ``list_input`` returns it (its ``error`` column: a listing error, else null)
+MANIFEST_WITH_ERRORS = MANIFEST_SCHEMA
 
 
 def _list_once(spec: InputSpec, storage: StorageSpec | None) -> tuple[str, list[dict]]:
