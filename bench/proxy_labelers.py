@@ -6,6 +6,8 @@ It isolates what the engine does with host work: in parallel CPU tasks, or insid
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from pseudolabel.models.base import Labeler, LabelerParams, LabelOutput
@@ -57,3 +59,28 @@ class FixedMaps(Labeler):
     def postprocess(self, image, prompt, payload):
         prob = payload["boundary"].astype(np.float32) / np.float32(65535)
         return LabelOutput(tokens=boundary_to_tokens(prob, self.params.threshold, "partition"))
+
+
+@functools.lru_cache(maxsize=None)
+def _directsam_resizing_in_actor():
+    from pseudolabel.models.directsam import DirectSAM
+
+    class DirectSAMResizeInActor(DirectSAM):
+        """DirectSAM with its views resized in the actor, between forward passes (as before ``prepare``
+        ran in the decode tasks): the engine sees no ``prepare`` and calls ``forward(images, prompts)``,
+        which then prepares every image itself."""
+
+        name = "directsam_resize_in_actor"
+
+        @classmethod
+        def prepares(cls) -> bool:
+            return False
+
+    return DirectSAMResizeInActor
+
+
+def __getattr__(name: str):
+    # built on first use, so importing this module does not import torch and transformers
+    if name == "DirectSAMResizeInActor":
+        return _directsam_resizing_in_actor()
+    raise AttributeError(name)

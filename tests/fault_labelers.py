@@ -59,3 +59,33 @@ class SplitFlaky(Labeler):
             raise ValueError(f"host boom on width {image.shape[1]}")
         return LabelOutput(instances=[Instance(mask=payload["mask"].astype(bool), category_id=1,
                                                category="bright", score=0.5)])
+
+
+class PreparingFlakyParams(SplitFlakyParams):
+    prepare_fail_width: int = 43  # prepare raises for an image of this width
+
+
+class PreparingFlaky(SplitFlaky):
+    """SplitFlaky with a host preparation: ``prepare`` makes the grey image (float32) the forward pass
+    thresholds, and raises for images of ``prepare_fail_width``. ``prepared_calls`` counts the forward
+    calls that were handed prepared inputs."""
+
+    name = "preparing_flaky"
+    Params = PreparingFlakyParams
+    prepared_calls = 0
+
+    def prepare(self, image, prompt):
+        if image.shape[1] == self.params.prepare_fail_width:
+            raise ValueError(f"prepare boom on width {image.shape[1]}")
+        return {"grey": image.mean(-1).astype(np.float32)}
+
+    def forward(self, images, prompts, prepared=None):
+        if prepared is not None:
+            type(self).prepared_calls += 1
+        ready = self.prepared_inputs(images, prompts, prepared)
+        out = []
+        for im, prep in zip(images, ready):
+            if im.shape[1] == self.params.forward_fail_width:
+                raise ValueError(f"forward boom on width {im.shape[1]}")
+            out.append({"mask": (prep["grey"] > np.median(prep["grey"])).astype(np.uint8)})
+        return out

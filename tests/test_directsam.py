@@ -492,3 +492,35 @@ def test_split_halves_compose_to_the_labeler_exactly(model_dir, tmp_path):
         np.testing.assert_array_equal(got.tokens.embeddings, ref.tokens.embeddings)
         np.testing.assert_array_equal(got.layers["boundary"], ref.layers["boundary"])
         assert int(got.tokens.label_map.max()) >= 2
+
+
+def test_prepare_resizes_every_view_on_a_host_half_without_the_weights(model_dir, s3_bucket, tmp_path):
+    """``prepare`` (the engine's decode tasks) on a host half: the checkpoint's processor size read from
+    its config alone (local or s3://, no weight copy); the views equal the in-process resize, and
+    forward handed them gives the payload forward makes on its own."""
+    import glob
+
+    from pseudolabel.models.directsam import DirectSAM
+    from pseudolabel.models.directsam_pyramid import image_views
+    from pseudolabel.storage import filesystem
+
+    bucket, storage = s3_bucket
+    uri = f"{bucket}/models/prep"
+    fs, root = filesystem(uri, storage)
+    for name in os.listdir(model_dir):
+        fs.put_file(os.path.join(model_dir, name), f"{root}/{name}")
+    image = noise_image(90, 130, seed=5)
+    n_views = len(image_views(130, 90, 2))
+    full = make(model_dir, pyramid_layers=2)
+    for weights, st in ((model_dir, None), (uri, storage)):
+        half = DirectSAM.host_half(LabelerSpec(name="directsam", weights=weights, params={"pyramid_layers": 2}), st)
+        views = half.prepare(image, None)["views"]
+        assert views.shape == (n_views, 128, 128, 3) and views.dtype == np.uint8
+        np.testing.assert_array_equal(views, full.prepare(image, None)["views"])
+    assert not glob.glob(str(tmp_path / "cache" / "weights" / "*" / "*.safetensors"))  # nothing copied
+
+    images = [image, noise_image(40, 70, seed=6)]
+    prepared = [full.prepare(im, None) for im in images]
+    for a, b in zip(full.forward(images, [None, None], prepared=prepared), full.forward(images, [None, None])):
+        np.testing.assert_array_equal(a["boundary"], b["boundary"])
+    assert make(model_dir, fast_resize=True).prepare(image, None) is None  # the device resizes

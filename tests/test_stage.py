@@ -11,7 +11,7 @@ from PIL import Image
 from pseudolabel.engine.decode import fetch_decode
 from pseudolabel.engine.payload import pack_payload, unpack_payload
 from pseudolabel.engine.sources import list_input
-from pseudolabel.engine.stage import DeviceStage, host_stage
+from pseudolabel.engine.stage import DeviceStage, host_stage, prepare_stage, prepared_column
 from pseudolabel.schemas.spec import InputSpec
 from pseudolabel.schemas.tables import LABELS_SCHEMA
 
@@ -104,3 +104,40 @@ def test_payload_round_trip_is_exact_and_never_pickles():
         pack_payload({"objects": np.array([{"a": 1}], dtype=object)})
     with pytest.raises(TypeError):
         pack_payload([np.zeros(3)])
+
+
+def test_prepare_runs_in_the_decode_step_and_its_failure_is_that_image_only(batch, tmp_path):
+    """``prepare`` in the decode tasks (``prepare_stage``): its arrays reach ``forward`` (which does not
+    prepare again), the in-flight column is gone after the device stage, a failing preparation is an
+    error row naming the labeler, and the rows equal the labeler run whole."""
+    import fault_labelers
+    from PIL import Image
+
+    Image.fromarray(np.full((20, 43, 3), 200, np.uint8)).save(tmp_path / "prep.png")
+    batch = fetch_decode(list_input(InputSpec(uri=str(tmp_path))), storage=None, max_pixels=10**6)
+    spec = {"name": "fault_labelers:PreparingFlaky", "params": {"forward_fail_width": 1, "host_fail_width": 1}}
+    prepared = prepare_stage(batch, [{"index": 0, "spec": spec}], None)
+    column = prepared.column(prepared_column(0)).to_pylist()
+    names = prepared.column("file_name").to_pylist()
+    assert column[names.index("prep.png")] is None  # failed: nothing shipped
+    assert unpack_payload(column[names.index("0.png")])["grey"].shape == (20, 30)
+
+    stage = DeviceStage(spec, 0, None, 0)
+    assert stage.prepared and not stage.whole
+    before = fault_labelers.PreparingFlaky.prepared_calls
+    device_out = stage(prepared)
+    assert fault_labelers.PreparingFlaky.prepared_calls == before + 1
+    assert prepared_column(0) not in device_out.column_names
+    split = host_stage(device_out, [{"spec": spec, "source": "payload"}], None, PROVENANCE)
+    rows = {r["file_name"]: r for r in split.to_pylist()}
+    assert rows["prep.png"]["status"] == "error"
+    assert rows["prep.png"]["error"] == "fault_labelers:PreparingFlaky: ValueError: prepare boom on width 43"
+    assert all(r["status"] == "ok" for name, r in rows.items() if name != "prep.png")
+
+    whole_stage = DeviceStage(spec, 0, None, 0, whole=True)
+    whole = {r["file_name"]: r for r in host_stage(whole_stage(batch), [{"spec": spec, "source": "record"}], None,
+                                                   PROVENANCE).to_pylist()}
+    assert whole["prep.png"]["status"] == "error"  # in-process, prepare fails inside label: the same image
+    for name, row in rows.items():
+        if name != "prep.png":
+            assert row == whole[name]

@@ -54,7 +54,7 @@ def test_every_labeler_gives_the_same_rows_split_or_whole(tiny_sd, tmp_path, mon
     the host stage, vs every labeler whole in its stage; the rows the writer gets are identical."""
     from pseudolabel.engine.decode import fetch_decode
     from pseudolabel.engine.sources import list_input
-    from pseudolabel.engine.stage import DeviceStage, host_stage
+    from pseudolabel.engine.stage import DeviceStage, host_stage, prepare_stage
     from pseudolabel.jobs.demo.data import generate
     from pseudolabel.models.registry import labeler_class
     from pseudolabel.models.specs import load_spec
@@ -72,7 +72,10 @@ def test_every_labeler_gives_the_same_rows_split_or_whole(tiny_sd, tmp_path, mon
     batch = fetch_decode(manifest, storage=None, max_pixels=10**8)
     assert all(p for p in batch.column("prompts").to_pylist())  # the COCO boxes travel as prompts
 
-    split, whole = batch, batch
+    # the decode tasks' step: each labeler's input preparation, on host halves (no weights)
+    preparing = [{"index": i, "spec": spec} for i, spec in enumerate(specs) if labeler_class(spec["name"]).prepares()]
+    assert "directsam" in {p["spec"]["name"] for p in preparing}
+    split, whole = prepare_stage(batch, preparing, None), batch
     sources = []
     for i, spec in enumerate(specs):
         whole = DeviceStage(spec, i, None, 0, whole=True)(whole)
@@ -119,7 +122,8 @@ def test_through_ray_both_plans_write_the_same_parquet_rows(ray_cluster, tmp_pat
     split_summary = pseudolabel.run(job, progress=False)
     whole_summary = pseudolabel.run(whole_job, progress=False)
     # where each labeler's time went: forward in the actor, the rest in host tasks, or all in the actor
-    assert [sorted(t) for t in split_summary["labeler_seconds"]] == [["device", "host", "labeler"], ["host", "labeler"]]
+    assert [sorted(t) for t in split_summary["labeler_seconds"]] == [["device", "host", "labeler", "prepare"],
+                                                                      ["host", "labeler"]]
     assert [sorted(t) for t in whole_summary["labeler_seconds"]] == [["actor", "labeler"], ["actor", "labeler"]]
     split, whole = _rows(str(tmp_path / "split")), _rows(str(tmp_path / "whole"))
     assert len(split) == 4 and all(r["status"] == "ok" for r in split), [r["error"] for r in split]

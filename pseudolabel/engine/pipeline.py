@@ -43,7 +43,7 @@ from pseudolabel.engine.manifest import ManifestDatasource
 from pseudolabel.engine.progress import CommittedProgress
 from pseudolabel.engine.run_stats import stats_actor, stats_totals
 from pseudolabel.engine.sources import list_input
-from pseudolabel.engine.stage import DeviceStage, decode_then_host, host_stage
+from pseudolabel.engine.stage import DeviceStage, decode_then_host, decode_then_prepare, host_stage
 from pseudolabel.models.registry import labeler_class
 from pseudolabel.schemas.coco import category_table
 from pseudolabel.schemas.spec import JobSpec, SpecError
@@ -401,8 +401,9 @@ def device_stage_class(index: int, labeler: str) -> type:
 def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bool, run_id: str,
                   before_rows: int, total: int, input_format: str | None = None) -> dict:
     """Ray, the streaming plan and the checkpointed write; returns this run's seconds and images per
-    (labeler index, phase): ``device`` (forward in actors), ``host`` (postprocess + encoding in tasks),
-    ``actor`` (a labeler run whole in its actor), summed over workers."""
+    (labeler index, phase): ``prepare`` (input preparation in the decode tasks), ``device`` (forward in
+    actors), ``host`` (postprocess + encoding in tasks), ``actor`` (a labeler run whole in its actor),
+    summed over workers."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
     from ray.data.checkpoint import CheckpointConfig
@@ -437,7 +438,18 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bo
         }
         # device halves: one actor pool per labeler with a model (only its forward pass runs there)
         on_actors = actor_stages(job)
-        if on_actors:  # decoding in its own light tasks, ahead of the actors (never fused into them)
+        # decoding (and each labeler's ``prepare``: its input resized to the network's size) in light CPU
+        # tasks ahead of the actors, never fused into them
+        preparing = [{"index": i, "spec": job.labelers[i].model_dump(mode="json")} for i in on_actors
+                     if res.host != "actor" and labeler_class(job.labelers[i].name).splits()
+                     and labeler_class(job.labelers[i].name).prepares()]
+        if preparing:
+            ds = ds.map_batches(decode_then_prepare, batch_format="pyarrow", batch_size=res.decode_batch_size,
+                                fn_kwargs=dict(decode=decode_kwargs,
+                                               prepare=dict(labelers=preparing, storage=st.model_dump(),
+                                                            stats=stats_name)),
+                                num_cpus=res.decode_cpus)
+        elif on_actors:
             ds = ds.map_batches(fetch_decode, batch_format="pyarrow", batch_size=res.decode_batch_size,
                                 fn_kwargs=decode_kwargs, num_cpus=res.decode_cpus)
         for i in on_actors:

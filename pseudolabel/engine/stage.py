@@ -1,11 +1,15 @@
 """The labeler stages Ray Data runs: a device stage per labeler (actors), one host stage (tasks).
 
-    fetch+decode tasks ─▶ DeviceStage(labeler 1) ─▶ … ─▶ DeviceStage(labeler n) ─▶ host_stage tasks ─▶ write
-                          actor pool, model loaded once                          postprocess + encode,
-                          per actor: only ``forward``                            all labelers, in job order
+    fetch+decode(+prepare) tasks ─▶ DeviceStage(labeler 1) ─▶ … ─▶ DeviceStage(labeler n) ─▶ host_stage tasks ─▶ write
+    CPU: decode, then each        actor pool, model loaded once            postprocess + encode,
+    labeler's ``prepare``         per actor: only ``forward``              all labelers, in job order
 
 In-flight columns, one per labeler ``i`` that has an actor stage:
 
+- ``_prepared_i`` (large_binary): the labeler's ``prepare`` result for the row (``engine.payload``),
+  made in the decode tasks (``prepare_stage``) for labelers that implement ``prepare`` (e.g. DirectSAM's
+  views resized to the network's input size), so the actor's host thread only feeds the device; the
+  device stage hands it to ``forward`` and drops the column.
 - ``_payload_i`` (large_binary): the device half's payload for the row (``engine.payload``), for
   labelers that split (``Labeler.splits()``); the host stage runs ``postprocess`` + ``encode_output``.
 - ``_record_i`` (struct of the three list columns): the row's encoded records, for labelers that run
@@ -29,6 +33,7 @@ import json
 import logging
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -62,6 +67,10 @@ def payload_column(index: int) -> str:
 
 def record_column(index: int) -> str:
     return f"_record_{index}"
+
+
+def prepared_column(index: int) -> str:
+    return f"_prepared_{index}"
 
 
 def resolve_device(requested: str, gpus_per_actor: float) -> str:
@@ -135,15 +144,21 @@ class DeviceStage:
         self.labeler = cls(self.spec, device=device, storage=StorageSpec.model_validate(storage or {}))
         self.whole = whole or not cls.splits()
         self.column = record_column(index) if self.whole else payload_column(index)
+        #: ``prepare`` ran in the decode tasks: forward is handed its results
+        self.prepared = not self.whole and cls.prepares()
         self.batch_failures = 0
 
-    def _run(self, images: list, prompts: list) -> list:
-        return self.labeler(images, prompts) if self.whole else self.labeler.forward(images, prompts)
+    def _run(self, images: list, prompts: list, prepared: list | None) -> list:
+        if self.whole:
+            return self.labeler(images, prompts)
+        if self.prepared:
+            return self.labeler.forward(images, prompts, prepared=prepared)
+        return self.labeler.forward(images, prompts)
 
-    def _results(self, images: list, prompts: list) -> list:
+    def _results(self, images: list, prompts: list, prepared: list | None = None) -> list:
         """Outputs (payloads or LabelOutputs) or exceptions, one per image."""
         try:
-            outputs = list(self._run(images, prompts))
+            outputs = list(self._run(images, prompts, prepared))
             if len(outputs) != len(images):
                 raise RuntimeError(f"returned {len(outputs)} outputs for {len(images)} images")
             return outputs
@@ -156,27 +171,33 @@ class DeviceStage:
                 log.warning("labeler %s: batch failure %d (%s: %s); labelling one at a time",
                             self.name, self.batch_failures, type(err).__name__, err)
             results = []
-            for image, prompt in zip(images, prompts):
+            for k, (image, prompt) in enumerate(zip(images, prompts)):
                 try:
-                    results.append(self._run([image], [prompt])[0])
+                    results.append(self._run([image], [prompt], None if prepared is None else [prepared[k]])[0])
                 except Exception as err:
                     results.append(err)
             return results
 
-    def _results_within_budget(self, images: list, prompts: list) -> list:
+    def _results_within_budget(self, images: list, prompts: list, prepared: list | None) -> list:
         """``_results`` over sub-batches of at most ``max_batch_pixels`` decoded pixels, joined in order."""
         results: list = []
         for chunk in pixel_blocks([im.shape[0] * im.shape[1] for im in images], self.max_batch_pixels):
-            results += self._results([images[j] for j in chunk], [prompts[j] for j in chunk])
+            results += self._results([images[j] for j in chunk], [prompts[j] for j in chunk],
+                                     None if prepared is None else [prepared[j] for j in chunk])
         return results
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = _Rows(batch)
         values: list[Any] = [None] * batch.num_rows
+        prepared = None
+        if self.prepared and prepared_column(self.index) in batch.column_names:
+            column = batch.column(prepared_column(self.index))
+            prepared = [unpack_payload(column[i].as_py()) for i in rows.ok]
+            batch = batch.drop_columns([prepared_column(self.index)])
         if rows.ok:
             started = time.perf_counter()
             results = self._results_within_budget([rows.images[i] for i in rows.ok],
-                                                  [rows.prompts[i] for i in rows.ok])
+                                                  [rows.prompts[i] for i in rows.ok], prepared)
             report_seconds(self.stats, self.index, "actor" if self.whole else "device",
                            time.perf_counter() - started, len(rows.ok))
             for i, result in zip(rows.ok, results):
@@ -207,6 +228,43 @@ def _host_half(spec: dict, storage: dict | None):
         cls = labeler_class(lab_spec.name)
         _HOST_HALVES[key] = cls.host_half(lab_spec, StorageSpec.model_validate(storage or {}))
     return _HOST_HALVES[key]
+
+
+def prepare_stage(batch: pa.Table, labelers: list[dict], storage: dict | None, stats: str | None = None) -> pa.Table:
+    """The ``prepare`` of each labeler in ``labelers`` (``{"index": i, "spec": dict}``) for every ok row of
+    a decoded batch, as ``_prepared_i`` columns. An image whose preparation fails becomes an error row
+    (the labeler named); the batch goes on."""
+    rows = _Rows(batch)
+    columns: dict[int, list] = {lab["index"]: [None] * batch.num_rows for lab in labelers}
+    seconds = dict.fromkeys(columns, 0.0)
+    for i in rows.ok:
+        for lab in labelers:
+            started = time.perf_counter()
+            try:
+                half = _host_half(lab["spec"], storage)
+                columns[lab["index"]][i] = pack_payload(half.prepare(rows.images[i], rows.prompts[i]))
+            except Exception as err:
+                rows.fail(i, lab["spec"]["name"], err)
+                break
+            finally:
+                seconds[lab["index"]] += time.perf_counter() - started
+    for index, sec in seconds.items():
+        report_seconds(stats, index, "prepare", sec, len(rows.ok))
+    table = rows.with_status(batch)
+    for index, values in columns.items():
+        table = table.append_column(prepared_column(index),
+                                    pa.array([v if rows.status[i] == STATUS_OK else None for i, v in enumerate(values)],
+                                             pa.large_binary()))
+    return table
+
+
+def decode_then_prepare(batch: pa.Table, decode: dict, prepare: dict) -> pa.Table | Iterator[pa.Table]:
+    """map_batches task ahead of the device stages: fetch+decode, then ``prepare_stage``, block by block
+    (the decoded-pixel budget of ``fetch_decode`` holds)."""
+    decoded = fetch_decode(batch, **decode)
+    if isinstance(decoded, pa.Table):
+        return prepare_stage(decoded, **prepare)
+    return (prepare_stage(block, **prepare) for block in decoded)
 
 
 def host_stage(batch: pa.Table, labelers: list[dict], storage: dict | None, provenance: dict,

@@ -11,8 +11,15 @@ A labeler is built once per actor from its `LabelerSpec` and then called on batc
 
 Two halves. A labeler may split its work so the GPU never waits for the host:
 
-- ``forward(images, prompts) -> payloads``: the **device half**, run in the actor that holds the
-  model. Only the network and what shrinks its output (GPU-side resize, threshold, top-k) belong here.
+- ``prepare(image, prompt) -> prepared`` (optional): the host work that makes the network's input
+  from one decoded image (resizing to the model's input size, cropping views), run by the engine in
+  the CPU fetch+decode tasks on a ``host_half`` instance, so the actor's one host thread does not do
+  it between forward passes. A ``dict[str, np.ndarray]`` (uint8 where that is enough) or None.
+- ``forward(images, prompts, prepared=None) -> payloads``: the **device half**, run in the actor that
+  holds the model. Only the network and what shrinks its output (GPU-side resize, threshold, top-k)
+  belong here. ``prepared`` is one ``prepare`` result per image when the engine made them in its CPU
+  tasks; None (in-process calls) means forward prepares the images itself, so both paths give the
+  same numbers. (Only labelers that implement ``prepare`` are ever passed ``prepared``.)
   One payload per image: a ``dict[str, np.ndarray]`` of compact host arrays (uint8/uint16/float16
   where that is enough), which the engine ships between stages without pickling.
 - ``postprocess(image, prompt, payload) -> LabelOutput``: the **host half**, one image at a time, run
@@ -143,8 +150,24 @@ class Labeler(Generic[PayloadT]):
         """Host-side state derived from the spec alone (category tables, ...); runs in every instance,
         before a subclass constructor loads its model, and in ``host_half`` instances."""
 
-    def forward(self, images: list[np.ndarray], prompts: list[Any]) -> list[PayloadT]:
-        """Device half: N images -> N payloads. The default (no network) gives None for each image."""
+    def prepare(self, image: np.ndarray, prompt: Any) -> Payload:
+        """Host preparation of one (H, W, 3) uint8 RGB image for ``forward`` (see the module docstring);
+        runs without the model. The default prepares nothing (None)."""
+        return None
+
+    def prepared_inputs(self, images: list[np.ndarray], prompts: list[Any], prepared: list[Payload] | None
+                        ) -> list[Payload]:
+        """``prepared`` when the engine made it, else ``prepare`` of every image here (in-process calls)."""
+        if prepared is None:
+            return [self.prepare(im, pr) for im, pr in zip(images, prompts)]
+        if len(prepared) != len(images):
+            raise RuntimeError(f"{len(prepared)} prepared inputs for {len(images)} images")
+        return prepared
+
+    def forward(self, images: list[np.ndarray], prompts: list[Any],
+                prepared: list[Payload] | None = None) -> list[PayloadT]:
+        """Device half: N images (and their ``prepare`` results, or None) -> N payloads. The default
+        (no network) gives None for each image."""
         return cast("list[PayloadT]", [None] * len(images))
 
     def postprocess(self, image: np.ndarray, prompt: Any, payload: PayloadT) -> LabelOutput:
@@ -164,6 +187,11 @@ class Labeler(Generic[PayloadT]):
     def splits(cls) -> bool:
         """True when the labeler has a host half the engine can run in CPU tasks."""
         return cls.postprocess is not Labeler.postprocess
+
+    @classmethod
+    def prepares(cls) -> bool:
+        """True when the labeler has its own ``prepare`` (the engine runs it in the decode tasks)."""
+        return cls.prepare is not Labeler.prepare
 
     @classmethod
     def has_device_half(cls) -> bool:

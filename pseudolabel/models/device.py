@@ -6,6 +6,8 @@
 - ``to_host``: device tensors -> NumPy arrays for a payload. On CUDA each tensor is copied into pinned
   host memory with a non-blocking copy and the stream is synchronised once for the whole list, so
   the copies of a batch overlap one another instead of each waiting for the GPU.
+- ``to_device``: a host array -> a tensor on the device; on CUDA through pinned memory with a
+  non-blocking copy (the copy overlaps what the GPU is still doing).
 - ``compiled``: wrap a module's forward in ``torch.compile`` when the labeler spec asks for it
   (``compile: true``), falling back to eager, with one warning, when compilation is unavailable or
   fails on the first call.
@@ -60,6 +62,15 @@ def to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
         hosts.append(host)
     torch.cuda.synchronize()
     return [h.numpy() for h in hosts]
+
+
+def to_device(array: np.ndarray, device: str | torch.device) -> torch.Tensor:
+    """A NumPy array -> a tensor of the same shape and dtype on ``device`` (pinned + non-blocking on CUDA;
+    the array itself on the CPU, no copy when it is contiguous and writable)."""
+    host = torch.from_numpy(np.ascontiguousarray(array) if array.flags.writeable else np.array(array))
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def compiled(fn: Callable, enabled: bool, what: str) -> Callable:

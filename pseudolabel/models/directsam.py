@@ -45,10 +45,18 @@ import torch
 from pydantic import Field
 
 from pseudolabel.models.base import Labeler, LabelerParams, LabelOutput
-from pseudolabel.models.device import compiled, to_host
-from pseudolabel.models.directsam_pyramid import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, preprocess, pyramid_probs
+from pseudolabel.models.device import compiled, to_device, to_host
+from pseudolabel.models.directsam_pyramid import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    preprocess,
+    pyramid_probs,
+    pyramid_views,
+)
 from pseudolabel.models.tokens import boundary_to_tokens
-from pseudolabel.models.weights import checkpoint_file, resolve_weights
+from pseudolabel.models.weights import read_checkpoint_file, resolve_weights
+from pseudolabel.schemas.spec import StorageSpec
 
 DEFAULT_RESOLUTION = 1024
 #: number of box coordinates appended to every token embedding
@@ -112,27 +120,25 @@ def segformer_config(size: str = "b0", **overrides: Any):
     return SegformerConfig(**{**SEGFORMER_SIZES[size], "num_labels": 1, **overrides})
 
 
-def read_preprocessor(source: str, revision: str | None = None) -> dict[str, Any]:
+def read_preprocessor(source: str, revision: str | None = None, storage: StorageSpec | None = None) -> dict[str, Any]:
     """The checkpoint's ``preprocessor_config.json`` as a dict, {} when the checkpoint has none.
 
-    ``source``: a local directory (s3:// prefixes resolved with ``resolve_weights`` first) or a hub id,
-    whose file is downloaded at ``revision``. A hub file that cannot be fetched (offline and not in
-    the hub cache) raises ``huggingface_hub.errors.LocalEntryNotFoundError``.
+    ``source``: a local directory, an s3:// prefix (the one file is read; the weights are not copied)
+    or a hub id, whose file is downloaded at ``revision``. A hub file that cannot be fetched (offline
+    and not in the hub cache) raises ``huggingface_hub.errors.LocalEntryNotFoundError``.
     """
-    path = checkpoint_file(source, "preprocessor_config.json", revision)
-    if path is None:
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    raw = read_checkpoint_file(source, "preprocessor_config.json", storage, revision)
+    return {} if raw is None else json.loads(raw)
 
 
-def load_preprocessor(source: str, revision: str | None, needed: bool) -> dict[str, Any]:
+def load_preprocessor(source: str, revision: str | None, needed: bool,
+                      storage: StorageSpec | None = None) -> dict[str, Any]:
     """``read_preprocessor``; when the hub file cannot be fetched, {} if the caller can do without it
     (logged), else an error naming the way out."""
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return read_preprocessor(source, revision)
+        return read_preprocessor(source, revision, storage)
     except LocalEntryNotFoundError as err:
         if needed:
             raise ValueError(f"{source}: cannot fetch preprocessor_config.json ({err}); it sets the input "
@@ -236,7 +242,7 @@ class DirectSAM(Labeler[dict[str, np.ndarray]]):
         self._network = compiled(self.model, spec.compile, self.name)
         # 2. the checkpoint's image processor (size, resample, rescale, normalise); Segformer defaults otherwise
         config = load_preprocessor(local, spec.revision, needed=p.resolution is None)
-        self.preprocessing = Preprocessing.from_config(config, p.resolution, DEFAULT_RESOLUTION, p.fast_resize)
+        self._preprocessing = Preprocessing.from_config(config, p.resolution, DEFAULT_RESOLUTION, p.fast_resize)
         self.resolution = self.preprocessing.size[0]
         # 3. optional embedding backbone
         self.backbone: torch.nn.Module | None = None
@@ -247,18 +253,35 @@ class DirectSAM(Labeler[dict[str, np.ndarray]]):
             self.emb_mean = tuple(emb_pre.get("image_mean") or IMAGENET_MEAN)
             self.emb_std = tuple(emb_pre.get("image_std") or IMAGENET_STD)
 
+    def setup_host(self) -> None:
+        self._preprocessing: Preprocessing | None = None
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The checkpoint's image processor. A host half (no weights loaded) reads it from the
+        checkpoint's ``preprocessor_config.json`` alone, once."""
+        if self._preprocessing is None:
+            p = self.params
+            config = load_preprocessor(self.weights_id, self.spec.revision, needed=p.resolution is None,
+                                       storage=self.storage)
+            self._preprocessing = Preprocessing.from_config(config, p.resolution, DEFAULT_RESOLUTION, p.fast_resize)
+        return self._preprocessing
+
     def weight_sources(self) -> list[str]:
         return super().weight_sources() + ([self.params.embedding_weights] if self.params.embedding_weights else [])
 
     def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._network(pixel_values=pixel_values.to(self.dtype)).logits
 
-    def boundary_maps(self, images: list[np.ndarray]) -> list[torch.Tensor]:
-        """N (H, W, 3) uint8 RGB images -> N (H, W) float32 boundary probabilities in [0, 1] (on device)."""
+    def boundary_maps(self, images: list[np.ndarray], views: list[np.ndarray] | None = None) -> list[torch.Tensor]:
+        """N (H, W, 3) uint8 RGB images -> N (H, W) float32 boundary probabilities in [0, 1] (on device).
+
+        ``views``: per image, its views already resized by the image processor (``prepare``), or None
+        (resized here, or on the device with ``fast_resize``)."""
         p = self.params
         with torch.inference_mode():
             return pyramid_probs(images, self._forward, self.preprocessing, p.pyramid_layers, p.overlap,
-                                 p.batch_size, self.device)
+                                 p.batch_size, self.device, resized=views, to_device=to_device)
 
     def feature_maps(self, images: list[np.ndarray]) -> torch.Tensor:
         """(N, C, h, w) float32: the embedding backbone's last feature map at ``embedding_resolution``."""
@@ -282,8 +305,18 @@ class DirectSAM(Labeler[dict[str, np.ndarray]]):
 
     # -- the two halves ---------------------------------------------------------------------------------
 
-    def forward(self, images: list[np.ndarray], prompts: list[Any]) -> list[dict[str, np.ndarray]]:
-        """Device half. Payload per image:
+    def prepare(self, image: np.ndarray, prompt: Any) -> dict[str, np.ndarray] | None:
+        """Host preparation: ``views`` (V, R, R, 3) uint8, the image and its pyramid crops resized by the
+        checkpoint's image processor (PIL, its resample filter), in ``image_views`` order; None with
+        ``fast_resize`` (the device resizes)."""
+        p = self.params
+        if self.preprocessing.fast_resize:
+            return None
+        return {"views": pyramid_views(image, self.preprocessing, p.pyramid_layers, p.overlap)}
+
+    def forward(self, images: list[np.ndarray], prompts: list[Any],
+                prepared: list[dict[str, np.ndarray] | None] | None = None) -> list[dict[str, np.ndarray]]:
+        """Device half. ``prepared``: ``prepare``'s views per image (made here when None). Payload per image:
 
         - ``boundary``: (H, W) uint16, round(probability * 65535): the boundary map at the image's size,
           quantised on the device (the host works from exactly what the ``boundary`` layer stores;
@@ -291,8 +324,10 @@ class DirectSAM(Labeler[dict[str, np.ndarray]]):
         - ``features``: (C, h, w) float32, the embedding backbone's feature map (only with
           ``embedding_weights``; pooled over the tokens on the host).
         """
+        ready = self.prepared_inputs(images, prompts, prepared)
+        views = None if self.preprocessing.fast_resize else [r["views"] for r in ready]  # type: ignore[index]
         with torch.inference_mode():
-            quantised = [boundary_quantise(prob) for prob in self.boundary_maps(images)]
+            quantised = [boundary_quantise(prob) for prob in self.boundary_maps(images, views)]
             tensors = quantised + (list(self.feature_maps(images)) if self.backbone is not None else [])
         host = to_host(tensors)
         n = len(images)

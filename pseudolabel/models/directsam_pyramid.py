@@ -348,9 +348,28 @@ def as_hwc_numpy(image: np.ndarray | torch.Tensor) -> np.ndarray:
 
 # 3. the batched pyramid ---------------------------------------------------------------------------
 
+def pyramid_views(image: np.ndarray, pre: Preprocessing, layers: int = 0, overlap: int = 90) -> np.ndarray:
+    """Every view of one image resized by the image processor, on the host (what ``pyramid_probs`` feeds
+    the network when it is handed them as ``resized``).
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        pre: the checkpoint's ``Preprocessing`` (its PIL resize; ``fast_resize`` is not used here).
+
+    Returns:
+        (V, R, R', 3) uint8: the whole image, then each crop of layers 1..``layers``, in ``image_views``
+        order, resized to ``pre.size`` (height R, width R').
+    """
+    host = as_hwc_numpy(image)
+    h, w = host.shape[:2]
+    return pre.resize_host([_crop_hwc(host, box) for box, _ in image_views(w, h, layers, overlap)])
+
+
 def pyramid_probs(images: Sequence[np.ndarray | torch.Tensor], forward: Forward, resolution: int | Preprocessing,
                   layers: int = 0, overlap: int = 90, batch_size: int = 8, device: str | torch.device = "cpu",
-                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> list[torch.Tensor]:
+                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                  resized: Sequence[np.ndarray] | None = None,
+                  to_device: Callable[[np.ndarray, Any], torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Boundary probability maps of a batch of images, pyramid included.
 
     Args:
@@ -362,6 +381,11 @@ def pyramid_probs(images: Sequence[np.ndarray | torch.Tensor], forward: Forward,
         overlap: crop overlap in px (the border bands are derived from it).
         batch_size: views per forward pass (views of all images are mixed).
         device: where the network and the accumulation run (and the resize with ``fast_resize``).
+        resized: per image, its views already resized on the host (``pyramid_views``: (V, R, R', 3)
+            uint8 in ``image_views`` order), e.g. by the engine's CPU tasks; None: resized here.
+            Ignored with ``fast_resize``.
+        to_device: how a host uint8 array reaches ``device`` (default ``torch.from_numpy(...).to``;
+            the labelers pass pinned, non-blocking copies).
 
     Returns:
         N tensors (H, W) float32 in [0, 1] on ``device``.
@@ -375,10 +399,19 @@ def pyramid_probs(images: Sequence[np.ndarray | torch.Tensor], forward: Forward,
     else:
         hosts = [as_hwc_numpy(img) for img in images]
         shapes = [a.shape[:2] for a in hosts]
+    move = to_device or (lambda array, dev: torch.from_numpy(np.ascontiguousarray(array)).to(dev))
     sums = [torch.zeros(h, w, dtype=torch.float32, device=device) for h, w in shapes]
-    views = []
+    views = []  # (image, box, is_crop, position among the image's views)
     for i, (h, w) in enumerate(shapes):
-        views += [(i, box, is_crop) for box, is_crop in image_views(w, h, layers, overlap)]
+        views += [(i, box, is_crop, k) for k, (box, is_crop) in enumerate(image_views(w, h, layers, overlap))]
+    if resized is not None and not pre.fast_resize:
+        if len(resized) != len(images):
+            raise ValueError(f"{len(resized)} resized view stacks for {len(images)} images")
+        for i, (h, w) in enumerate(shapes):
+            want = (len(image_views(w, h, layers, overlap)), *pre.size, 3)
+            if tuple(resized[i].shape) != want or resized[i].dtype != np.uint8:
+                raise ValueError(f"image {i}: resized views {resized[i].shape} {resized[i].dtype}, expected "
+                                 f"{want} uint8")
     views.sort(key=lambda v: (v[1][3] - v[1][1], v[1][2] - v[1][0]))
     weight_cache: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -387,11 +420,14 @@ def pyramid_probs(images: Sequence[np.ndarray | torch.Tensor], forward: Forward,
         groups = _group_by_size(chunk)
         # 2. crop + resize + rescale/normalise, as the checkpoint's image processor does
         if pre.fast_resize:
-            pixels = torch.cat([pre.device_views(torch.stack([_crop(tensors[i], box) for i, box, _ in members]))
+            pixels = torch.cat([pre.device_views(torch.stack([_crop(tensors[i], box) for i, box, _, _ in members]))
                                 for _, members in groups])
         else:
-            pixels = pre.host_views([_crop_hwc(hosts[i], box) for _, members in groups for i, box, _ in members],
-                                    device)
+            if resized is not None:
+                stack = np.stack([resized[i][k] for _, members in groups for i, _, _, k in members])
+            else:
+                stack = pre.resize_host([_crop_hwc(hosts[i], box) for _, members in groups for i, box, _, _ in members])
+            pixels = pre.values(move(stack, device).permute(0, 3, 1, 2))
         # 3. one forward pass for the whole chunk
         logits = forward(pixels).float()
         # 4. upsample per crop size, sigmoid, border weights, accumulate
@@ -400,7 +436,7 @@ def pyramid_probs(images: Sequence[np.ndarray | torch.Tensor], forward: Forward,
             part = logits[offset:offset + len(members)]
             offset += len(members)
             probs = torch.sigmoid(F.interpolate(part, size=(h, w), mode="bilinear", align_corners=False))[:, 0]
-            for k, (i, (x0, y0, x1, y1), is_crop) in enumerate(members):
+            for k, (i, (x0, y0, x1, y1), is_crop, _) in enumerate(members):
                 p = probs[k]
                 if is_crop:
                     if (h, w) not in weight_cache:

@@ -112,6 +112,27 @@ def checkpoint_file(source: str, filename: str, revision: str | None = None) -> 
         return None
 
 
+def read_checkpoint_file(weights: str, filename: str, storage: StorageSpec | None = None,
+                         revision: str | None = None) -> bytes | None:
+    """The bytes of one small file of a checkpoint, wherever it lives, without copying the weights:
+    a local directory or hub id through ``checkpoint_file``, an s3:// (or other remote) prefix read
+    directly. None when the checkpoint has no such file. For host halves that need a checkpoint's
+    settings (an image processor's size) but not its weights."""
+    if protocol_of(weights) != "file":
+        fs, root = filesystem(weights, storage)
+        path = posixpath.join(root.rstrip("/"), filename)
+        if not fs.exists(path):
+            return None
+        with fs.open(path, "rb") as f:
+            return f.read()
+    local = resolve_weights(weights, storage, revision)
+    found = checkpoint_file(local, filename, revision)
+    if found is None:
+        return None
+    with open(found, "rb") as f:
+        return f.read()
+
+
 def weights_problem(weights: str, storage: StorageSpec | None = None, revision: str | None = None) -> str | None:
     """Why ``weights`` cannot be loaded, in a few words with the way out, or None when it looks loadable.
 
