@@ -224,6 +224,7 @@ def mask_pool(features: torch.Tensor, label_map: torch.Tensor, n_tokens: int) ->
 
 
 class DirectSAM(Labeler[dict[str, np.ndarray]]):
+    _preprocessing: Preprocessing | None  # set by the constructor, or read on first use by a host half
     name = "directsam"
     cuda_dtype = "bfloat16"  # SegFormer runs in bf16 on CUDA without overflow in its attention
     Params = DirectSAMParams
@@ -254,7 +255,7 @@ class DirectSAM(Labeler[dict[str, np.ndarray]]):
             self.emb_std = tuple(emb_pre.get("image_std") or IMAGENET_STD)
 
     def setup_host(self) -> None:
-        self._preprocessing: Preprocessing | None = None
+        self._preprocessing = None
 
     @property
     def preprocessing(self) -> Preprocessing:

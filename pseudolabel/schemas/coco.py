@@ -71,17 +71,26 @@ def label_map_to_rles(label_map: np.ndarray, labels: np.ndarray | None = None) -
     starts, ends = starts[hit], ends[hit]
     order = np.argsort(owner, kind="stable")
     owner, starts, ends = owner[order], starts[order], ends[order]
+    # 3. per label, alternating zero/one run lengths starting with zeros: [0, bounds..., n] differenced,
+    # for every label at once; a trailing empty zero run is dropped (as pycocotools' encoder does)
+    split = np.searchsorted(owner, np.arange(len(labels) + 1))
+    runs = np.diff(split)  # runs per label
+    # label i occupies slots [offset_i, offset_i + 2 * runs_i + 2) of ``padded``: 0, its bounds, n
+    offsets = 2 * split[:-1] + 2 * np.arange(len(labels))
+    padded = np.empty(2 * len(starts) + 2 * len(labels), dtype=np.int64)
+    is_bound = np.ones(len(padded), dtype=bool)
+    is_bound[offsets] = False
+    is_bound[offsets + 2 * runs + 1] = False
+    padded[offsets] = 0
+    padded[offsets + 2 * runs + 1] = n
     bounds = np.empty(2 * len(starts), dtype=np.int64)
     bounds[0::2] = starts
     bounds[1::2] = ends
-    split = np.searchsorted(owner, np.arange(len(labels) + 1))
-    # 3. per label: alternating zero/one run lengths, starting with zeros, no trailing empty run
-    uncompressed = []
-    for i in range(len(labels)):
-        counts = np.diff(np.concatenate(([0], bounds[2 * split[i]:2 * split[i + 1]], [n])))
-        if len(counts) > 1 and counts[-1] == 0:
-            counts = counts[:-1]
-        uncompressed.append({"size": [h, w], "counts": counts.astype(np.uint32)})
+    padded[is_bound] = bounds
+    counts_all = np.diff(padded).astype(np.uint32)  # differences across two labels are never read
+    lengths = 2 * runs + 1
+    lengths -= (lengths > 1) & (counts_all[offsets + lengths - 1] == 0)
+    uncompressed = [{"size": [h, w], "counts": counts_all[o:o + k]} for o, k in zip(offsets.tolist(), lengths.tolist())]
     # 4. compress (C code in pycocotools)
     rles = mask_utils.frPyObjects(uncompressed, h, w)
     return [{"size": [int(h), int(w)], "counts": r["counts"].decode("ascii")} for r in rles], labels

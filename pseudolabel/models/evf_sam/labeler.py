@@ -1,32 +1,57 @@
 """The ``evf_sam`` labeler: text prompts from the job's ontology -> COCO instance masks.
 
-Device half (``forward``), per batch: the SAM image encoder runs once per image; every ontology prompt
-is fused with the image in BEiT-3 and decoded against that shared image embedding; the low-res logits
-are resized to the image and thresholded (> 0) on the device and come back bit-packed, with the IoU
-scores. Host half (``postprocess``), per image: unpack, filter by score and area, de-duplicate, and
-attach to each kept mask the ontology entry's ``category_id``/``category`` and the prompt that made it.
+Host preparation (``prepare``), per image, in the engine's decode tasks: both network inputs, resized
+on the host as the reference does (``preprocess.prepare_inputs``). Device half (``forward``), per batch:
+the SAM input is normalised (and padded) on the device; the SAM image encoder runs once per image;
+every ontology prompt is fused with the image in BEiT-3 and decoded against that shared image
+embedding; the low-res logits are resized to the image and thresholded (> 0) on the device and come
+back bit-packed, with the IoU scores. Host half (``postprocess``), per image: unpack, filter by score
+and area, de-duplicate, and attach to each kept mask the ontology entry's ``category_id``/``category``
+and the prompt that made it.
 
 Follows hustvl/EVF-SAM at 9935dc5 (inference.py, model/evf_sam.py, model/evf_sam2.py; unchanged since
 9d00853, which added the multitask checkpoints); SAM-2 without ``multitask`` follows the revision before
 it, 781bee0, which the original EVF-SAM2 checkpoints were released with. Departures: multitask or not is
 read from the checkpoint's files (model.checkpoint_multitask) rather than implied by the code revision;
 images and prompts are batched (every prompt of the ontology against one SAM encoding per image).
+
+A host half (``host_half``: no weights) reads what ``prepare`` needs (the SAM variant and input sizes from
+config.json; multitask or not from config.json and the tokenizer's metadata files, unless the params
+say) from the checkpoint with ``weights.read_checkpoint_file``, once, never copying the weights.
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+import tempfile
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 from pydantic import Field
 
 from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput, entry_id
-from pseudolabel.models.device import compiled, to_host
-from pseudolabel.models.evf_sam.model import MULTITASK_TOKEN, checkpoint_multitask, load_evf_sam, load_tokenizer
+from pseudolabel.models.device import compiled, to_device, to_host
+from pseudolabel.models.evf_sam.model import (
+    MULTITASK_TOKEN,
+    TOKENIZER_METADATA,
+    EvfSamConfig,
+    MultitaskUndecidedError,
+    checkpoint_multitask,
+    load_evf_sam,
+    load_tokenizer,
+)
 from pseudolabel.models.evf_sam.postprocess import select_instances
-from pseudolabel.models.evf_sam.preprocess import beit3_pixels, masks_to_original, prompt_text, sam_pixels
-from pseudolabel.models.weights import looks_like_local_path, resolve_weights
+from pseudolabel.models.evf_sam.preprocess import (
+    InputShape,
+    device_sam_pixels,
+    masks_to_original,
+    prepare_inputs,
+    prompt_text,
+)
+from pseudolabel.models.weights import looks_like_local_path, read_checkpoint_file, resolve_weights
+from pseudolabel.storage import protocol_of
 
 
 class EvfSamParams(LabelerParams):
@@ -61,6 +86,40 @@ def _local_checkpoint(weights: str, storage, revision: str | None) -> str:
     return snapshot_download(repo_id=weights, revision=revision)
 
 
+def _read_multitask(weights: str, storage, revision: str | None) -> bool:
+    """``model.checkpoint_multitask`` without the weights: on a local checkpoint directory as it is; else
+    on a temporary directory holding only config.json and the tokenizer's metadata files (the files it
+    reads), read one by one. Its errors name ``weights``."""
+    # 1. a local directory: read in place
+    if protocol_of(weights) == "file":
+        local = resolve_weights(weights, storage, revision)      # a local path: no copy
+        if os.path.isdir(local):
+            return checkpoint_multitask(local)
+    # 2. a hub id or an s3:// prefix: the few small files only
+    with tempfile.TemporaryDirectory(prefix="evf-sam-meta-") as tmp:
+        for name in ("config.json", *TOKENIZER_METADATA):
+            data = read_checkpoint_file(weights, name, storage, revision)
+            if data is not None:
+                (Path(tmp) / name).write_bytes(data)
+        try:
+            return checkpoint_multitask(tmp)
+        except MultitaskUndecidedError as err:
+            raise MultitaskUndecidedError(str(err).replace(tmp, weights)) from None
+
+
+def read_input_shape(weights: str, storage, revision: str | None, multitask: bool | None) -> InputShape:
+    """The checkpoint's ``InputShape`` from its config.json (and tokenizer metadata when ``multitask``
+    is None), without loading or copying its weights: what a host half's ``prepare`` needs."""
+    raw = read_checkpoint_file(weights, "config.json", storage, revision)
+    if raw is None:
+        raise FileNotFoundError(f"evf_sam weights {weights!r}: no config.json (a checkpoint directory, an "
+                                "s3:// prefix or a hub id owner/name)")
+    cfg = EvfSamConfig.from_dict(json.loads(raw))
+    if multitask is None:
+        multitask = _read_multitask(weights, storage, revision)
+    return InputShape(cfg.variant, cfg.sam_image_size, cfg.beit3.img_size, bool(multitask))
+
+
 class EvfSamLabeler(Labeler[dict[str, np.ndarray]]):
     name = "evf_sam"
     Params = EvfSamParams
@@ -73,6 +132,7 @@ class EvfSamLabeler(Labeler[dict[str, np.ndarray]]):
         if not self.ontology:
             raise ValueError("evf_sam needs an ontology (prompt -> category) in the labeler spec")
         self.pairs = [(entry, p) for entry in self.ontology for p in entry.prompts]
+        self._input_shape: InputShape | None = None
 
     def __init__(self, spec, *, device: str = "cpu", storage=None):
         super().__init__(spec, device=device, storage=storage)     # setup_host: the ontology check, self.pairs
@@ -87,6 +147,7 @@ class EvfSamLabeler(Labeler[dict[str, np.ndarray]]):
         # multitask: the explicit param, else the checkpoint's own files (never its name or location)
         multitask = self.params.multitask
         self.multitask = checkpoint_multitask(path) if multitask is None else bool(multitask)
+        self._input_shape = InputShape(self.variant, self.sam_size, self.beit_size, self.multitask)
         # the SAM image encoder: the expensive call, fixed S x S input
         self._encode = compiled(self.model.encode_images, spec.compile, "evf_sam")
         # 2. every (entry, prompt) pair, tokenised once for the whole run
@@ -100,17 +161,38 @@ class EvfSamLabeler(Labeler[dict[str, np.ndarray]]):
         self.input_ids = enc["input_ids"].to(device)
         self.attention_mask = enc["attention_mask"].to(device)
 
+    @property
+    def input_shape(self) -> InputShape:
+        """What decides the network inputs. The model's own config when loaded; a host half (no weights)
+        reads it from the checkpoint's config.json (and tokenizer metadata) alone, once."""
+        if self._input_shape is None:
+            self._input_shape = read_input_shape(self.weights_id, self.storage, self.spec.revision,
+                                                 self.params.multitask)
+        return self._input_shape
+
     # ------------------------------------------------------------------ pieces
 
-    def encode_images(self, images: list[np.ndarray]):
-        """SAM image embeddings for the batch (one encoder pass) and each image's resized (h', w')."""
-        packed = [sam_pixels(im, self.sam_size, self.variant, self.multitask) for im in images]
-        pixels = torch.stack([p for p, _ in packed]).to(self.device, self.dtype)
-        return self._encode(pixels), [hw for _, hw in packed]
+    def _ready(self, images: list[np.ndarray], prepared: list[Any] | None) -> list[dict[str, np.ndarray]]:
+        """``prepare``'s arrays for every image: ``prepared`` when given, else made here."""
+        ready = self.prepared_inputs(images, [None] * len(images), prepared)
+        missing = [i for i, r in enumerate(ready) if r is None]
+        if missing:
+            raise ValueError(f"evf_sam: no prepared inputs for images {missing}")
+        return cast("list[dict[str, np.ndarray]]", ready)
 
-    def prompt_embeddings(self, images: list[np.ndarray]) -> torch.Tensor:
-        """(B, P, out_dim): every image fused with every prompt, in chunks of ``prompt_chunk`` pairs."""
-        beit = torch.stack([beit3_pixels(im, self.beit_size) for im in images]).to(self.device, self.dtype)
+    def encode_images(self, images: list[np.ndarray], prepared: list[Any] | None = None):
+        """SAM image embeddings for the batch (one encoder pass) and each image's resized (h', w').
+        ``prepared``: ``prepare``'s arrays per image (made here when None)."""
+        ready = self._ready(images, prepared)
+        size = self.input_shape.sam_size
+        pixels = torch.stack([device_sam_pixels(r, size, self.device) for r in ready]).to(self.dtype)
+        return self._encode(pixels), [(int(r["hw"][0]), int(r["hw"][1])) for r in ready]
+
+    def prompt_embeddings(self, images: list[np.ndarray], prepared: list[Any] | None = None) -> torch.Tensor:
+        """(B, P, out_dim): every image fused with every prompt, in chunks of ``prompt_chunk`` pairs.
+        ``prepared``: ``prepare``'s arrays per image (made here when None)."""
+        ready = self._ready(images, prepared)
+        beit = torch.stack([to_device(r["beit"], self.device) for r in ready]).to(self.dtype)
         n_img, n_p = len(images), len(self.pairs)
         img_idx = torch.arange(n_img, device=self.device).repeat_interleave(n_p)
         txt_idx = torch.arange(n_p, device=self.device).repeat(n_img)
@@ -122,17 +204,32 @@ class EvfSamLabeler(Labeler[dict[str, np.ndarray]]):
 
     # ------------------------------------------------------------------ the two halves
 
+    def prepare(self, image: np.ndarray, prompt: Any) -> dict[str, np.ndarray]:
+        """Host preparation of one (H, W, 3) uint8 RGB image (``preprocess.prepare_inputs``):
+
+        - ``beit``: (3, b, b) float32, about [-1, 1], the BEiT-3 input (b = 224);
+        - ``sam_image``: (h', w', 3) uint8, the resized SAM input (SAM-H: longest side S, multitask SAM-2:
+          S × S), normalised and padded on the device; or, for the original SAM-2 checkpoints,
+          ``sam_pixels``: (3, S, S) float32, already normalised and stretched (the reference stretches
+          in float after normalising);
+        - ``hw``: (2,) int64, (h', w'), the unpadded resized size ((S, S) for SAM-2).
+        """
+        return prepare_inputs(image, self.input_shape)
+
     @torch.inference_mode()
-    def forward(self, images: list[np.ndarray], prompts: list[Any]) -> list[dict[str, np.ndarray]]:
-        """Device half. Per image: ``masks`` (P, H, ceil(W/8)) uint8, the (P, H, W) masks (logit > 0 at
-        the image's size) bit-packed along W as ``np.packbits`` does; ``width`` () int64, W; ``scores``
-        (P,) float32, the IoU head's score clamped to [0, 1]. P = len(self.pairs), in their order."""
+    def forward(self, images: list[np.ndarray], prompts: list[Any],
+                prepared: list[dict[str, np.ndarray] | None] | None = None) -> list[dict[str, np.ndarray]]:
+        """Device half. ``prepared``: ``prepare``'s arrays per image (made here when None). Per image:
+        ``masks`` (P, H, ceil(W/8)) uint8, the (P, H, W) masks (logit > 0 at the image's size) bit-packed
+        along W as ``np.packbits`` does; ``width`` () int64, W; ``scores`` (P,) float32, the IoU head's
+        score clamped to [0, 1]. P = len(self.pairs), in their order."""
         if not images:
             return []
+        ready = self._ready(images, prepared)
         # 1. image embeddings: the SAM encoder runs once per image
-        embeddings, resized = self.encode_images(images)
+        embeddings, resized = self.encode_images(images, ready)
         # 2. all prompts fused with each image
-        fused = self.prompt_embeddings(images)
+        fused = self.prompt_embeddings(images, ready)
         tensors = []
         for i, image in enumerate(images):
             # 3. decode this image's prompts against its shared embedding, masks at the image's size

@@ -13,17 +13,43 @@
   keeps the aspect ratio.
 - Output: low-res mask logits -> logits at the original image size (SAM-H: up to S², crop the unpadded
   part, resize; SAM-2: resize directly). A pixel is in the mask where the logit is > 0.
+
+Where each step runs. The reference prepares both inputs on the host; so does ``prepare_inputs`` (the
+labeler's ``prepare``), with every resize done exactly as above. What it leaves to the device
+(``device_sam_pixels``) is exact there too: SAM's mean/std (an IEEE float32 subtract and divide per
+element, the same bits on any device) and the zero padding. So the host ships the resized uint8 image
+wherever the reference resizes uint8 (SAM-H, multitask SAM-2), and float32 where it resizes in float:
+the BEiT-3 input, and the original SAM-2 stretch, which comes after the normalisation.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pseudolabel.models.device import to_device
+
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 SEMANTIC_PREFIX = "[semantic] "
+
+
+@dataclass(frozen=True)
+class InputShape:
+    """What decides a checkpoint's network inputs (from its config.json, and multitask or not).
+
+    variant: "sam" (SAM-H) or "sam2"; sam_size: S, the side of the square SAM input; beit_size: the
+    BEiT-3 input side (224); multitask: which SAM-2 input (straight resize, or longest side then a
+    stretch); SAM-H inputs do not depend on it.
+    """
+
+    variant: str
+    sam_size: int
+    beit_size: int
+    multitask: bool
 
 
 def _chw(image: np.ndarray) -> torch.Tensor:
@@ -45,9 +71,10 @@ def longest_side_shape(h: int, w: int, size: int) -> tuple[int, int]:
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
-    """(3, h, w) on the 0-255 scale (any dtype) -> float32 with SAM's mean/std."""
-    mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+    """(3, h, w) on the 0-255 scale (any dtype, any device) -> float32 with SAM's mean/std, on x's device
+    (elementwise IEEE float32: the same bits on every device)."""
+    mean = torch.tensor(SAM_PIXEL_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(SAM_PIXEL_STD, device=x.device).view(3, 1, 1)
     return (x.float() - mean) / std
 
 
@@ -63,22 +90,62 @@ def _bilinear_square(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False)[0]
 
 
+def sam_prepare(image: np.ndarray, size: int, variant: str, multitask: bool = True) -> dict[str, np.ndarray]:
+    """Host half of the SAM input: (H, W, 3) uint8 RGB -> the arrays ``device_sam_pixels`` finishes.
+
+    Returns ``hw``: (2,) int64, (h', w') the unpadded resized size ((S, S) for SAM-2), and either
+    ``sam_image``: (h', w', 3) uint8, the resized image still to normalise (SAM-H: longest side to S,
+    PIL; multitask SAM-2: straight to S×S, torch bilinear on uint8), or ``sam_pixels``: (3, S, S)
+    float32, normalised and stretched (original SAM-2: its stretch follows the normalisation, in float).
+    """
+    if variant == "sam":
+        resized = resize_longest_side(image, size)
+        return {"sam_image": resized, "hw": np.asarray(resized.shape[:2], np.int64)}
+    if variant != "sam2":
+        raise ValueError(f"unknown SAM variant {variant!r}")
+    hw = np.asarray((size, size), np.int64)
+    if multitask:
+        straight = _bilinear_square(_chw(image), size).permute(1, 2, 0).contiguous()
+        return {"sam_image": straight.numpy(), "hw": hw}
+    stretched = _bilinear_square(_normalize(_chw(resize_longest_side(image, size))), size)
+    return {"sam_pixels": stretched.numpy(), "hw": hw}
+
+
+def device_sam_pixels(prepared: dict[str, np.ndarray], size: int, device: str | torch.device) -> torch.Tensor:
+    """Device half of the SAM input: ``sam_prepare``'s arrays -> (3, size, size) float32 on ``device``.
+
+    ``sam_image`` is copied as uint8, normalised with SAM's mean/std and zero-padded right/bottom to
+    size² (nothing to pad for SAM-2); ``sam_pixels`` is copied as it is.
+    """
+    if "sam_pixels" in prepared:
+        return to_device(prepared["sam_pixels"], device)
+    x = _normalize(to_device(prepared["sam_image"], device).permute(2, 0, 1))
+    h, w = x.shape[-2:]
+    return F.pad(x, (0, size - w, 0, size - h))
+
+
 def sam_pixels(image: np.ndarray, size: int, variant: str,
                multitask: bool = True) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(H, W, 3) uint8 RGB -> ((3, size, size) float32 normalised, (h', w') the unpadded resized size).
+    """(H, W, 3) uint8 RGB -> ((3, size, size) float32 normalised, (h', w') the unpadded resized size),
+    both halves on the CPU.
 
     variant "sam": longest side + pad. "sam2" (then (h', w') == (size, size)): ``multitask`` checkpoints
     resize the uint8 image straight to size², the original ones go through the longest-side resize first.
     """
-    if variant == "sam":
-        resized = resize_longest_side(image, size)
-        nh, nw = resized.shape[:2]
-        return F.pad(_normalize(_chw(resized)), (0, size - nw, 0, size - nh)), (nh, nw)
-    if variant == "sam2":
-        if multitask:
-            return _normalize(_bilinear_square(_chw(image), size)), (size, size)
-        return _bilinear_square(_normalize(_chw(resize_longest_side(image, size))), size), (size, size)
-    raise ValueError(f"unknown SAM variant {variant!r}")
+    prepared = sam_prepare(image, size, variant, multitask)
+    h, w = (int(v) for v in prepared["hw"])
+    return device_sam_pixels(prepared, size, "cpu"), (h, w)
+
+
+def prepare_inputs(image: np.ndarray, shape: InputShape) -> dict[str, np.ndarray]:
+    """Both network inputs of one (H, W, 3) uint8 RGB image, made on the host (the labeler's ``prepare``).
+
+    Returns ``sam_prepare``'s arrays (``hw`` and ``sam_image`` or ``sam_pixels``) and ``beit``:
+    (3, b, b) float32, ``beit3_pixels`` (b = ``shape.beit_size``).
+    """
+    out = sam_prepare(image, shape.sam_size, shape.variant, shape.multitask)
+    out["beit"] = beit3_pixels(image, shape.beit_size).numpy()
+    return out
 
 
 def masks_to_original(low_res: torch.Tensor, variant: str, size: int, resized_hw: tuple[int, int],
