@@ -9,9 +9,12 @@ same demo images, each from a cold start in its own process, alternating:
 - **actor**: ``proxy_labelers:DirectSAMResizeInActor``, the same labeler with no ``prepare`` for the
   engine, so its forward resizes the views itself in the actor.
 
-A small random Segformer (``--size``, default ``tiny``: the network costs little, as on a GPU) at
-``--resolution``. Prints seconds, images/s, steady state (after the first labels file) and the actor's
-seconds per image (the summary's ``device`` phase): the figure that bounds a GPU actor's rate.
+``--labeler proxy`` (the default here, no GPU): ``proxy_labelers:ResizedViews`` /
+``ResizedViewsInActor``, DirectSAM's view preparation with a device half that costs nothing (as a GPU's
+forward nearly does next to a CPU resize) and DirectSAM's host half; ``--labeler directsam``: the real
+labeler with a random Segformer of ``--size`` (for a GPU machine). Prints seconds, images/s, steady state
+(after the first labels file) and the actor's seconds per image (the summary's ``device`` phase): the
+figure that bounds a GPU actor's rate.
 
     python bench/bench_prepare.py --images 200 --image-size 512 --resolution 1024 --pairs 3
 """
@@ -24,7 +27,10 @@ import statistics
 import tempfile
 import time
 
-LABELERS = {"decode tasks": "directsam", "actor": "proxy_labelers:DirectSAMResizeInActor"}
+LABELERS = {
+    "directsam": {"decode tasks": "directsam", "actor": "proxy_labelers:DirectSAMResizeInActor"},
+    "proxy": {"decode tasks": "proxy_labelers:ResizedViews", "actor": "proxy_labelers:ResizedViewsInActor"},
+}
 
 
 def save_model(path: str, size: str, resolution: int) -> str:
@@ -37,15 +43,18 @@ def save_model(path: str, size: str, resolution: int) -> str:
     return path
 
 
-def one_run(images_uri: str, out_uri: str, labeler: str, weights: str, layers: str) -> dict:
+def one_run(images_uri: str, out_uri: str, labeler: str, weights: str, layers: str, resolution: str) -> dict:
     from bench_engine import first_file_watcher
 
     import pseudolabel
     from pseudolabel.storage import filesystem
 
-    job = {"input": {"uri": images_uri}, "output": {"uri": out_uri},
-           "labelers": [{"name": labeler, "weights": weights, "dtype": "float32",
-                         "params": {"pyramid_layers": int(layers), "threshold": 0.5}}],
+    if labeler.startswith("proxy_labelers:Resized"):
+        spec = {"name": labeler, "params": {"pyramid_layers": int(layers), "resolution": int(resolution)}}
+    else:
+        spec = {"name": labeler, "weights": weights, "dtype": "float32",
+                "params": {"pyramid_layers": int(layers), "threshold": 0.5}}
+    job = {"input": {"uri": images_uri}, "output": {"uri": out_uri}, "labelers": [spec],
            "resources": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 8, "decode_batch_size": 8}}
     fs, path = filesystem(out_uri + "/labels")
     watch: dict = {}
@@ -71,7 +80,8 @@ def main() -> None:
     parser.add_argument("--size", default="tiny", help="Segformer size (tiny, b0..b5)")
     parser.add_argument("--layers", type=int, default=0, help="pyramid layers")
     parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--labeler", choices=tuple(LABELERS), default="proxy")
+    parser.add_argument("--one", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one_run(*args.one)))
@@ -83,13 +93,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         generate(f"{tmp}/demo", images=args.images, shards=4, seed=0, size=args.image_size, progress=False)
-        weights = save_model(f"{tmp}/segformer", args.size, args.resolution)
-        results = alternating_cold_runs(__file__, tuple(LABELERS), lambda which, k: [
-            f"{tmp}/demo/images", f"{tmp}/out-{which.replace(' ', '-')}-{k}", LABELERS[which], weights,
-            str(args.layers)], args.pairs)
+        weights = save_model(f"{tmp}/segformer", args.size, args.resolution) if args.labeler == "directsam" else ""
+        plans = LABELERS[args.labeler]
+        results = alternating_cold_runs(__file__, tuple(plans), lambda which, k: [
+            f"{tmp}/demo/images", f"{tmp}/out-{which.replace(' ', '-')}-{k}", plans[which], weights,
+            str(args.layers), str(args.resolution)], args.pairs)
 
-    print(f"\nmachine: {os.cpu_count()} CPUs; {args.images} demo images of {args.image_size}px; directsam "
-          f"Segformer-{args.size} at {args.resolution}px, pyramid {args.layers}, float32; medians of {args.pairs}")
+    what = (f"directsam Segformer-{args.size}, float32" if args.labeler == "directsam"
+            else "proxy (DirectSAM's view resize, no network)")
+    print(f"\nmachine: {os.cpu_count()} CPUs; {args.images} demo images of {args.image_size}px; {what} at "
+          f"{args.resolution}px, pyramid {args.layers}; medians of {args.pairs}")
     print("| views resized in | seconds | images/s | steady images/s | actor s/image | prepare s/image |")
     print("|---|---:|---:|---:|---:|---:|")
     keys = ("seconds", "images_per_s", "steady_images_per_s", "actor_s_per_image", "prepare_s_per_image")

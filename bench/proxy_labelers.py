@@ -61,6 +61,50 @@ class FixedMaps(Labeler):
         return LabelOutput(tokens=boundary_to_tokens(prob, self.params.threshold, "partition"))
 
 
+class ResizedViewsParams(FixedMapsParams):
+    resolution: int = 1024
+    pyramid_layers: int = 0
+
+
+class ResizedViews(FixedMaps):
+    """DirectSAM's input preparation without its network: ``prepare`` resizes every view of the image to
+    ``resolution`` with PIL bilinear (DirectSAM's ``pyramid_views``, its image processor's resize) and
+    the device half only reads the views before handing over ``FixedMaps``' boundary map. Where the
+    resize runs (decode tasks or actor) is then the only difference between two plans."""
+
+    name = "resized_views"
+    Params = ResizedViewsParams
+    params: ResizedViewsParams
+
+    def setup_host(self) -> None:
+        from pseudolabel.models.directsam_pyramid import Preprocessing
+
+        super().setup_host()
+        self.pre = Preprocessing(size=(self.params.resolution, self.params.resolution))
+
+    def prepare(self, image, prompt):
+        from pseudolabel.models.directsam_pyramid import pyramid_views
+
+        return {"views": pyramid_views(image, self.pre, self.params.pyramid_layers)}
+
+    def forward(self, images, prompts, prepared=None):
+        ready = self.prepared_inputs(images, prompts, prepared)
+        out = super().forward(images, prompts)
+        for payload, views in zip(out, ready):
+            payload["view_sum"] = np.array([int(views["views"][:, ::97, ::97].sum())])  # the device's read
+        return out
+
+
+class ResizedViewsInActor(ResizedViews):
+    """``ResizedViews`` with no ``prepare`` for the engine: its forward resizes the views in the actor."""
+
+    name = "resized_views_in_actor"
+
+    @classmethod
+    def prepares(cls) -> bool:
+        return False
+
+
 @functools.lru_cache(maxsize=None)
 def _directsam_resizing_in_actor():
     from pseudolabel.models.directsam import DirectSAM

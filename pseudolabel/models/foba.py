@@ -24,9 +24,17 @@ the attention, ``inpaint_weights`` (the EMA UNet fine-tuned by ``pseudolabel tra
    the input elsewhere). Score: the mean min-max-normalised attention inside the mask (diffusion path) or
    the mean probability inside it (network).
 
-Halves. ``forward`` (device, rows grouped by class) runs the network(s): encode, attention passes, the
+Halves. ``prepare`` (host, one image, in the engine's decode tasks) makes the network's input: the
+canvas (step 0) with the size of the image part, or the segmentation network's resized input.
+``forward`` (device, rows grouped by class) runs the network(s): encode, attention passes, the
 preliminary mask (needed by the inpainting), DDIM, decodes, or the segmentation network. ``postprocess``
-(host, one image) composes the refined mask, resizes, scores and composites. Payload per image:
+(host, one image) composes the refined mask, resizes, scores and composites. Prepared inputs per image:
+
+- ``canvas`` (R, R, 3) uint8 and ``part`` (2,) int32, the image part's (h', w') (diffusion path);
+- ``pixels`` (3, h, w) float32 in [-1, 1]: the image with its short edge at the network's resolution
+  (bilinear on the float image, as the network's input is made; only with ``segmentation_weights``).
+
+Payload per image:
 
 - ``attention`` (h, w) float32: the step/layer-averaged class attention on the canvas's latent grid;
 - ``prelim`` (h, w) bool: the preliminary mask (only with ``refine``);
@@ -41,7 +49,7 @@ passes (twice that with guidance > 1), one VAE encode and one or two decodes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import cv2
 import numpy as np
@@ -68,7 +76,8 @@ from pseudolabel.models.base import (
     LabelOutput,
     entry_id,
 )
-from pseudolabel.models.device import compiled, to_host
+from pseudolabel.models.device import compiled, to_device, to_host
+from pseudolabel.models.foba_segnet import CONFIG_NAME as SEGNET_CONFIG
 from pseudolabel.models.foba_segnet import load_segnet, segnet_input
 from pseudolabel.models.foba_steps import (
     compose_refined_mask,
@@ -254,6 +263,8 @@ class FoBa(Labeler[dict[str, np.ndarray]]):
     name = "foba"
     Params = FoBaParams
     params: FoBaParams  # the validated Params of this labeler
+    #: the segmentation network's resolution (loaded with it, or read by ``segnet_resolution``)
+    _segnet_side: int | None
     summary = ("foreground/background separation by concept distillation (Dombrowski et al., ICCV 2023): "
                "SD cross-attention mask refined by inpainting with a fine-tuned SD, then a segmentation "
                "network trained on the refined masks")
@@ -267,8 +278,8 @@ class FoBa(Labeler[dict[str, np.ndarray]]):
         if p.segmentation_weights:
             from pseudolabel.models.weights import resolve_weights
 
-            self.segnet, self.segnet_resolution = load_segnet(resolve_weights(p.segmentation_weights, self.storage),
-                                                              device=dev)
+            self.segnet, self._segnet_side = load_segnet(resolve_weights(p.segmentation_weights, self.storage),
+                                                         device=dev)
             return
         self.sd = load_sd_components(self.weights_id, storage=self.storage, revision=spec.revision,
                                      dtype=spec.dtype, device=dev)
@@ -291,6 +302,25 @@ class FoBa(Labeler[dict[str, np.ndarray]]):
         if not self.ontology:
             raise ValueError("foba needs an ontology with the class to separate")
         self._default_entry = self._entry(self.params.category) if self.params.category else self.ontology[0]
+        self._segnet_side = None
+
+    @property
+    def segnet_resolution(self) -> int:
+        """The segmentation network's training resolution (its input's short edge). A host half (no
+        weights loaded) reads it from the checkpoint's config.json alone, once."""
+        if self._segnet_side is None:
+            import json
+
+            from pseudolabel.models.weights import read_checkpoint_file
+
+            source = self.params.segmentation_weights
+            if not source:
+                raise RuntimeError("foba: segnet_resolution needs segmentation_weights")
+            data = read_checkpoint_file(source, SEGNET_CONFIG, self.storage)
+            if data is None:
+                raise FileNotFoundError(f"no foba segmentation network under {source} (missing {SEGNET_CONFIG})")
+            self._segnet_side = int(json.loads(data)["resolution"])
+        return self._segnet_side
 
     def weight_sources(self) -> list[str]:
         p = self.params
@@ -408,39 +438,56 @@ class FoBa(Labeler[dict[str, np.ndarray]]):
         noise = self._noise_plan(len(images), (4, lat, lat))
         return self.preliminary(self.encode(canvases, noise["vae"][0]), class_text, noise["attention"])
 
-    # -- device half ------------------------------------------------------------------------------
-    def forward(self, images: list[np.ndarray], prompts: list[Any]) -> list[dict[str, np.ndarray]]:
-        """Rows grouped by their class (one prompt per group); one payload per image, in input order."""
+    # -- host preparation -------------------------------------------------------------------------
+    def prepare(self, image: np.ndarray, prompt: Any) -> dict[str, np.ndarray]:
+        """Host preparation of one (H, W, 3) uint8 RGB image (see the module docstring): the diffusion
+        path's ``canvas`` (R, R, 3) uint8 and ``part`` (2,) int32 (h', w'), or the segmentation
+        network's ``pixels`` (3, h, w) float32 in [-1, 1] with ``segmentation_weights``."""
         if self.params.segmentation_weights:
-            return [self._forward_segnet(im) for im in images]
+            return {"pixels": np.ascontiguousarray(segnet_input(image, self.segnet_resolution)[0].numpy())}
+        canvases, parts = self.canvas([image], self.params.resolution)
+        return {"canvas": canvases[0], "part": np.asarray(parts[0], np.int32)}
+
+    # -- device half ------------------------------------------------------------------------------
+    def forward(self, images: list[np.ndarray], prompts: list[Any],
+                prepared: list[dict[str, np.ndarray] | None] | None = None) -> list[dict[str, np.ndarray]]:
+        """Rows grouped by their class (one prompt per group); one payload per image, in input order.
+        ``prepared``: ``prepare``'s inputs per image (made here when None)."""
+        ready = cast("list[dict[str, np.ndarray]]", self.prepared_inputs(images, prompts, prepared))
+        if self.params.segmentation_weights:
+            return [self._forward_segnet(r["pixels"]) for r in ready]
         groups: dict[str, list[int]] = {}
         for i, prompt in enumerate(prompts):
             groups.setdefault(self._row_entry(prompt).category, []).append(i)
         payloads: list[dict[str, np.ndarray] | None] = [None] * len(images)
         for category, idx in groups.items():
-            for i, payload in zip(idx, self._forward_class([images[i] for i in idx], self._entry(category))):
+            for i, payload in zip(idx, self._forward_class([ready[i] for i in idx], self._entry(category))):
                 payloads[i] = payload
         return payloads  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _forward_segnet(self, image: np.ndarray) -> dict[str, np.ndarray]:
+    def _forward_segnet(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """(3, h, w) float32 network input -> payload {probability (h, w) float16}."""
         param = next(self.segnet.parameters())
-        x = segnet_input(image, self.segnet_resolution).to(device=param.device, dtype=param.dtype)
+        x = to_device(pixels[None], param.device).to(dtype=param.dtype)
         prob = self.segnet(x)[0, 0]
         return {"probability": to_host([prob.to(torch.float16)])[0]}
 
     @torch.inference_mode()
-    def _forward_class(self, images: list[np.ndarray], entry: OntologyEntry) -> list[dict[str, np.ndarray]]:
+    def _forward_class(self, ready: list[dict[str, np.ndarray]], entry: OntologyEntry) -> list[dict[str, np.ndarray]]:
+        """One class's rows: their prepared ``canvas`` and ``part`` -> their payloads."""
         p = self.params
         class_text = self._class_text(entry)
-        # 1. canvas, noise, encode
-        canvases, parts = self.canvas(images, p.resolution)
+        # 1. canvases (prepared), noise, encode
+        canvases = np.stack([r["canvas"] for r in ready])
+        parts = [(int(r["part"][0]), int(r["part"][1])) for r in ready]
+        n = len(ready)
         lat_shape = (4, p.resolution // 8, p.resolution // 8)
-        noise = self._noise_plan(len(images), lat_shape)
+        noise = self._noise_plan(n, lat_shape)
         latents = self.encode(canvases, noise["vae"][0])
         # 2. class attention of the preliminary mask (base model)
         att = self.preliminary_attention(latents, class_text, noise["attention"])
-        payloads = [{"attention": att[j]} for j in range(len(images))]
+        payloads = [{"attention": att[j]} for j in range(n)]
         if not p.refine:
             return payloads
         # 3. inpainting of the preliminary mask (thresholded here: the loop needs it), decoded

@@ -631,6 +631,7 @@ class RowPlan:
 class ISeg(Labeler[dict[str, np.ndarray]]):
     """Open-vocabulary or seeded segmentation from one noisy Stable Diffusion pass.
 
+    Host preparation (``prepare``, in the engine's decode tasks): the image resized to the SD input size.
     Device half (``forward``): tags (when a tagger is configured), VAE encode, the attention pass(es),
     KL k-means, entropy reduction and the refinement (N matrix products per row), giving each row's
     refined maps at the attention grid. Host half (``postprocess``): the maps brought to the image size,
@@ -798,29 +799,41 @@ class ISeg(Labeler[dict[str, np.ndarray]]):
         raw = fuse_cross_attention(per_factor, grids, p.res_weights, grid, normalize=False)
         return self_attn, grid, cross, raw
 
-    def _resize(self, im: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 -> (S, S, 3) at the SD input size: float32 bilinear (the reference's
-        ``cv2.resize`` of its float image) or uint8 area interpolation (``resize="area"``)."""
+    # -- host preparation ----------------------------------------------------------------------------
+    def prepare(self, image: np.ndarray, prompt: Any) -> dict[str, np.ndarray]:
+        """Host preparation of one (H, W, 3) uint8 RGB image: ``pixels`` (S, S, 3) float32 in [0, 255],
+        the image at the SD input size S = ``resolution``: float32 bilinear (the reference's
+        ``cv2.resize`` of its float image) or uint8 area interpolation (``resize="area"``, when it
+        shrinks). Float32 because the reference resizes the float image. Prompts and tags stay in
+        ``forward`` (they only affect the device side)."""
         import cv2
 
         size = self.params.resolution
-        im = np.ascontiguousarray(im[..., :3])
+        im = np.ascontiguousarray(image[..., :3])
+        pixels: np.ndarray
         if self.params.resize == "area" and min(im.shape[:2]) > size:
-            return cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
-        return cv2.resize(im.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+            pixels = cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
+        else:
+            pixels = cv2.resize(im.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+        return {"pixels": pixels}
 
     # -- device half ---------------------------------------------------------------------------------
-    def forward(self, images: list[np.ndarray], prompts: list[Any]) -> list[dict[str, np.ndarray]]:
+    def forward(self, images: list[np.ndarray], prompts: list[Any],
+                prepared: list[dict[str, np.ndarray] | None] | None = None) -> list[dict[str, np.ndarray]]:
+        """Device half. ``prepared``: ``prepare``'s ``pixels`` per image (made here when None)."""
         from pseudolabel.models.attention import encode_image
         from pseudolabel.models.device import to_host
 
         p = self.params
         if not images:
             return []
+        ready = self.prepared_inputs(images, prompts, prepared)
         with torch.inference_mode():
-            # 1. plan the rows (tags first), resize to the SD input size and encode
+            # 1. plan the rows (tags first), encode the images at the SD input size
             rows = self.plan_rows(images, prompts)
-            latents = encode_image(self.sd.vae, np.stack([self._resize(im) for im in images]))
+            # (the [-1, 1] scaling stays on the host: CUDA divides by a scalar as a product with its
+            # reciprocal, which can differ from the division in the last bit)
+            latents = encode_image(self.sd.vae, np.stack([r["pixels"] for r in ready]))  # type: ignore[index]
             head_sets = {}
             if any(not r.seeded for r in rows):
                 head_sets["text"] = p.self_heads

@@ -24,6 +24,14 @@ Backends:
   pair differs; SegGPT finds the same component in the query; OpenCV (or a diffusers pipeline given
   as ``inpaint_weights``) inpaints it.
 
+Host preparation (``Labeler.prepare``, in the engine's decode tasks), per backend:
+
+- ``sefm``: ``query_cell`` (cell, cell, 3) float32 in [0, 1], the query resized to the canvas cell
+  (``canvas.to_cell`` of the float image, as ``canvas.stitch`` makes it; float32 because the resize is
+  done in float). The demonstration cells are made once per labeler, in its constructor.
+- ``seggpt+inpaint``: nothing (None). SegGPT's image processor resizes the queries inside
+  ``SegGptFinder.foreground``, which also needs their original sizes.
+
 Two halves (``Labeler.forward`` / ``Labeler.postprocess``); the payload of one image is, per backend:
 
 - ``sefm``: ``answer`` and ``query_cell``, both (P, cell, cell, 3) for the P demonstration pairs — the
@@ -46,7 +54,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pseudolabel import storage as st
 from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput, entry_id
-from pseudolabel.models.device import compiled, to_host
+from pseudolabel.models.device import compiled, to_device, to_host
 from pseudolabel.models.incontext import canvas as cv
 from pseudolabel.models.incontext.component import clean_mask, difference_mask, dilate, encode_component
 from pseudolabel.models.inpainting import inpaint_opencv
@@ -140,6 +148,32 @@ class InContextSeparator(Labeler[dict[str, np.ndarray]]):
             self.category, self.category_id = self.ontology[0].category, entry_id(self.ontology[0])
         else:
             self.category, self.category_id = "component", 1
+        self._cell_side: int | None = None
+
+    def cell_side(self) -> int:
+        """The sefm canvas cell (px): ``params.cell``, else the checkpoint's. A host half (no weights
+        loaded) reads the checkpoint's ``config.json`` alone, once."""
+        if self._cell_side is None:
+            self._cell_side = self.params.cell or self._checkpoint_cell()
+        return self._cell_side
+
+    def _checkpoint_cell(self) -> int:
+        """The ``cell`` of the sefm checkpoint's config (an untrained network's default without weights)."""
+        import json
+
+        from pseudolabel.models.incontext.sefm import CONFIG_NAME, LEGACY_ARCH, SeFMConfig
+        from pseudolabel.models.weights import read_checkpoint_file
+
+        if not self.spec.weights:
+            return SeFMConfig(arch="sefm-small").cell
+        data = read_checkpoint_file(self.spec.weights, CONFIG_NAME, self.storage, self.spec.revision)
+        if data is None:
+            raise FileNotFoundError(f"{self.spec.weights}: no {CONFIG_NAME}; SeFM has no public weights, "
+                                    "train a checkpoint with pseudolabel.jobs.training.incontext")
+        raw = json.loads(data)
+        raw.pop("model_type", None)
+        raw.setdefault("arch", LEGACY_ARCH)
+        return SeFMConfig.model_validate(raw).cell
 
     def weight_sources(self) -> list[str]:
         p = self.params
@@ -156,10 +190,20 @@ class InContextSeparator(Labeler[dict[str, np.ndarray]]):
     # the two halves
     # -------------------------------------------------------------------------------------------
 
-    def forward(self, images: list[np.ndarray], prompts: list[Any]) -> list[dict[str, np.ndarray]]:
-        """Device half: the network(s) of the backend; see the module docstring for the payloads."""
+    def prepare(self, image: np.ndarray, prompt: Any) -> dict[str, np.ndarray] | None:
+        """Host preparation of one (H, W, 3) uint8 RGB query: ``query_cell`` (cell, cell, 3) float32 in
+        [0, 1] for ``sefm``; None for ``seggpt+inpaint`` (see the module docstring)."""
+        if self.params.backend != "sefm":
+            return None
+        return {"query_cell": cv.to_cell(image.astype(np.float32) / 255.0, self.cell_side())}
+
+    def forward(self, images: list[np.ndarray], prompts: list[Any],
+                prepared: list[dict[str, np.ndarray] | None] | None = None) -> list[dict[str, np.ndarray]]:
+        """Device half: the network(s) of the backend; see the module docstring for the payloads.
+        ``prepared``: ``prepare``'s query cells per image for ``sefm`` (made here when None)."""
         if self.params.backend == "sefm":
-            return self._sefm_forward(images)
+            ready = cast("list[dict[str, np.ndarray]]", self.prepared_inputs(images, prompts, prepared))
+            return self._sefm_forward([r["query_cell"] for r in ready])
         return self._seggpt_forward(images)
 
     def postprocess(self, image: np.ndarray, prompt: Any, payload: dict[str, np.ndarray]) -> LabelOutput:
@@ -206,21 +250,23 @@ class InContextSeparator(Labeler[dict[str, np.ndarray]]):
         self.dtype = self.compute_dtype()
         self.net.to(device=self.device, dtype=self.dtype).eval()
         self.run_net = compiled(self.net, self.spec.compile, "incontext")
-        self.cell = p.cell or self.net.config.cell
+        self.cell = self._cell_side = p.cell or self.net.config.cell
         self.layout = p.layout or self.net.config.layout
         expected = 3 if self.layout == "grid" else 6
         if self.net.config.in_channels != expected:
             raise ValueError(f"checkpoint takes {self.net.config.in_channels} channels; "
                              f"layout {self.layout!r} needs {expected}")
+        #: the demonstration pairs at the cell, (cell, cell, 3) float32 in [0, 1] each (made once)
+        self.demo_cells = [(cv.to_cell(a.astype(np.float32) / 255.0, self.cell),
+                            cv.to_cell(b.astype(np.float32) / 255.0, self.cell)) for a, b in self.pairs]
 
     @torch.inference_mode()
-    def _sefm_forward(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """N (H, W, 3) uint8 queries -> N payloads {answer, query_cell}: (P, cell, cell, 3) each."""
-        # 1. one canvas per (query, pair), all the same size
-        demos = [(a.astype(np.float32) / 255.0, b.astype(np.float32) / 255.0) for a, b in self.pairs]
-        canvases = [cv.stitch(a, b, im.astype(np.float32) / 255.0, self.cell, self.layout)
-                    for im in images for a, b in demos]
-        x = torch.from_numpy(np.stack(canvases)).permute(0, 3, 1, 2).to(self.device, self.dtype)
+    def _sefm_forward(self, query_cells: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """N query cells (cell, cell, 3) float32 in [0, 1] (``prepare``) -> N payloads {answer,
+        query_cell}: (P, cell, cell, 3) each."""
+        # 1. one canvas per (query, pair), all the same size (every piece is already at the cell)
+        canvases = [cv.stitch(a, b, q, self.cell, self.layout) for q in query_cells for a, b in self.demo_cells]
+        x = to_device(np.stack(canvases), self.device).permute(0, 3, 1, 2).to(self.dtype)
         # 2. SeFM; the answer cells, and the query cells as the network saw them (the last 3 input
         #    channels hold the query in the answer box, cast to the network's dtype), cropped on the device
         y0, y1, x0, x1 = cv.answer_box(self.cell, self.layout)
@@ -230,7 +276,7 @@ class InContextSeparator(Labeler[dict[str, np.ndarray]]):
         answer_np, seen_np = to_host([answer, seen])
         pairs = len(self.pairs)
         return [{"answer": answer_np[i * pairs:(i + 1) * pairs], "query_cell": seen_np[i * pairs:(i + 1) * pairs]}
-                for i in range(len(images))]
+                for i in range(len(query_cells))]
 
     @staticmethod
     def _sefm_clean(image: np.ndarray, query_cells: np.ndarray, answers: np.ndarray) -> np.ndarray:
