@@ -9,7 +9,10 @@ CLIP text encoder at 512 px. Demo images of 512 px. Rows (images/s):
 - ``labeler``: ``labeler(images)`` in-process on decoded arrays (both halves, one process).
 - ``engine``: ``pseudolabel.run`` over PNG files: one GPU actor runs the device half, CPU tasks the host
   half. Reported: whole run, start-up (command to first committed labels file), steady state (rate
-  after the first file), mean GPU utilisation in steady state (nvidia-smi / NVML samples every 0.2 s).
+  after the first file), mean GPU utilisation in steady state (nvidia-smi / NVML samples every 0.2 s),
+  CPU-seconds per image of each phase (``prepare`` in the decode tasks, the actor, the host half) and
+  the CPUs the host work keeps busy at the steady rate: how many CPUs the host needs per GPU.
+  ``--resize-in-actor`` adds DirectSAM's engine row with its views resized in the actor (no ``prepare``).
 
 Every step has a time limit (``--step-timeout``); a step that runs out is reported, not fatal.
 On the offline GPU machine (see ../shared/device/README.md):
@@ -160,9 +163,12 @@ def engine_row(job: dict, device: str) -> dict:
         early = [f for f in files if os.path.getmtime(f) <= first["t"] + 0.5]
         at_first = pads.dataset(early, format="parquet").count_rows() if early else 0
     steady = (n - at_first) / (t0 + seconds - first["t"]) if first.get("t") and seconds > first["t"] - t0 else None
+    phases = summary["labeler_seconds"][0]
     return {"images": n, "ok": summary["ok"], "seconds": seconds, "rate": n / seconds,
             "startup_s": first["t"] - t0 if first.get("t") else None, "steady": steady,
-            "gpu_util": sampler.mean_after(first.get("t"))}
+            "gpu_util": sampler.mean_after(first.get("t")),
+            # CPU-seconds per image of each phase (wall time of the tasks/actor doing it)
+            "per_image": {k: phases.get(k, 0.0) / max(n, 1) for k in ("prepare", "device", "host")}}
 
 
 # ------------------------------------------------------------------------------------------- DirectSAM
@@ -179,7 +185,7 @@ def directsam_rows(args, tmp: str, images: list[np.ndarray], folder: str) -> lis
     torch.manual_seed(0)
     SegformerForSemanticSegmentation(segformer_config("tiny" if args.tiny else "b5")).save_pretrained(model_dir)
     SegformerImageProcessorPil(size={"height": res, "width": res}).save_pretrained(model_dir)
-    params = {"threshold": 0.5, "pyramid_layers": 0, "batch_size": args.batch, "mode": "partition"}
+    params = {"threshold": 0.5, "pyramid_layers": 0, "batch_size": args.batch}
     spec = dict(name="directsam", weights=model_dir, dtype=args.dtype, params=params)
     rows = []
     lab = DirectSAM(LabelerSpec(**spec), device=args.device)
@@ -207,6 +213,10 @@ def directsam_rows(args, tmp: str, images: list[np.ndarray], folder: str) -> lis
                          "cpus_per_actor": args.actor_cpus, "batch_size": args.batch, "decode_batch_size": args.batch,
                          "host_cpus": args.host_cpus}}
     rows.append(("directsam", "engine", engine_row(job, args.device)))
+    if args.resize_in_actor:  # the same job with the views resized in the actor (no prepare in the decode tasks)
+        job = {**job, "output": {"uri": os.path.join(tmp, "out-directsam-actor-resize")},
+               "labelers": [{**job["labelers"][0], "name": "proxy_labelers:DirectSAMResizeInActor"}]}
+        rows.append(("directsam", "engine, views resized in the actor", engine_row(job, args.device)))
     return rows
 
 
@@ -294,6 +304,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (network row and engine)")
     ap.add_argument("--step-timeout", type=float, default=240)
     ap.add_argument("--only", choices=["directsam", "iseg"], default=None)
+    ap.add_argument("--resize-in-actor", action="store_true",
+                    help="also run DirectSAM's engine row with its views resized in the actor (no prepare)")
     args = ap.parse_args()
     if args.tiny:
         args.images, args.iseg_images, args.image_size = min(args.images, 48), min(args.iseg_images, 16), 96
@@ -309,7 +321,9 @@ def main() -> None:
     t0 = time.time()
     folder = demo_images(os.path.join(tmp, "demo"), args.images, args.image_size)
     images = [render_index(0, i, args.image_size).image for i in range(min(64, args.images))]
-    ray.init(include_dashboard=False, log_to_driver=False)  # the engine rows share one warm cluster
+    # bench/ on the workers' path (benchmark-only labelers); the engine rows share one warm cluster
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))
+    ray.init(include_dashboard=False, log_to_driver=False)
     print(f"setup {time.time() - t0:.0f}s: {args.images} images of {args.image_size}px, Ray up", file=sys.stderr)
 
     rows: list[tuple] = []
@@ -331,24 +345,28 @@ def main() -> None:
           f"{torch.__version__}, Ray {ray.__version__}; DirectSAM {'tiny' if args.tiny else 'Segformer-B5'} @"
           f"{args.directsam_resolution} batch {args.batch}; iSeg {'tiny' if args.tiny else 'SD-1.5-size'} batch "
           f"{args.iseg_batch}; actor {args.actor_cpus:g} CPUs, host tasks {args.host_cpus:g} CPU each")
-    print("| method | row | images/s | of the network alone | start-up (s) | steady images/s | GPU util (steady) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| method | row | images/s | of the network alone | start-up (s) | steady images/s | GPU util (steady) "
+          "| CPU-s/image: prepare, actor, host | host CPUs at the steady rate |")
+    print("|---|---|---:|---:|---:|---:|---:|---|---:|")
     ceiling: dict[str, float] = {}
     for method, what, value in rows:
         if value is None:
-            print(f"| {method} | {what} | – | – | – | – | – |")
+            print(f"| {method} | {what} | – | – | – | – | – | – | – |")
             continue
         if isinstance(value, dict):
             r = value
             steady = r["steady"]
             frac = f"{steady / ceiling[method]:.2f} (steady)" if steady and method in ceiling else "–"
             util = f"{r['gpu_util']:.0f} %" if r["gpu_util"] is not None else "–"
-            print(f"| {method} | engine, {r['images']} images ({r['ok']} ok) | {r['rate']:.1f} | {frac} | "
-                  f"{r['startup_s']:.1f} | {steady:.1f} | {util} |" if steady else
-                  f"| {method} | engine, {r['images']} images | {r['rate']:.1f} | – | – | – | {util} |")
+            per = r["per_image"]
+            phases = ", ".join(f"{per[k] * 1000:.1f} ms" for k in ("prepare", "device", "host"))
+            cpus = f"{(per['prepare'] + per['host']) * steady:.1f}" if steady else "–"
+            print(f"| {method} | {what}, {r['images']} images ({r['ok']} ok) | {r['rate']:.1f} | {frac} | "
+                  f"{r['startup_s']:.1f} | {steady:.1f} | {util} | {phases} | {cpus} |" if steady else
+                  f"| {method} | {what}, {r['images']} images | {r['rate']:.1f} | – | – | – | {util} | {phases} | – |")
             continue
         ceiling.setdefault(method, value)
-        print(f"| {method} | {what} | {value:.1f} | {value / ceiling[method]:.2f} | | | |")
+        print(f"| {method} | {what} | {value:.1f} | {value / ceiling[method]:.2f} | | | | | |")
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
 
