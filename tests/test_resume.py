@@ -33,10 +33,12 @@ def test_killed_driver_resumes_exactly_once(tmp_path):
     job = {
         "input": {"uri": str(root / "images")},
         "output": {"uri": out},
-        # a host-only labeler (CPU tasks) and one with a device half (actor) before its host half
+        # a host-only labeler (CPU tasks) and one with all three stages: prepare (decode tasks), a device
+        # half (actor), a host half (CPU tasks)
         "labelers": [{"name": "classical_grabcut", "ontology": [{"category": "shape"}],
                       "params": {"iterations": 8}},
-                     {"name": "fault_labelers:SplitFlaky", "params": {"forward_fail_width": 1, "host_fail_width": 1}}],
+                     {"name": "fault_labelers:PreparingFlaky",
+                      "params": {"forward_fail_width": 1, "host_fail_width": 1, "prepare_fail_width": 1}}],
         "resources": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 2, "decode_batch_size": 2},
     }
     spec = tmp_path / "job.yaml"
@@ -67,9 +69,10 @@ def test_killed_driver_resumes_exactly_once(tmp_path):
     assert len(ids) == len(set(ids)) == 42
     errors = sorted(r["file_name"] for r in table.to_pylist() if r["status"] == "error")
     assert errors == ["00000/zero.png", "00003/junk.jpg"]
-    assert all("fault_labelers:SplitFlaky" in {a["labeler"] for a in r["annotations"]}
+    assert all("fault_labelers:PreparingFlaky" in {a["labeler"] for a in r["annotations"]}
                for r in table.to_pylist() if r["status"] == "ok")
     summary = json.loads(done.stdout)
+    assert sorted(summary["labeler_seconds"][1]) == ["device", "host", "labeler", "prepare"]
     assert summary["resumed"] and summary["labelled"] == summary["distinct"] == 42
     # images committed before the kill were skipped, not labelled again
     runs = [r["provenance"]["run_id"] for r in table.to_pylist()]
