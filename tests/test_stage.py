@@ -141,3 +141,36 @@ def test_prepare_runs_in_the_decode_step_and_its_failure_is_that_image_only(batc
     for name, row in rows.items():
         if name != "prep.png":
             assert row == whole[name]
+
+
+def test_prepared_blocks_keep_to_the_memory_budget(tmp_path):
+    """A labeler whose input is larger than the image: the decode task hands its prepared rows on in
+    blocks of at most 3 bytes per budget pixel (a row over it alone), in order, none lost."""
+    from pseudolabel.engine.stage import decode_then_prepare
+
+    rng = np.random.default_rng(1)
+    for i in range(7):
+        Image.fromarray((rng.random((20, 30, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+    manifest = list_input(InputSpec(uri=str(tmp_path)))
+    spec = {"name": "fault_labelers:PreparingFlaky"}  # prepares a (20, 30) float32 grey image: 2400 B + header
+    budget = 1000  # pixels: 3000 bytes of prepared arrays per block, about one row
+    decode = {"storage": None, "max_pixels": 10**6, "max_batch_pixels": budget}
+    blocks = list(decode_then_prepare(manifest, decode, {"labelers": [{"index": 0, "spec": spec}], "storage": None}))
+    assert len(blocks) == 7
+    for block in blocks:
+        sizes = [len(v) for v in block.column(prepared_column(0)).to_pylist()]
+        assert sum(sizes) <= 3 * budget or len(sizes) == 1
+    everything = list(decode_then_prepare(manifest, {**decode, "max_batch_pixels": 10**6},
+                                          {"labelers": [{"index": 0, "spec": spec}], "storage": None}))
+    assert len(everything) == 1
+    names = [n for b in blocks for n in b.column("file_name").to_pylist()]
+    assert names == everything[0].column("file_name").to_pylist() == manifest.column("file_name").to_pylist()
+    grey = unpack_payload(blocks[2].column(prepared_column(0))[0].as_py())["grey"]
+    assert grey.shape == (20, 30) and grey.dtype == np.float32
+    # 1800 pixels: decoded blocks of 3 images (600 px each); prepared arrays of ~2600 B per row, so at
+    # most 2 rows (5400 B) per block: the prepared bytes split the decoded blocks again
+    row_bytes = len(blocks[0].column(prepared_column(0))[0].as_py())
+    assert 5400 // row_bytes == 2
+    split = list(decode_then_prepare(manifest, {**decode, "max_batch_pixels": 1800},
+                                     {"labelers": [{"index": 0, "spec": spec}], "storage": None}))
+    assert [b.num_rows for b in split] == [2, 1, 2, 1, 1]

@@ -230,41 +230,67 @@ def _host_half(spec: dict, storage: dict | None):
     return _HOST_HALVES[key]
 
 
-def prepare_stage(batch: pa.Table, labelers: list[dict], storage: dict | None, stats: str | None = None) -> pa.Table:
+def prepare_blocks(batch: pa.Table, labelers: list[dict], storage: dict | None, stats: str | None = None,
+                   max_bytes: int | None = None) -> Iterator[pa.Table]:
     """The ``prepare`` of each labeler in ``labelers`` (``{"index": i, "spec": dict}``) for every ok row of
-    a decoded batch, as ``_prepared_i`` columns. An image whose preparation fails becomes an error row
-    (the labeler named); the batch goes on."""
+    a decoded batch, as ``_prepared_i`` columns, handed on in blocks of consecutive rows whose prepared
+    arrays take at most ``max_bytes`` (a row over it is a block of its own; None: one block). A
+    labeler's input can be much larger than the decoded image (DirectSAM's pyramid: every crop at the
+    network's size), so the blocks keep a task's memory near one budget. An image whose preparation
+    fails becomes an error row (the labeler named); the batch goes on."""
     rows = _Rows(batch)
-    columns: dict[int, list] = {lab["index"]: [None] * batch.num_rows for lab in labelers}
-    seconds = dict.fromkeys(columns, 0.0)
-    for i in rows.ok:
-        for lab in labelers:
-            started = time.perf_counter()
-            try:
-                half = _host_half(lab["spec"], storage)
-                columns[lab["index"]][i] = pack_payload(half.prepare(rows.images[i], rows.prompts[i]))
-            except Exception as err:
-                rows.fail(i, lab["spec"]["name"], err)
-                break
-            finally:
-                seconds[lab["index"]] += time.perf_counter() - started
+    indices = [lab["index"] for lab in labelers]
+    seconds = dict.fromkeys(indices, 0.0)
+    start, held = 0, 0
+    values: list[dict[int, bytes | None]] = []  # per row of the current block
+    for i in range(batch.num_rows):
+        row: dict[int, bytes | None] = dict.fromkeys(indices)
+        if rows.status[i] == STATUS_OK:
+            for lab in labelers:
+                started = time.perf_counter()
+                try:
+                    half = _host_half(lab["spec"], storage)
+                    row[lab["index"]] = pack_payload(half.prepare(rows.images[i], rows.prompts[i]))
+                except Exception as err:
+                    rows.fail(i, lab["spec"]["name"], err)
+                    row = dict.fromkeys(indices)
+                    break
+                finally:
+                    seconds[lab["index"]] += time.perf_counter() - started
+        size = sum(len(v) for v in row.values() if v is not None)
+        if max_bytes is not None and values and held + size > max_bytes:
+            yield _prepared_block(batch, rows, start, values)
+            start, held, values = i, 0, []
+        values.append(row)
+        held += size
     for index, sec in seconds.items():
         report_seconds(stats, index, "prepare", sec, len(rows.ok))
-    table = rows.with_status(batch)
-    for index, values in columns.items():
-        table = table.append_column(prepared_column(index),
-                                    pa.array([v if rows.status[i] == STATUS_OK else None for i, v in enumerate(values)],
-                                             pa.large_binary()))
+    if values or batch.num_rows == 0:
+        yield _prepared_block(batch, rows, start, values)
+
+
+def _prepared_block(batch: pa.Table, rows: _Rows, start: int, values: list[dict[int, bytes | None]]) -> pa.Table:
+    """Rows ``start .. start + len(values)`` of ``batch`` with their status and ``_prepared_i`` columns."""
+    table = rows.with_status(batch).slice(start, len(values))
+    for index in (values[0] if values else {}):
+        table = table.append_column(prepared_column(index), pa.array([v[index] for v in values], pa.large_binary()))
     return table
 
 
-def decode_then_prepare(batch: pa.Table, decode: dict, prepare: dict) -> pa.Table | Iterator[pa.Table]:
-    """map_batches task ahead of the device stages: fetch+decode, then ``prepare_stage``, block by block
-    (the decoded-pixel budget of ``fetch_decode`` holds)."""
+def prepare_stage(batch: pa.Table, labelers: list[dict], storage: dict | None, stats: str | None = None) -> pa.Table:
+    """``prepare_blocks`` as one table (in-process use and tests)."""
+    return pa.concat_tables(list(prepare_blocks(batch, labelers, storage, stats)))
+
+
+def decode_then_prepare(batch: pa.Table, decode: dict, prepare: dict) -> Iterator[pa.Table]:
+    """map_batches task ahead of the device stages: fetch+decode, then each labeler's ``prepare``, block
+    by block: decoded blocks hold at most ``decode["max_batch_pixels"]`` pixels, prepared blocks at most
+    three bytes per pixel of it (an RGB image's worth)."""
     decoded = fetch_decode(batch, **decode)
-    if isinstance(decoded, pa.Table):
-        return prepare_stage(decoded, **prepare)
-    return (prepare_stage(block, **prepare) for block in decoded)
+    budget = decode.get("max_batch_pixels")
+    max_bytes = 3 * budget if budget else None
+    for block in [decoded] if isinstance(decoded, pa.Table) else decoded:
+        yield from prepare_blocks(block, **prepare, max_bytes=max_bytes)
 
 
 def host_stage(batch: pa.Table, labelers: list[dict], storage: dict | None, provenance: dict,
