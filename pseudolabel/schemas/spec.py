@@ -158,8 +158,9 @@ class ResourcesSpec(_Strict):
     rows_per_file: int | None = Field(None, ge=1, description="at most this many rows per output Parquet file")
     max_batch_pixels: int = Field(
         64_000_000, gt=0, description="memory budget: at most this many decoded pixels in one decode block or one "
-                                      "labeler batch; larger batches are split (a single image larger than this "
-                                      "still runs alone, up to input.max_pixels)")
+                                      "labeler batch, and 3 bytes per pixel of labelers' prepared inputs in one "
+                                      "block; larger batches are split (a single image larger than this still "
+                                      "runs alone, up to input.max_pixels)")
 
     @model_validator(mode="after")
     def _min_actors_within_actors(self):
