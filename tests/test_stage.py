@@ -174,3 +174,20 @@ def test_prepared_blocks_keep_to_the_memory_budget(tmp_path):
     split = list(decode_then_prepare(manifest, {**decode, "max_batch_pixels": 1800},
                                      {"labelers": [{"index": 0, "spec": spec}], "storage": None}))
     assert [b.num_rows for b in split] == [2, 1, 2, 1, 1]
+
+
+def test_a_failed_batch_is_retried_image_by_image_with_its_prepared_inputs(batch):
+    """forward fails for the batch (one 97 px image): each image is run again alone with its own prepared
+    arrays; only that image is an error row, the others match the labeler run whole."""
+    spec = {"name": "fault_labelers:PreparingFlaky", "params": {"host_fail_width": 1}}
+    stage = DeviceStage(spec, 0, None, 0)
+    out = host_stage(stage(prepare_stage(batch, [{"index": 0, "spec": spec}], None)),
+                     [{"spec": spec, "source": "payload"}], None, PROVENANCE)
+    assert stage.batch_failures == 1
+    rows = {r["file_name"]: r for r in out.to_pylist()}
+    assert rows["odd.png"]["status"] == "error" and "forward boom on width 97" in rows["odd.png"]["error"]
+    _, whole = _run(batch, spec, whole=True)
+    expected = {r["file_name"]: r for r in whole.to_pylist()}
+    assert {n for n, r in rows.items() if r["status"] == "ok"} == {"0.png", "1.png", "2.png", "host.png"}
+    for name in ("0.png", "1.png", "2.png", "host.png"):
+        assert rows[name] == expected[name]
