@@ -263,10 +263,3 @@ def test_incontext_sefm_cell_param_and_untrained_default(tmp_path):
     images = _images()
     prepared = _shipped([lab.prepare(im, None) for im in images])
     _assert_same_payloads(lab.forward(images, [None, None], prepared=prepared), lab.forward(images, [None, None]))
-
-
-def test_incontext_seggpt_prepares_nothing():
-    """SegGPT's processor resizes inside the finder (with the queries' own sizes): prepare gives None."""
-    host = InContextSeparator.host_half(LabelerSpec(name="incontext", weights="/nonexistent/seggpt", params={
-        "backend": "seggpt+inpaint", "demo_in": "/nonexistent/in.png", "demo_out": "/nonexistent/out.png"}))
-    assert host.prepare(_images()[0], None) is None

@@ -29,8 +29,13 @@ Host preparation (``Labeler.prepare``, in the engine's decode tasks), per backen
 - ``sefm``: ``query_cell`` (cell, cell, 3) float32 in [0, 1], the query resized to the canvas cell
   (``canvas.to_cell`` of the float image, as ``canvas.stitch`` makes it; float32 because the resize is
   done in float). The demonstration cells are made once per labeler, in its constructor.
-- ``seggpt+inpaint``: nothing (None). SegGPT's image processor resizes the queries inside
-  ``SegGptFinder.foreground``, which also needs their original sizes.
+- ``seggpt+inpaint``: ``query`` (h, w, 3) uint8, the query resized by the checkpoint's SegGPT image
+  processor to its input size (PIL on uint8, rescale and normalise left out), and ``size`` (2,) int64,
+  the query's original (H, W), to which SegGPT's answer is resized back
+  (``seggpt_inpaint.SegGptInput.prepare``). A host half reads the processor from the checkpoint's
+  ``preprocessor_config.json`` alone, once. The device rescales and normalises with a 256-level table
+  made by the same processor (bit for bit its ``pixel_values``); the SegGPT prompts (demo image and
+  mask of each pair) are made once per labeler, in its constructor.
 
 Two halves (``Labeler.forward`` / ``Labeler.postprocess``); the payload of one image is, per backend:
 
@@ -46,7 +51,7 @@ Two halves (``Labeler.forward`` / ``Labeler.postprocess``); the payload of one i
 """
 from __future__ import annotations
 
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
@@ -59,6 +64,9 @@ from pseudolabel.models.incontext import canvas as cv
 from pseudolabel.models.incontext.component import clean_mask, difference_mask, dilate, encode_component
 from pseudolabel.models.inpainting import inpaint_opencv
 from pseudolabel.models.weights import resolve_weights
+
+if TYPE_CHECKING:
+    from pseudolabel.models.incontext.seggpt_inpaint import SegGptInput
 
 SEGGPT_DEFAULT = "BAAI/seggpt-vit-large"
 
@@ -149,6 +157,7 @@ class InContextSeparator(Labeler[dict[str, np.ndarray]]):
         else:
             self.category, self.category_id = "component", 1
         self._cell_side: int | None = None
+        self._seggpt_input: SegGptInput | None = None
 
     def cell_side(self) -> int:
         """The sefm canvas cell (px): ``params.cell``, else the checkpoint's. A host half (no weights
@@ -156,6 +165,15 @@ class InContextSeparator(Labeler[dict[str, np.ndarray]]):
         if self._cell_side is None:
             self._cell_side = self.params.cell or self._checkpoint_cell()
         return self._cell_side
+
+    def seggpt_input(self) -> SegGptInput:
+        """The host part of SegGPT's input (the checkpoint's image processor). A host half (no weights
+        loaded) reads the checkpoint's ``preprocessor_config.json`` alone, once."""
+        if self._seggpt_input is None:
+            from pseudolabel.models.incontext.seggpt_inpaint import SegGptInput
+
+            self._seggpt_input = SegGptInput.from_checkpoint(self.weights_id, self.storage, self.spec.revision)
+        return self._seggpt_input
 
     def _checkpoint_cell(self) -> int:
         """The ``cell`` of the sefm checkpoint's config (an untrained network's default without weights)."""
@@ -192,19 +210,21 @@ class InContextSeparator(Labeler[dict[str, np.ndarray]]):
 
     def prepare(self, image: np.ndarray, prompt: Any) -> dict[str, np.ndarray] | None:
         """Host preparation of one (H, W, 3) uint8 RGB query: ``query_cell`` (cell, cell, 3) float32 in
-        [0, 1] for ``sefm``; None for ``seggpt+inpaint`` (see the module docstring)."""
-        if self.params.backend != "sefm":
-            return None
-        return {"query_cell": cv.to_cell(image.astype(np.float32) / 255.0, self.cell_side())}
+        [0, 1] for ``sefm``; ``query`` (h, w, 3) uint8 (SegGPT's input size) and ``size`` (2,) int64
+        (H, W) for ``seggpt+inpaint`` (see the module docstring)."""
+        if self.params.backend == "sefm":
+            return {"query_cell": cv.to_cell(image.astype(np.float32) / 255.0, self.cell_side())}
+        return self.seggpt_input().prepare(image)
 
     def forward(self, images: list[np.ndarray], prompts: list[Any],
                 prepared: list[dict[str, np.ndarray] | None] | None = None) -> list[dict[str, np.ndarray]]:
         """Device half: the network(s) of the backend; see the module docstring for the payloads.
-        ``prepared``: ``prepare``'s query cells per image for ``sefm`` (made here when None)."""
+        ``prepared``: ``prepare``'s output per image (query cells for ``sefm``, resized queries and
+        their sizes for ``seggpt+inpaint``; made here when None)."""
+        ready = cast("list[dict[str, np.ndarray]]", self.prepared_inputs(images, prompts, prepared))
         if self.params.backend == "sefm":
-            ready = cast("list[dict[str, np.ndarray]]", self.prepared_inputs(images, prompts, prepared))
             return self._sefm_forward([r["query_cell"] for r in ready])
-        return self._seggpt_forward(images)
+        return self._seggpt_forward(images, ready)
 
     def postprocess(self, image: np.ndarray, prompt: Any, payload: dict[str, np.ndarray]) -> LabelOutput:
         """Host half for one image: the clean image and mask from the payload, then the layers and the
@@ -299,11 +319,14 @@ class InContextSeparator(Labeler[dict[str, np.ndarray]]):
         weights = resolve_weights(self.weights_id, self.storage, self.spec.revision)
         self.finder = SegGptFinder(weights, device=self.device, dtype=self.compute_dtype(),
                                    embedding_type=p.embedding_type, compile=self.spec.compile)
+        self._seggpt_input = self.finder.input
         self.demo_masks = [difference_mask(a, b, p.demo_threshold, p.mask_open_radius, p.mask_close_radius,
                                            p.min_area) for a, b in self.pairs]
         if not any(m.any() for m in self.demo_masks):
             raise ValueError("demonstration pair(s) do not differ: no component to separate "
                              f"(threshold {p.demo_threshold})")
+        #: SegGPT's prompt of every pair whose demo mask is not empty (on the device, made once)
+        self.prompts = [self.finder.prompt(a, m) for (a, _), m in zip(self.pairs, self.demo_masks) if m.any()]
         self.inpainter = None
         if p.inpaint_weights:
             from pseudolabel.models.inpainting import DiffusionInpainter
@@ -312,19 +335,23 @@ class InContextSeparator(Labeler[dict[str, np.ndarray]]):
                                                 dtype=self.spec.dtype, prompt=p.inpaint_prompt, steps=p.inpaint_steps,
                                                 resolution=p.inpaint_resolution)
 
-    def _seggpt_forward(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """N (H, W, 3) uint8 queries -> N payloads {mask (packed rows), score[, clean]}."""
+    def _seggpt_forward(self, images: list[np.ndarray], ready: list[dict[str, np.ndarray]]
+                        ) -> list[dict[str, np.ndarray]]:
+        """N (H, W, 3) uint8 queries and their ``prepare`` outputs (``query`` (h, w, 3) uint8, ``size``
+        (2,) int64) -> N payloads {mask (packed rows), score[, clean]}."""
         p = self.params
-        # 1. SegGPT foreground probabilities, averaged over the pairs whose demo mask is not empty
-        used = [(a, m) for (a, _), m in zip(self.pairs, self.demo_masks) if m.any()]
+        # 1. the network input of the N queries, once for every pair (rescale and normalise on the device)
+        pixel_values = self.finder.pixel_values([r["query"] for r in ready])
+        sizes = [(int(r["size"][0]), int(r["size"][1])) for r in ready]
+        # 2. SegGPT foreground probabilities, averaged over the pairs whose demo mask is not empty
         acc: list[torch.Tensor] | None = None
-        for demo_image, demo_mask in used:
+        for prompt in self.prompts:
             # host=False: device tensors
-            probs = cast("list[torch.Tensor]", self.finder.foreground(images, demo_image, demo_mask, host=False))
+            probs = cast("list[torch.Tensor]", self.finder.probabilities(pixel_values, prompt, sizes, host=False))
             acc = probs if acc is None else [s + t for s, t in zip(acc, probs)]
         assert acc is not None  # setup rejects pairs whose demo masks are all empty
-        acc_np = to_host([s / len(used) for s in acc])
-        # 2. the thresholded, cleaned mask; the diffusion inpainting (device) when there is one
+        acc_np = to_host([s / len(self.prompts) for s in acc])
+        # 3. the thresholded, cleaned mask; the diffusion inpainting (device) when there is one
         payloads = []
         for im, prob in zip(images, acc_np):
             m = clean_mask(prob > p.fg_threshold, p.mask_open_radius, p.mask_close_radius, p.min_area)
