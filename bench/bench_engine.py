@@ -121,6 +121,26 @@ def first_file_watcher(fs, path: str, t0: float, result: dict):
     return th
 
 
+def run_with_first_file(job: dict) -> tuple[dict, dict]:
+    """``pseudolabel.run(job)`` timed: (summary, figures) with seconds, images/s, the time of the first
+    committed labels file and the steady-state rate after it (images/s; None when the run was over first)."""
+    import pseudolabel
+    from pseudolabel.storage import filesystem
+
+    fs, path = filesystem(job["output"]["uri"] + "/labels")
+    watch: dict = {}
+    t0 = time.time()
+    th = first_file_watcher(fs, path, t0, watch)
+    summary = pseudolabel.run(job, progress=False)
+    seconds = time.time() - t0
+    watch["done"] = True
+    th.join(timeout=1)
+    n = summary["labelled"]
+    steady = (n - watch["first_rows"]) / (seconds - watch["first"]) if watch.get("first") else None
+    return summary, {"images": n, "ok": summary["ok"], "seconds": seconds, "images_per_s": n / seconds,
+                     "steady_images_per_s": steady, "first_file_s": watch.get("first")}
+
+
 def end_to_end(images_uri: str, out_uri: str, storage, actors: int) -> dict:
     import pseudolabel
     from pseudolabel.storage import filesystem

@@ -23,31 +23,16 @@ import json
 import os
 import statistics
 import tempfile
-import time
 
 
 def one_run(images_uri: str, out_uri: str, host: str, host_cpus: str) -> dict:
-    from bench_engine import first_file_watcher
-
-    import pseudolabel
-    from pseudolabel.storage import filesystem
+    from bench_engine import run_with_first_file
 
     job = {"input": {"uri": images_uri}, "output": {"uri": out_uri},
            "labelers": [{"name": "proxy_labelers:FixedMaps"}],
            "resources": {"actors": 1, "cpus_per_actor": 0.25, "batch_size": 8, "decode_batch_size": 8,
                          "host_cpus": float(host_cpus), "host": host}}
-    fs, path = filesystem(out_uri + "/labels")
-    watch: dict = {}
-    t0 = time.time()
-    th = first_file_watcher(fs, path, t0, watch)
-    summary = pseudolabel.run(job, progress=False)
-    seconds = time.time() - t0
-    watch["done"] = True
-    th.join(timeout=1)
-    n = summary["labelled"]
-    steady = (n - watch["first_rows"]) / (seconds - watch["first"]) if watch.get("first") else None
-    return {"images": n, "ok": summary["ok"], "seconds": seconds, "images_per_s": n / seconds,
-            "steady_images_per_s": steady, "first_file_s": watch.get("first")}
+    return run_with_first_file(job)[1]
 
 
 def main() -> None:

@@ -25,7 +25,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
 
 LABELERS = {
     "directsam": {"decode tasks": "directsam", "actor": "proxy_labelers:DirectSAMResizeInActor"},
@@ -44,10 +43,7 @@ def save_model(path: str, size: str, resolution: int) -> str:
 
 
 def one_run(images_uri: str, out_uri: str, labeler: str, weights: str, layers: str, resolution: str) -> dict:
-    from bench_engine import first_file_watcher
-
-    import pseudolabel
-    from pseudolabel.storage import filesystem
+    from bench_engine import run_with_first_file
 
     if labeler.startswith("proxy_labelers:Resized"):
         spec = {"name": labeler, "params": {"pyramid_layers": int(layers), "resolution": int(resolution)}}
@@ -56,20 +52,10 @@ def one_run(images_uri: str, out_uri: str, labeler: str, weights: str, layers: s
                 "params": {"pyramid_layers": int(layers), "threshold": 0.5}}
     job = {"input": {"uri": images_uri}, "output": {"uri": out_uri}, "labelers": [spec],
            "resources": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 8, "decode_batch_size": 8}}
-    fs, path = filesystem(out_uri + "/labels")
-    watch: dict = {}
-    t0 = time.time()
-    th = first_file_watcher(fs, path, t0, watch)
-    summary = pseudolabel.run(job, progress=False)
-    seconds = time.time() - t0
-    watch["done"] = True
-    th.join(timeout=1)
-    n = summary["labelled"]
-    phases = summary["labeler_seconds"][0]
-    steady = (n - watch["first_rows"]) / (seconds - watch["first"]) if watch.get("first") else None
-    return {"images": n, "ok": summary["ok"], "seconds": seconds, "images_per_s": n / seconds,
-            "steady_images_per_s": steady, "actor_s_per_image": phases.get("device", 0) / max(n, 1),
-            "prepare_s_per_image": phases.get("prepare", 0) / max(n, 1)}
+    summary, figures = run_with_first_file(job)
+    phases, n = summary["labeler_seconds"][0], max(summary["labelled"], 1)
+    return {**figures, "actor_s_per_image": phases.get("device", 0) / n,
+            "prepare_s_per_image": phases.get("prepare", 0) / n}
 
 
 def main() -> None:

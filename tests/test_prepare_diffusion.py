@@ -9,8 +9,8 @@ import inspect
 import cv2
 import numpy as np
 import pytest
+from prepared import assert_same_arrays, assert_same_payloads, shipped, two_images
 
-from pseudolabel.engine.payload import pack_payload, unpack_payload
 from pseudolabel.models.foba import FoBa
 from pseudolabel.models.foba_steps import long_edge_size, pad_to_canvas, resize_long_edge
 from pseudolabel.models.incontext import canvas as cv
@@ -19,37 +19,6 @@ from pseudolabel.models.iseg import ISeg
 from pseudolabel.schemas.spec import LabelerSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _images(seed: int = 0) -> list[np.ndarray]:
-    """Two non-square (H, W, 3) uint8 RGB images: a wide and a tall one, both within 64 px."""
-    rng = np.random.default_rng(seed)
-    wide = np.full((48, 64, 3), 40, np.uint8)
-    wide[10:30, 20:50] = (220, 180, 60)
-    wide = np.clip(wide + rng.integers(0, 30, wide.shape), 0, 255).astype(np.uint8)
-    tall = rng.integers(0, 256, (64, 40, 3), dtype=np.uint8)
-    return [wide, tall]
-
-
-def _shipped(prepared: list) -> list:
-    """Prepared inputs as the engine ships them: each dict through ``pack_payload``/``unpack_payload``
-    (None stays None)."""
-    return [None if p is None else unpack_payload(pack_payload(p)) for p in prepared]
-
-
-def _assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
-    """Two dicts of arrays equal bit for bit: same keys, dtypes, shapes and values."""
-    assert set(a) == set(b)
-    for key in a:
-        x, y = np.asarray(a[key]), np.asarray(b[key])
-        assert x.dtype == y.dtype and x.shape == y.shape, key
-        assert x.tobytes() == y.tobytes(), key
-
-
-def _assert_same_payloads(a: list, b: list) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        _assert_same_arrays(x, y)
 
 
 def _blanked(prepared: list[dict[str, np.ndarray]], key: str) -> list[dict[str, np.ndarray]]:
@@ -93,8 +62,8 @@ def test_iseg_prepare_resizes_to_the_sd_input_size(resize):
     ``resize="area"``, the uint8 image area-resized when it shrinks; a host half without weights."""
     host = ISeg.host_half(_iseg_spec("/nonexistent/iseg-weights", resize=resize))
     assert not hasattr(host, "sd")
-    big = cv2.resize(_images()[0], (128, 96), interpolation=cv2.INTER_LINEAR)  # shrinks: area applies
-    for image in _images() + [big]:
+    big = cv2.resize(two_images()[0], (128, 96), interpolation=cv2.INTER_LINEAR)  # shrinks: area applies
+    for image in two_images() + [big]:
         out = host.prepare(image, None)
         assert set(out) == {"pixels"}
         assert out["pixels"].shape == (64, 64, 3) and out["pixels"].dtype == np.float32
@@ -102,21 +71,21 @@ def test_iseg_prepare_resizes_to_the_sd_input_size(resize):
             expected = cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA).astype(np.float32)
         else:
             expected = cv2.resize(image.astype(np.float32), (64, 64), interpolation=cv2.INTER_LINEAR)
-        _assert_same_arrays(out, {"pixels": expected})
+        assert_same_arrays(out, {"pixels": expected})
         assert 0.0 <= out["pixels"].min() and out["pixels"].max() <= 255.0
 
 
 def test_iseg_forward_with_prepared_equals_without(iseg_sd):
     lab = ISeg(_iseg_spec(iseg_sd))
     host = ISeg.host_half(_iseg_spec("/nonexistent/iseg-weights"))
-    images = _images()
+    images = two_images()
     prompts = [None, {"points_xy": [[10, 20]], "categories": ["sky"]}]
     prepared = [host.prepare(im, pr) for im, pr in zip(images, prompts)]
     for mine, theirs in zip(prepared, [lab.prepare(im, pr) for im, pr in zip(images, prompts)]):
         assert mine["pixels"].shape == (64, 64, 3)
-        _assert_same_arrays(mine, theirs)
+        assert_same_arrays(mine, theirs)
     whole = lab.forward(images, prompts)
-    _assert_same_payloads(lab.forward(images, prompts, prepared=_shipped(prepared)), whole)
+    assert_same_payloads(lab.forward(images, prompts, prepared=shipped(prepared)), whole)
     assert _differs(lab.forward(images, prompts, prepared=_blanked(prepared, "pixels"))[0], whole[0])
 
 
@@ -129,7 +98,7 @@ def test_foba_prepare_is_the_top_left_canvas_and_the_part_size():
     host = FoBa.host_half(LabelerSpec(name="foba", weights="/nonexistent/sd", params=FOBA_FAST,
                                       ontology=[{"category": "cat"}]))
     assert not hasattr(host, "sd")
-    for image in _images():
+    for image in two_images():
         out = host.prepare(image, None)
         assert set(out) == {"canvas", "part"}
         assert out["canvas"].shape == (64, 64, 3) and out["canvas"].dtype == np.uint8
@@ -146,13 +115,13 @@ def test_foba_forward_with_prepared_equals_without(tiny_sd, params):
                        ontology=[{"category": "cat"}, {"category": "zebra"}])
     lab = FoBa(spec)
     host = FoBa.host_half(spec.model_copy(update={"weights": "/nonexistent/sd"}))
-    images = _images() + [_images(seed=1)[0]]
+    images = two_images() + [two_images(seed=1)[0]]
     prompts = [None, {"category": "zebra"}, None]  # two class groups, rows out of order
     prepared = [host.prepare(im, pr) for im, pr in zip(images, prompts)]
     for mine, image, prompt in zip(prepared, images, prompts):
-        _assert_same_arrays(mine, lab.prepare(image, prompt))
+        assert_same_arrays(mine, lab.prepare(image, prompt))
     whole = lab.forward(images, prompts)
-    _assert_same_payloads(lab.forward(images, prompts, prepared=_shipped(prepared)), whole)
+    assert_same_payloads(lab.forward(images, prompts, prepared=shipped(prepared)), whole)
     assert _differs(lab.forward(images, prompts, prepared=_blanked(prepared, "canvas"))[0], whole[0])
 
 
@@ -170,7 +139,7 @@ def test_foba_segmentation_network_prepare_reads_its_resolution_without_weights(
     spec = LabelerSpec(name="foba", weights="/nonexistent/sd", ontology=[{"category": "cat"}],
                        params={"segmentation_weights": path})
     lab = FoBa(spec)
-    images = _images()
+    images = two_images()
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the host half loaded the network")
@@ -183,9 +152,9 @@ def test_foba_segmentation_network_prepare_reads_its_resolution_without_weights(
         assert out["pixels"].shape == (3, *size) and out["pixels"].dtype == np.float32
         assert -1.0 <= out["pixels"].min() and out["pixels"].max() <= 1.0
         np.testing.assert_array_equal(out["pixels"], segnet_input(image, 16)[0].numpy())
-        _assert_same_arrays(out, lab.prepare(image, None))
+        assert_same_arrays(out, lab.prepare(image, None))
     with torch.inference_mode():
-        _assert_same_payloads(lab.forward(images, [None, None], prepared=_shipped(prepared)),
+        assert_same_payloads(lab.forward(images, [None, None], prepared=shipped(prepared)),
                               lab.forward(images, [None, None]))
 
 
@@ -234,17 +203,17 @@ def test_incontext_sefm_prepare_is_the_query_cell(tmp_path, dtype):
     host = InContextSeparator.host_half(spec.model_copy(update={"params": {
         "backend": "sefm", "demo_in": str(missing / "in.png"), "demo_out": str(missing / "out.png")}}))
     assert not any(hasattr(host, a) for a in ("net", "pairs", "cell", "demo_cells"))
-    images = _images()
+    images = two_images()
     prepared = [host.prepare(im, None) for im in images]
     for image, out in zip(images, prepared):
         assert set(out) == {"query_cell"}
         assert out["query_cell"].shape == (32, 32, 3) and out["query_cell"].dtype == np.float32
         assert 0.0 <= out["query_cell"].min() and out["query_cell"].max() <= 1.0
         np.testing.assert_array_equal(out["query_cell"], cv.to_cell(image.astype(np.float32) / 255.0, 32))
-        _assert_same_arrays(out, lab.prepare(image, None))
-    with_prepared = lab.forward(images, [None, None], prepared=_shipped(prepared))
+        assert_same_arrays(out, lab.prepare(image, None))
+    with_prepared = lab.forward(images, [None, None], prepared=shipped(prepared))
     whole = lab.forward(images, [None, None])
-    _assert_same_payloads(with_prepared, whole)
+    assert_same_payloads(with_prepared, whole)
     assert _differs(lab.forward(images, [None, None], prepared=_blanked(prepared, "query_cell"))[0], whole[0])
     assert with_prepared[0]["answer"].shape == (1, 32, 32, 3)
 
@@ -255,11 +224,11 @@ def test_incontext_sefm_cell_param_and_untrained_default(tmp_path):
     base = {"backend": "sefm", "demo_in": demo_in, "demo_out": demo_out}
     host = InContextSeparator.host_half(LabelerSpec(name="incontext", weights="/nonexistent/ck",
                                                     params={**base, "cell": 16}))
-    assert host.prepare(_images()[0], None)["query_cell"].shape == (16, 16, 3)
+    assert host.prepare(two_images()[0], None)["query_cell"].shape == (16, 16, 3)
     spec = LabelerSpec(name="incontext", params={**base, "allow_untrained": True, "cell": 24})
     lab = InContextSeparator(spec)
     host = InContextSeparator.host_half(spec.model_copy(update={"params": {**base, "allow_untrained": True}}))
     assert host.cell_side() == lab.net.config.cell
-    images = _images()
-    prepared = _shipped([lab.prepare(im, None) for im in images])
-    _assert_same_payloads(lab.forward(images, [None, None], prepared=prepared), lab.forward(images, [None, None]))
+    images = two_images()
+    prepared = shipped([lab.prepare(im, None) for im in images])
+    assert_same_payloads(lab.forward(images, [None, None], prepared=prepared), lab.forward(images, [None, None]))

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from prepared import assert_same_arrays, shipped, two_images
 from test_incontext_seggpt import save_tiny_seggpt, watermark_pair
 
-from pseudolabel.engine.payload import pack_payload, unpack_payload
 from pseudolabel.models.incontext.labeler import InContextSeparator
 from pseudolabel.models.incontext.seggpt_inpaint import SegGptInput
 from pseudolabel.schemas.spec import LabelerSpec
@@ -21,16 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def seggpt_dir(tmp_path_factory) -> str:
     return save_tiny_seggpt(str(tmp_path_factory.mktemp("seggpt") / "seggpt"))
-
-
-def _images(seed: int = 0) -> list[np.ndarray]:
-    """Two non-square (H, W, 3) uint8 RGB images: a wide and a tall one, both within 64 px."""
-    rng = np.random.default_rng(seed)
-    wide = np.full((48, 64, 3), 40, np.uint8)
-    wide[10:30, 20:50] = (220, 180, 60)
-    wide = np.clip(wide + rng.integers(0, 30, wide.shape), 0, 255).astype(np.uint8)
-    tall = rng.integers(0, 256, (64, 40, 3), dtype=np.uint8)
-    return [wide, tall]
 
 
 def _spec(weights: str, demo_in: str, demo_out: str, **params) -> LabelerSpec:
@@ -45,20 +35,6 @@ def _host(weights: str, tmp_path) -> InContextSeparator:
     return InContextSeparator.host_half(_spec(weights, str(missing / "in.png"), str(missing / "out.png")))
 
 
-def _assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
-    """Two dicts of arrays equal bit for bit: same keys, dtypes, shapes and values."""
-    assert set(a) == set(b)
-    for key in a:
-        x, y = np.asarray(a[key]), np.asarray(b[key])
-        assert x.dtype == y.dtype and x.shape == y.shape, key
-        assert x.tobytes() == y.tobytes(), key
-
-
-def _shipped(prepared: list) -> list:
-    """Prepared inputs as the engine ships them: each dict through ``pack_payload``/``unpack_payload``."""
-    return [unpack_payload(pack_payload(p)) for p in prepared]
-
-
 def test_seggpt_prepare_is_the_uint8_resize_and_the_size(seggpt_dir, tmp_path):
     """``query`` (32, 32, 3) uint8 (the tiny processor's size) and ``size`` (H, W) int64, from a host
     half that loads no weights; equal to the full labeler's prepare and to the processor's resize."""
@@ -69,7 +45,7 @@ def test_seggpt_prepare_is_the_uint8_resize_and_the_size(seggpt_dir, tmp_path):
     demo_in, demo_out = watermark_pair(tmp_path)
     lab = InContextSeparator(_spec(seggpt_dir, demo_in, demo_out))
     processor = SegGptImageProcessor.from_pretrained(seggpt_dir)
-    for image in _images():
+    for image in two_images():
         out = host.prepare(image, None)
         assert set(out) == {"query", "size"}
         assert out["query"].shape == (32, 32, 3) and out["query"].dtype == np.uint8
@@ -78,7 +54,7 @@ def test_seggpt_prepare_is_the_uint8_resize_and_the_size(seggpt_dir, tmp_path):
         resized = processor.preprocess(images=[image], do_rescale=False, do_normalize=False,
                                        return_tensors="np")["pixel_values"][0]
         np.testing.assert_array_equal(out["query"], resized.transpose(1, 2, 0))
-        _assert_same_arrays(out, lab.prepare(image, None))
+        assert_same_arrays(out, lab.prepare(image, None))
     assert host.seggpt_input() is host.seggpt_input()  # read once
 
 
@@ -96,7 +72,7 @@ def test_seggpt_table_gives_the_processors_pixel_values(tmp_path, settings):
     processor = SegGptImageProcessor(**settings)
     processor.save_pretrained(str(tmp_path / "ck"))
     host = _host(str(tmp_path / "ck"), tmp_path)
-    for image in _images(1):
+    for image in two_images(1):
         out = host.prepare(image, None)
         values = host.seggpt_input().values(torch.from_numpy(out["query"][None]))
         expected = processor.preprocess(images=[image], return_tensors="pt")["pixel_values"]
@@ -107,7 +83,7 @@ def test_seggpt_table_gives_the_processors_pixel_values(tmp_path, settings):
 def test_seggpt_prepare_without_processor_config_fails(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
-        _host(str(tmp_path / "empty"), tmp_path).prepare(_images()[0], None)
+        _host(str(tmp_path / "empty"), tmp_path).prepare(two_images()[0], None)
     with pytest.raises(FileNotFoundError):
         SegGptInput.from_checkpoint(str(tmp_path / "nonexistent"))
 
@@ -119,17 +95,17 @@ def test_seggpt_forward_with_prepared_equals_without(seggpt_dir, tmp_path, pairs
     demo_in, demo_out = watermark_pair(tmp_path)
     lab = InContextSeparator(_spec(seggpt_dir, [demo_in] * pairs, [demo_out] * pairs))
     assert len(lab.prompts) == pairs
-    images = _images()
-    prepared = _shipped([_host(seggpt_dir, tmp_path).prepare(im, None) for im in images])
+    images = two_images()
+    prepared = shipped([_host(seggpt_dir, tmp_path).prepare(im, None) for im in images])
     with_prepared = lab.forward(images, [None, None], prepared=prepared)
     whole = lab.forward(images, [None, None])
     assert len(with_prepared) == len(whole) == 2
     for a, b, image in zip(with_prepared, whole, images):
-        _assert_same_arrays(a, b)
+        assert_same_arrays(a, b)
         assert a["mask"].shape == (image.shape[0], (image.shape[1] + 7) // 8)
     assert any(a["mask"].any() for a in whole)
     blank = [dict(p) for p in prepared]
     blank[0]["query"] = np.zeros_like(blank[0]["query"])
     changed = lab.forward(images, [None, None], prepared=blank)
     assert changed[0]["mask"].tobytes() != whole[0]["mask"].tobytes()
-    _assert_same_arrays(changed[1], whole[1])
+    assert_same_arrays(changed[1], whole[1])
