@@ -100,6 +100,17 @@ def test_payload_round_trip_is_exact_and_never_pickles():
     for k, v in payload.items():
         assert back[k].dtype == np.asarray(v).dtype and np.array_equal(back[k], v)
     assert pack_payload(None) is None and unpack_payload(None) is None
+    # layouts and dtypes .npy keeps, read back from an Arrow buffer (as the stages do): each array a
+    # writable copy, 0-d arrays staying 0-d
+    import pyarrow as pa
+
+    odd = {"empty": np.zeros((0, 3), np.float32), "fortran": np.asfortranarray(np.arange(12).reshape(3, 4)),
+           "strided": np.arange(10)[::2], "scalar": np.array(True), "big_endian": np.arange(6, dtype=">i4"),
+           "record": np.zeros((2, 2), dtype=[("x", "<f4"), ("y", "u1")])}
+    back = unpack_payload(pa.py_buffer(pack_payload(odd)))
+    for k, v in odd.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and np.array_equal(back[k], v), k
+        assert back[k].flags.writeable
     with pytest.raises(ValueError):
         pack_payload({"objects": np.array([{"a": 1}], dtype=object)})
     with pytest.raises(TypeError):

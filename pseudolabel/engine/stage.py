@@ -192,7 +192,7 @@ class DeviceStage:
         prepared = None
         if self.prepared and prepared_column(self.index) in batch.column_names:
             column = batch.column(prepared_column(self.index))
-            prepared = [unpack_payload(column[i].as_py()) for i in rows.ok]
+            prepared = [unpack_payload(column[i].as_buffer()) for i in rows.ok]
             batch = batch.drop_columns([prepared_column(self.index)])
         if rows.ok:
             started = time.perf_counter()
@@ -322,7 +322,7 @@ def host_stage(batch: pa.Table, labelers: list[dict], storage: dict | None, prov
                     records.append(in_flight[k][i].as_py())
                     continue
                 started = time.perf_counter()
-                payload = unpack_payload(in_flight[k][i].as_py()) if lab["source"] == "payload" else None
+                payload = unpack_payload(in_flight[k][i].as_buffer()) if lab["source"] == "payload" else None
                 output = _host_half(lab["spec"], storage).postprocess(image, prompt, payload)
                 records.append(encode_output(output, name, h, w))
                 seconds[k] += time.perf_counter() - started
