@@ -185,3 +185,28 @@ def test_label_map_rles_match_one_mask_at_a_time(prob, mode):
     assert rles[0] == mask_to_rle(lm == 3)
     rles, labels = label_map_to_rles(np.zeros((4, 5), np.int32))
     assert rles == [] and len(labels) == 0
+
+
+def test_label_map_regions_areas_and_boxes_equal_pycocotools():
+    """Areas and boxes from the runs equal pycocotools' ``area``/``toBbox`` of the same RLEs: regions
+    within one column, regions whose runs continue into the next column (full-height boxes there),
+    labels absent from the map (zeros), requested in any order."""
+    from pseudolabel.schemas.coco import label_map_regions, rle_area, rle_bbox_xywh
+
+    rng = np.random.default_rng(3)
+    maps = [rng.integers(0, 6, (37, 23)), (rng.random((50, 40)) > 0.5).astype(np.int32),
+            np.arange(20).reshape(4, 5), np.zeros((5, 5), np.int32), rng.integers(0, 300, (64, 80))]
+    lm = np.zeros((30, 20), np.int32)
+    lm[25:, 3] = 1  # bottom of column 3 ...
+    lm[:4, 4] = 1   # ... continuing at the top of column 4: one run across columns
+    lm[10:12, 7:9] = 2
+    maps.append(lm)
+    for lm in maps:
+        for labels in (None, np.array([2, 7, 1, 999]), np.array([3])):
+            rles, areas, boxes, got = label_map_regions(lm, labels)
+            assert areas.dtype == np.float64 and boxes.dtype == np.float32
+            np.testing.assert_array_equal(areas, rle_area(rles))
+            np.testing.assert_array_equal(boxes, rle_bbox_xywh(rles))
+            assert [r["counts"] for r in rles] == [r["counts"] for r in label_map_to_rles(lm, labels)[0]]
+    _, areas, boxes, _ = label_map_regions(maps[-1], np.array([1, 2]))
+    assert areas.tolist() == [9, 4] and boxes.tolist() == [[3, 0, 2, 30], [7, 10, 2, 2]]

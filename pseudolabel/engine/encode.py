@@ -5,7 +5,7 @@ import numpy as np
 
 from pseudolabel.imageio import decode_png, encode_png  # noqa: F401  (decode_png: for readers of layers)
 from pseudolabel.models.base import LabelOutput
-from pseudolabel.schemas.coco import label_map_to_rles, masks_to_rles, rle_area, rle_bbox_xywh
+from pseudolabel.schemas.coco import label_map_regions, masks_to_rles, rle_area, rle_bbox_xywh
 
 
 def encode_output(out: LabelOutput, labeler: str, height: int, width: int, first_id: int = 1) -> dict:
@@ -35,8 +35,7 @@ def encode_output(out: LabelOutput, labeler: str, height: int, width: int, first
             raise ValueError(f"{labeler}: token map shape {label_map.shape} != image shape {(height, width)}")
         count = int(label_map.max()) if label_map.size else 0
         if count:
-            rles, labels = label_map_to_rles(label_map, np.arange(1, count + 1))
-            areas, boxes = rle_area(rles), rle_bbox_xywh(rles)
+            rles, areas, boxes, labels = label_map_regions(label_map, np.arange(1, count + 1))
             scores = out.tokens.boundary_score
             emb = out.tokens.embeddings
             for k in range(count):

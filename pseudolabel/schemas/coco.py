@@ -48,6 +48,20 @@ def label_map_to_rles(label_map: np.ndarray, labels: np.ndarray | None = None) -
     The cost is one pass over the image plus the number of runs, not one full mask per label, and the
     strings are identical to ``mask_to_rle(label_map == k)``.
     """
+    regions = label_map_regions(label_map, labels)
+    return regions[0], regions[3]
+
+
+def label_map_regions(label_map: np.ndarray, labels: np.ndarray | None = None
+                      ) -> tuple[list[dict], np.ndarray, np.ndarray, np.ndarray]:
+    """``label_map_to_rles`` with each region's area and box, computed from the same runs.
+
+    Returns:
+        (rles, areas, boxes_xywh, labels): areas (N,) float64 in pixels; boxes (N, 4) float32
+        ``[x, y, w, h]``; both equal to pycocotools' ``area`` and ``toBbox`` of the RLEs (a run that
+        continues into the next column spans the full height in the box, as there); zeros for a
+        label absent from the map.
+    """
     label_map = np.asarray(label_map)
     h, w = label_map.shape
     flat = label_map.ravel(order="F")
@@ -57,7 +71,7 @@ def label_map_to_rles(label_map: np.ndarray, labels: np.ndarray | None = None) -
         labels = labels[labels != 0]
     labels = np.asarray(labels)
     if len(labels) == 0:
-        return [], labels
+        return [], np.zeros(0, np.float64), np.zeros((0, 4), np.float32), labels
     # 1. runs of equal values in column-major order, [start, end)
     change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     starts = np.concatenate(([0], change))
@@ -93,7 +107,22 @@ def label_map_to_rles(label_map: np.ndarray, labels: np.ndarray | None = None) -
     uncompressed = [{"size": [h, w], "counts": counts_all[o:o + k]} for o, k in zip(offsets.tolist(), lengths.tolist())]
     # 4. compress (C code in pycocotools)
     rles = mask_utils.frPyObjects(uncompressed, h, w)
-    return [{"size": [int(h), int(w)], "counts": r["counts"].decode("ascii")} for r in rles], labels
+    # 5. areas and boxes from the runs: first and last pixel of each run as (column x, row y)
+    areas = np.bincount(owner, weights=ends - starts, minlength=len(labels)).astype(np.float64)
+    x0, y0 = np.divmod(starts, h)
+    x1, y1 = np.divmod(ends - 1, h)
+    wraps = x1 > x0
+    top = np.where(wraps, 0, np.minimum(y0, y1))
+    bottom = np.where(wraps, h - 1, np.maximum(y0, y1))
+    boxes = np.zeros((len(labels), 4), np.float32)
+    present = runs > 0
+    if present.any():
+        first = split[:-1][present]
+        xs, xe = np.minimum.reduceat(x0, first), np.maximum.reduceat(x1, first)
+        ys, ye = np.minimum.reduceat(top, first), np.maximum.reduceat(bottom, first)
+        boxes[present] = np.stack([xs, ys, xe - xs + 1, ye - ys + 1], axis=1)
+    return ([{"size": [int(h), int(w)], "counts": r["counts"].decode("ascii")} for r in rles], areas, boxes,
+            labels)
 
 
 def rle_to_mask(rle: dict) -> np.ndarray:
