@@ -8,10 +8,11 @@ process of its own::
     python -m pseudolabel.engine.reaper NODE_ID [RAYLET_PID]
 
 and keeps the write end of its stdin open. When the driver exits, however it exits, the kernel closes
-that pipe; the reaper then reads end-of-file and stops every process whose environment carries
-``RAY_NODE_ID=NODE_ID`` (the agents) or ``RAY_RAYLET_PID=RAYLET_PID`` (the workers) (SIGTERM, then SIGKILL
-after a grace period). Processes of other Ray nodes
-on the machine carry other ids and are never touched. Linux only (it reads ``/proc``).
+that pipe; the reaper then reads end-of-file, kills the node's raylet (so nothing restarts an agent or
+starts a worker meanwhile) and stops every process whose environment carries ``RAY_NODE_ID=NODE_ID``
+(the agents) or ``RAY_RAYLET_PID=RAYLET_PID`` (the workers) (SIGTERM, then SIGKILL after a grace
+period), in rounds until two looks a second apart find none. Processes of other Ray nodes on the
+machine carry other ids and are never touched. Linux only (it reads ``/proc``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import time
 GRACE_S = 2.0
 #: at most this long in rounds of stopping what is left (processes started during a round included)
 ROUNDS_S = 60.0
+#: seconds between the two looks that must both find nothing left
+QUIET_S = 1.0
 
 
 def node_processes(node_id: str, raylet_pid: str | None = None) -> list[int]:
@@ -79,12 +82,33 @@ def main(argv: list[str]) -> int:
     # 2. Wait for the driver to go: its end of the pipe closes when it exits, however it exits.
     while sys.stdin.buffer.read(4096):
         pass
-    # 3. Stop what is left of its node (nothing, after a clean ray.shutdown). Again until none is left:
-    #    a raylet that is still alive during the grace period can start a worker after a snapshot.
+    # 3. The node's raylet first (it dies with the driver, but slowly): while it lives it restarts the
+    #    agents and starts workers, so a round could find none and a new agent appear just after.
+    if raylet_pid and _is_raylet(int(raylet_pid)):
+        stop([int(raylet_pid)], grace_s=0.0)
+    # 4. Stop what is left of its node (nothing, after a clean ray.shutdown), in rounds until two
+    #    looks a second apart find nothing.
     deadline = time.monotonic() + ROUNDS_S
-    while (pids := node_processes(node_id, raylet_pid)) and time.monotonic() < deadline:
-        stop(pids)
+    quiet = 0
+    while quiet < 2 and time.monotonic() < deadline:
+        pids = node_processes(node_id, raylet_pid)
+        if pids:
+            quiet = 0
+            stop(pids)
+        else:
+            quiet += 1
+            time.sleep(QUIET_S)
     return 0
+
+
+def _is_raylet(pid: int) -> bool:
+    """True when ``pid`` is a live raylet (not a process that took over the number of one that exited)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv0 = f.read().split(b"\0")[0]
+    except OSError:
+        return False
+    return os.path.basename(argv0) == b"raylet" and _alive(pid)
 
 
 if __name__ == "__main__":
