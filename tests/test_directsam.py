@@ -433,6 +433,10 @@ def test_hub_id_resolution_from_checkpoint_preprocessor_at_revision(tmp_path, mo
     with pytest.raises(ValueError, match="resolution"):
         make("someone/bare-directsam")
     assert make("someone/bare-directsam", resolution=96).resolution == 96
+    # a host half (the engine's decode tasks) reads the same file the same way: the same processor
+    for weights, params in ((repo, {}), ("someone/bare-directsam", {"resolution": 96})):
+        spec = LabelerSpec(name="directsam", weights=weights, revision="v1" if weights == repo else None, params=params)
+        assert DirectSAM.host_half(spec).preprocessing == DirectSAM(spec, device="cpu").preprocessing
 
 
 def test_boundary_layer_is_uint16_and_keeps_low_threshold_tokens():
