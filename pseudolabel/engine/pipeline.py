@@ -438,11 +438,13 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bo
         }
         # device halves: one actor pool per labeler with a model (only its forward pass runs there)
         on_actors = actor_stages(job)
+        classes = [labeler_class(lab.name) for lab in job.labelers]
+        # run whole in their actor: every labeler with ``resources.host: actor``, else those with no host half
+        whole = [i in on_actors and (res.host == "actor" or not cls.splits()) for i, cls in enumerate(classes)]
         # decoding (and each labeler's ``prepare``: its input resized to the network's size) in light CPU
         # tasks ahead of the actors, never fused into them
         preparing = [{"index": i, "spec": job.labelers[i].model_dump(mode="json")} for i in on_actors
-                     if res.host != "actor" and labeler_class(job.labelers[i].name).splits()
-                     and labeler_class(job.labelers[i].name).prepares()]
+                     if not whole[i] and classes[i].prepares()]
         if preparing:
             ds = ds.map_batches(decode_then_prepare, batch_format="pyarrow", batch_size=res.decode_batch_size,
                                 fn_kwargs=dict(decode=decode_kwargs,
@@ -469,12 +471,9 @@ def _run_pipeline(job: JobSpec, address: str | None, progress: bool, verbose: bo
                                                max_batch_pixels=res.max_batch_pixels),
                 )
         # host halves of every labeler + encoding, in CPU tasks (as many at once as the CPUs allow)
-        sources = []
-        for i, lab in enumerate(job.labelers):
-            cls = labeler_class(lab.name)
-            whole = i in on_actors and (res.host == "actor" or not cls.splits())
-            sources.append({"spec": lab.model_dump(mode="json"),
-                            "source": "record" if whole else "payload" if i in on_actors else "host"})
+        sources = [{"spec": lab.model_dump(mode="json"),
+                    "source": "record" if whole[i] else "payload" if i in on_actors else "host"}
+                   for i, lab in enumerate(job.labelers)]
         host_kwargs = dict(labelers=sources, storage=st.model_dump(), provenance=provenance, stats=stats_name)
         if on_actors:
             ds = ds.map_batches(host_stage, batch_format="pyarrow", batch_size=None, num_cpus=res.host_cpus,

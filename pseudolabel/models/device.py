@@ -8,6 +8,8 @@
   the copies of a batch overlap one another instead of each waiting for the GPU.
 - ``to_device``: a host array -> a tensor on the device; on CUDA through pinned memory with a
   non-blocking copy (the copy overlaps what the GPU is still doing).
+- ``channel_lookup``: uint8 pixels -> a processor's rescaled, normalised values through a per-channel
+  table of 256 levels (exact: the table is the processor's own arithmetic).
 - ``compiled``: wrap a module's forward in ``torch.compile`` when the labeler spec asks for it
   (``compile: true``), falling back to eager, with one warning, when compilation is unavailable or
   fails on the first call.
@@ -71,6 +73,22 @@ def to_device(array: np.ndarray, device: str | torch.device) -> torch.Tensor:
     if torch.device(device).type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def channel_lookup(table: np.ndarray, pixels: torch.Tensor) -> torch.Tensor:
+    """Per-channel lookup of uint8 levels: an image processor's rescale + normalise, made exact.
+
+    Args:
+        table: (3, 256) float32, the network input for each uint8 level of each channel.
+        pixels: (N, 3, H, W) uint8 (or integer-valued) tensor, any layout, on its device.
+
+    Returns:
+        (N, 3, H, W) float32 contiguous, ``table[c, pixels[n, c, y, x]]``, on ``pixels``' device.
+    """
+    flat = torch.from_numpy(np.ascontiguousarray(table, np.float32)).to(pixels.device).reshape(-1)
+    offset = (torch.arange(3, device=pixels.device, dtype=torch.int32) * 256).view(1, 3, 1, 1)
+    index = pixels.to(torch.int32) + offset
+    return torch.index_select(flat, 0, index.reshape(-1)).view(index.shape)
 
 
 def compiled(fn: Callable, enabled: bool, what: str) -> Callable:

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pseudolabel.models.device import channel_lookup
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -300,10 +302,7 @@ class Preprocessing:
 
     def values(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) uint8 (or integer-valued float) resized views -> float32 network input."""
-        table = torch.from_numpy(self.table()).to(pixels.device).reshape(-1)
-        offset = (torch.arange(3, device=pixels.device, dtype=torch.int32) * 256).view(1, 3, 1, 1)
-        index = pixels.to(torch.int32) + offset
-        return torch.index_select(table, 0, index.reshape(-1)).view(index.shape)
+        return channel_lookup(self.table(), pixels)
 
     def resize_host(self, views: Sequence[np.ndarray]) -> np.ndarray:
         """N (h, w, 3) uint8 views -> (N, H, W, 3) uint8 resized by PIL with ``resample``."""

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pseudolabel.models.device import compiled, to_device, to_host
+from pseudolabel.models.device import channel_lookup, compiled, to_device, to_host
 
 if TYPE_CHECKING:
     from pseudolabel.schemas.spec import StorageSpec
@@ -89,10 +89,7 @@ class SegGptInput:
     def values(self, queries: torch.Tensor) -> torch.Tensor:
         """(N, h, w, 3) uint8 resized queries (any device) -> (N, 3, h, w) float32 network input, equal to
         the processor's ``pixel_values``."""
-        table = torch.from_numpy(self.table()).to(queries.device).reshape(-1)
-        offset = torch.arange(3, device=queries.device, dtype=torch.int64) * 256  # channel c's table at c * 256
-        index = queries.to(torch.int64) + offset
-        return table[index].permute(0, 3, 1, 2).contiguous()
+        return channel_lookup(self.table(), queries.permute(0, 3, 1, 2))
 
 
 class SegGptFinder:
