@@ -46,7 +46,8 @@ def main() -> None:
     from pseudolabel.jobs.outputs.labels_io import read_labels
     from pseudolabel.models.device import resolve_dtype
     from pseudolabel.models.directsam import DirectSAM, segformer_config
-    from pseudolabel.models.directsam_pyramid import image_views, reference_pyramid_probs
+    from pseudolabel.models.directsam_pyramid import reference_pyramid_probs
+    from pseudolabel.models.directsam_views import image_views
     from pseudolabel.models.tokens import boundary_to_tokens
     from pseudolabel.schemas.spec import LabelerSpec
 

@@ -77,13 +77,13 @@ class ResizedViews(FixedMaps):
     params: ResizedViewsParams
 
     def setup_host(self) -> None:
-        from pseudolabel.models.directsam_pyramid import Preprocessing
+        from pseudolabel.models.directsam_views import Preprocessing
 
         super().setup_host()
         self.pre = Preprocessing(size=(self.params.resolution, self.params.resolution))
 
     def prepare(self, image, prompt):
-        from pseudolabel.models.directsam_pyramid import pyramid_views
+        from pseudolabel.models.directsam_views import pyramid_views
 
         return {"views": pyramid_views(image, self.pre, self.params.pyramid_layers)}
 

@@ -19,13 +19,13 @@ from directsam_tiny import (
 
 from pseudolabel.models.directsam_pyramid import (
     border_weights,
-    crop_boxes,
     normalize,
     preprocess,
     pyramid_probs,
     reference_pyramid_probs,
     resize_uint8,
 )
+from pseudolabel.models.directsam_views import crop_boxes
 from pseudolabel.schemas.spec import LabelerSpec
 
 P = 1 / (1 + math.exp(-0.7))  # sigmoid of the stub's constant logit
@@ -185,7 +185,7 @@ def test_network_input_equals_checkpoint_image_processor(model_dir, tmp_path, co
     for upscaled, downscaled and non-square images and crops."""
     from transformers import SegformerImageProcessorPil
 
-    from pseudolabel.models.directsam_pyramid import image_views
+    from pseudolabel.models.directsam_views import image_views
 
     weights = checkpoint_with_processor(model_dir, tmp_path / "ckpt", PROCESSOR_CONFIGS[config])
     proc = SegformerImageProcessorPil.from_pretrained(weights)
@@ -208,7 +208,7 @@ def test_network_input_equals_checkpoint_image_processor(model_dir, tmp_path, co
 
 
 def test_processor_config_settings_are_read(model_dir, tmp_path):
-    from pseudolabel.models.directsam_pyramid import Preprocessing, parse_resample
+    from pseudolabel.models.directsam_views import Preprocessing, parse_resample
 
     cfg = PROCESSOR_CONFIGS["box-no-rescale"]
     lab = make(checkpoint_with_processor(model_dir, tmp_path / "ckpt", cfg))
@@ -364,16 +364,17 @@ def test_labeler_bfloat16_on_cpu(model_dir):
 # --- token embeddings ------------------------------------------------------------------------------
 
 def test_mask_pool_matches_direct_average():
-    from pseudolabel.models.directsam import mask_pool
+    from pseudolabel.models.directsam_host import mask_pool
 
     rng = np.random.default_rng(0)
-    feats = torch.from_numpy(rng.normal(size=(5, 4, 6)).astype(np.float32))
+    feats = rng.normal(size=(5, 4, 6)).astype(np.float32)
     lm = rng.integers(0, 4, size=(8, 12))
-    got = mask_pool(feats, torch.from_numpy(lm), 3).numpy()
+    got = mask_pool(feats, lm, 3)
+    assert got.dtype == np.float32 and got.shape == (3, 5)
     # pixel (y, x) sits in cell (y * 4 // 8, x * 6 // 12) = (y // 2, x // 2)
     for k in range(1, 4):
         ys, xs = np.nonzero(lm == k)
-        expected = feats.numpy()[:, ys // 2, xs // 2].mean(axis=1)
+        expected = feats[:, ys // 2, xs // 2].mean(axis=1)
         np.testing.assert_allclose(got[k - 1], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -505,7 +506,7 @@ def test_prepare_resizes_every_view_on_a_host_half_without_the_weights(model_dir
     import glob
 
     from pseudolabel.models.directsam import DirectSAM
-    from pseudolabel.models.directsam_pyramid import image_views
+    from pseudolabel.models.directsam_views import image_views
     from pseudolabel.storage import filesystem
 
     bucket, storage = s3_bucket

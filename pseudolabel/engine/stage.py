@@ -42,7 +42,7 @@ from pseudolabel.engine.decode import fetch_decode, pixel_blocks, pixels_to_imag
 from pseudolabel.engine.encode import encode_output
 from pseudolabel.engine.payload import pack_payload, unpack_payload
 from pseudolabel.engine.run_stats import report_seconds
-from pseudolabel.models.registry import labeler_class
+from pseudolabel.models.registry import host_class, labeler_class
 from pseudolabel.schemas.spec import LabelerSpec, StorageSpec
 from pseudolabel.schemas.tables import (
     ANNOTATION_TYPE,
@@ -225,7 +225,7 @@ def _host_half(spec: dict, storage: dict | None):
     key = json.dumps([spec, storage], sort_keys=True, default=str)
     if key not in _HOST_HALVES:
         lab_spec = LabelerSpec.model_validate(spec)
-        cls = labeler_class(lab_spec.name)
+        cls = host_class(lab_spec.name)  # no torch for labelers with a light host half (``HOST_HALVES``)
         _HOST_HALVES[key] = cls.host_half(lab_spec, StorageSpec.model_validate(storage or {}))
     return _HOST_HALVES[key]
 

@@ -1,6 +1,11 @@
-"""The one registry of labelers: name -> "module:Class", imported on first use.
+"""The registry of labelers: name -> "module:Class", imported on first use.
 
 Lazy imports keep a job that uses only a classical baseline from importing diffusers.
+
+``HOST_HALVES`` names, for labelers whose host half lives in a lighter module, the class the engine's
+CPU tasks build for ``prepare`` and ``postprocess``: a base class of the labeler that defines its
+name, parameters and both host methods and imports no torch, so decode and host workers do not load
+torch (about 1 CPU-s and 200 MB each). Labelers not listed use their own class there.
 """
 from __future__ import annotations
 
@@ -15,6 +20,10 @@ LABELERS: dict[str, str] = {
     "foba": "pseudolabel.models.foba:FoBa",
     "iseg": "pseudolabel.models.iseg:ISeg",
     "evf_sam": "pseudolabel.models.evf_sam.labeler:EvfSamLabeler",
+}
+
+HOST_HALVES: dict[str, str] = {
+    "directsam": "pseudolabel.models.directsam_host:DirectSAMHost",
 }
 
 
@@ -35,5 +44,15 @@ def labeler_class(name: str):
         target = name
     else:
         raise KeyError(f"unknown labeler {name!r}; known: {', '.join(labeler_names())}")
+    return _import(target)
+
+
+def host_class(name: str):
+    """The class whose ``host_half`` runs ``prepare`` and ``postprocess`` for labeler ``name`` in CPU
+    tasks: its ``HOST_HALVES`` entry, else the labeler class itself."""
+    return _import(HOST_HALVES[name]) if name in HOST_HALVES else labeler_class(name)
+
+
+def _import(target: str):
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)

@@ -310,7 +310,7 @@ def curve_settings(output_uri: str, storage, labeler: str | None) -> dict:
     job = read_job(output_uri, storage)
     specs = [lab for lab in job.get("spec", job).get("labelers") or [] if lab.get("name") == labeler]
     if specs:
-        from pseudolabel.models.directsam import DirectSAMParams
+        from pseudolabel.models.directsam_host import DirectSAMParams
 
         defaults = DirectSAMParams()
         params = specs[0].get("params") or {}

@@ -293,7 +293,8 @@ def init_model(spec: TrainSpec):
     """(model, preprocessor dict) from ``spec.weights`` or a random ``spec.model_size`` Segformer."""
     from transformers import SegformerForSemanticSegmentation
 
-    from pseudolabel.models.directsam import load_preprocessor, segformer_config
+    from pseudolabel.models.directsam import segformer_config
+    from pseudolabel.models.directsam_host import load_preprocessor
     from pseudolabel.models.weights import resolve_weights
 
     torch.manual_seed(spec.seed)
@@ -311,7 +312,7 @@ def save_checkpoint(model, preprocessor: dict, resolution: int, output: str,
     """``save_pretrained`` the model and a Segformer image-processor config of ``resolution`` to ``output``."""
     from transformers import SegformerImageProcessorPil
 
-    from pseudolabel.models.directsam_pyramid import IMAGENET_MEAN, IMAGENET_STD
+    from pseudolabel.models.directsam_views import IMAGENET_MEAN, IMAGENET_STD
 
     proc = SegformerImageProcessorPil(size={"height": resolution, "width": resolution},
                                       image_mean=list(preprocessor.get("image_mean") or IMAGENET_MEAN),
@@ -332,7 +333,8 @@ def train_directsam(spec: "TrainSpec | dict | str | Path", **overrides: Any) -> 
     ``spec``: a TrainSpec, a dict, or a YAML path; ``overrides``: dotted keys (``**{"steps": 10}``).
     Returns ``{"output", "steps", "losses" (per step), "seconds", "images"}``.
     """
-    from pseudolabel.models.directsam_pyramid import IMAGENET_MEAN, IMAGENET_STD, normalize
+    from pseudolabel.models.directsam_pyramid import normalize
+    from pseudolabel.models.directsam_views import IMAGENET_MEAN, IMAGENET_STD
 
     run = start(TrainSpec, spec, overrides)
     spec, t_start = run.spec, run.started
