@@ -10,8 +10,9 @@ alternating:
 - **actor** (``resources.host: actor``): the actor runs the whole labeler and the encoding, as the
   engine did before the split.
 
-Same resources otherwise: one actor at 0.25 CPU, batch 8, host tasks at ``--host-cpus`` (0.5: three fit
-next to the actor and a decode task on 2 cores). Prints one table: seconds, images/s, and the
+Same resources otherwise: one actor at 0.25 CPU, batch ``--batch`` (8), decode batch ``--decode-batch``
+(the engine's default), host tasks at ``--host-cpus`` (0.5: three fit next to the actor and a decode task
+on 2 cores). Prints one table: seconds, images/s, and the
 steady-state rate (after the first labels file is committed).
 
     python bench/bench_host_split.py --images 300 --size 512 --pairs 3
@@ -25,23 +26,30 @@ import statistics
 import tempfile
 
 
-def one_run(images_uri: str, out_uri: str, host: str, host_cpus: str) -> dict:
+def one_run(images_uri: str, out_uri: str, host: str, host_cpus: str, batch: str = "8",
+            decode_batch: str = "16") -> dict:
     from bench_engine import run_with_first_file
 
     job = {"input": {"uri": images_uri}, "output": {"uri": out_uri},
            "labelers": [{"name": "proxy_labelers:FixedMaps"}],
-           "resources": {"actors": 1, "cpus_per_actor": 0.25, "batch_size": 8, "decode_batch_size": 8,
-                         "host_cpus": float(host_cpus), "host": host}}
+           "resources": {"actors": 1, "cpus_per_actor": 0.25, "batch_size": int(batch),
+                         "decode_batch_size": int(decode_batch), "host_cpus": float(host_cpus), "host": host}}
     return run_with_first_file(job)[1]
 
 
 def main() -> None:
+    from pseudolabel.schemas.spec import ResourcesSpec
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--host-cpus", type=float, default=0.5, help="resources.host_cpus of both plans")
-    parser.add_argument("--one", nargs=4, metavar=("IMAGES_URI", "OUT_URI", "HOST", "HOST_CPUS"),
+    parser.add_argument("--batch", type=int, default=8, help="resources.batch_size of both plans (the actor's)")
+    parser.add_argument("--decode-batch", type=int, default=ResourcesSpec.model_fields["decode_batch_size"].default,
+                        help="resources.decode_batch_size of both plans "
+                        "(rows per decode task, and so per host task and written file)")
+    parser.add_argument("--one", nargs=6, metavar=("IMAGES_URI", "OUT_URI", "HOST", "HOST_CPUS", "BATCH", "DECODE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -55,10 +63,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         generate(f"{tmp}/demo", images=args.images, shards=4, seed=0, size=args.size, progress=False)
         results = alternating_cold_runs(__file__, ("tasks", "actor"), lambda host, k: [
-            f"{tmp}/demo/images", f"{tmp}/out-{host}-{k}", host, str(args.host_cpus)], args.pairs)
+            f"{tmp}/demo/images", f"{tmp}/out-{host}-{k}", host, str(args.host_cpus), str(args.batch),
+        str(args.decode_batch)], args.pairs)
 
     print(f"\nmachine: {os.cpu_count()} CPUs; {args.images} demo images of {args.size}px; "
-          f"labeler proxy_labelers:FixedMaps (no network; DirectSAM host half); medians of {args.pairs} runs")
+          f"labeler proxy_labelers:FixedMaps (no network; DirectSAM host half); batch {args.batch}, "
+          f"decode batch {args.decode_batch}; "
+          f"medians of {args.pairs} runs")
     print("| host halves | seconds | images/s | steady images/s | first file (s) |")
     print("|---|---:|---:|---:|---:|")
     med = {}
