@@ -32,6 +32,11 @@ in-process as the two engine stages. A labeler without a network implements ``po
 (its payloads are None and the engine runs it entirely in CPU tasks). A labeler that implements only
 ``label`` still works: the engine then runs it whole in its actor (single-call path).
 
+The CPU tasks build their ``host_half`` instance from the labeler's class, or from a lighter base class
+that defines ``Params``, ``setup_host``, ``prepare`` and ``postprocess`` without importing torch, when
+``models.registry.HOST_HALVES`` names one (DirectSAM's ``DirectSAMHost``): their workers then never
+load torch.
+
 Labelers return masks as arrays; the engine encodes them (RLE, PNG) so every labeler shares one
 encoder. A labeler raises for a failure that concerns the whole batch; the engine then retries image
 by image and turns a failure of one image into an error row.
