@@ -46,13 +46,12 @@ import torch
 
 from pseudolabel.models.device import compiled, to_device, to_host
 from pseudolabel.models.directsam_host import (
-    DEFAULT_RESOLUTION,
     DirectSAMHost,
     load_preprocessor,
     token_embeddings,
 )
 from pseudolabel.models.directsam_pyramid import preprocess, pyramid_probs
-from pseudolabel.models.directsam_views import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from pseudolabel.models.directsam_views import IMAGENET_MEAN, IMAGENET_STD
 from pseudolabel.models.weights import resolve_weights
 
 #: SegFormer encoder sizes (MiT-B0..B5): depths, hidden sizes, decoder width; "tiny" is for tests
@@ -120,8 +119,7 @@ class DirectSAM(DirectSAMHost):
         self.model = load_segformer(local, device, self.dtype, spec.revision)
         self._network = compiled(self.model, spec.compile, self.name)
         # 2. the checkpoint's image processor (size, resample, rescale, normalise); Segformer defaults otherwise
-        config = load_preprocessor(local, spec.revision, needed=p.resolution is None)
-        self._preprocessing = Preprocessing.from_config(config, p.resolution, DEFAULT_RESOLUTION, p.fast_resize)
+        self._preprocessing = self.load_preprocessing(local)
         self.resolution = self.preprocessing.size[0]
         # 3. optional embedding backbone
         self.backbone: torch.nn.Module | None = None

@@ -165,11 +165,16 @@ class DirectSAMHost(Labeler[dict[str, np.ndarray]]):
         """The checkpoint's image processor. A host half (no weights loaded) reads it from the
         checkpoint's ``preprocessor_config.json`` alone, once."""
         if self._preprocessing is None:
-            p = self.params
-            config = load_preprocessor(self.weights_id, self.spec.revision, needed=p.resolution is None,
-                                       storage=self.storage)
-            self._preprocessing = Preprocessing.from_config(config, p.resolution, DEFAULT_RESOLUTION, p.fast_resize)
+            self._preprocessing = self.load_preprocessing(self.weights_id, self.storage)
         return self._preprocessing
+
+    def load_preprocessing(self, source: str, storage: StorageSpec | None = None) -> Preprocessing:
+        """The image processor of the checkpoint at ``source`` (its ``preprocessor_config.json``; the
+        Segformer processor's defaults for what it lacks), with ``params.resolution`` in place of its
+        size when set."""
+        p = self.params
+        config = load_preprocessor(source, self.spec.revision, needed=p.resolution is None, storage=storage)
+        return Preprocessing.from_config(config, p.resolution, DEFAULT_RESOLUTION, p.fast_resize)
 
     def weight_sources(self) -> list[str]:
         return super().weight_sources() + ([self.params.embedding_weights] if self.params.embedding_weights else [])
