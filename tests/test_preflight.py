@@ -172,6 +172,38 @@ def test_reaper_stops_only_the_processes_of_its_node():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_reaper_finds_the_writers_of_its_session_logs(tmp_path):
+    """A Ray process that sets its title can lose its node id from /proc/PID/environ: the reaper also
+    knows the node's processes by the log files under the session directory they hold open for writing
+    (not a reader of them, nor a writer elsewhere)."""
+    from pseudolabel.engine.reaper import node_processes
+
+    session = tmp_path / "session_x"
+    (session / "logs").mkdir(parents=True)
+    (session / "logs" / "agent.log").write_text("")
+    (tmp_path / "elsewhere.log").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+
+    def holding(path: object, mode: str) -> subprocess.Popen:
+        code = f"import sys, time; f = open({str(path)!r}, {mode!r}); print(1, flush=True); time.sleep(60)"
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline()  # the file is open now
+        return proc
+
+    writer = holding(session / "logs" / "agent.log", "a")
+    reader = holding(session / "logs" / "agent.log", "r")
+    other = holding(tmp_path / "elsewhere.log", "a")
+    try:
+        node = uuid.uuid4().hex
+        assert node_processes(node, session_dir=str(session)) == [writer.pid]
+        assert node_processes(node) == []  # the session is what finds it here
+    finally:
+        for p in (writer, reader, other):
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_reaper_acts_when_the_pipe_from_its_driver_closes():
     node = uuid.uuid4().hex
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],

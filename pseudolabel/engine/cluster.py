@@ -200,12 +200,14 @@ def start_reaper() -> None:
     if not sys.platform.startswith("linux") or (_reaper is not None and _reaper.poll() is None):
         return
     node_id = ray.get_runtime_context().get_node_id()
-    try:  # the raylet's pid: its workers carry RAY_RAYLET_PID (not RAY_NODE_ID) in their environment
+    argv = [sys.executable, "-m", "pseudolabel.engine.reaper", node_id]
+    try:  # the raylet's pid (its workers carry RAY_RAYLET_PID, not RAY_NODE_ID) and the session directory
         node = ray._private.worker._global_node
-        raylet = str(node.all_processes["raylet"][0].process.pid) if node is not None else ""
-    except Exception:  # a private structure: without it, workers are left to exit on their own
-        raylet = ""
-    argv = [sys.executable, "-m", "pseudolabel.engine.reaper", node_id] + ([raylet] if raylet else [])
+        if node is not None:
+            argv += ["--raylet", str(node.all_processes["raylet"][0].process.pid)]
+            argv += ["--session", node.get_session_dir_path()]
+    except Exception:  # a private structure: without it, only the node id tells its processes apart
+        pass
     _reaper = subprocess.Popen(argv,
                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True, close_fds=True)

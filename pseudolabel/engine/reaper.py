@@ -5,17 +5,25 @@ agents the raylet starts (dashboard agent, runtime-env agent): after a ``kill -9
 linger for about a minute, or longer on a loaded machine. The driver runs this module as a small
 process of its own::
 
-    python -m pseudolabel.engine.reaper NODE_ID [RAYLET_PID]
+    python -m pseudolabel.engine.reaper NODE_ID [--raylet PID] [--session DIR]
 
 and keeps the write end of its stdin open. When the driver exits, however it exits, the kernel closes
 that pipe; the reaper then reads end-of-file, kills the node's raylet (so nothing restarts an agent or
-starts a worker meanwhile) and stops every process whose environment carries ``RAY_NODE_ID=NODE_ID``
-(the agents) or ``RAY_RAYLET_PID=RAYLET_PID`` (the workers) (SIGTERM, then SIGKILL after a grace
-period), in rounds until two looks a second apart find none. Processes of other Ray nodes on the
-machine carry other ids and are never touched. Linux only (it reads ``/proc``).
+starts a worker meanwhile) and stops every process of the node (SIGTERM, then SIGKILL after a grace
+period), in rounds until two looks a second apart find none.
+
+A process is the node's when its environment carries ``RAY_NODE_ID=NODE_ID`` (the agents) or
+``RAY_RAYLET_PID=PID`` (the workers), or when it holds a file under ``DIR/logs`` open for writing
+(every agent and worker writes its logs there). The second test is needed: a Ray process that sets its
+title (``ray::DashboardAgent``) overwrites the start of the memory ``/proc/PID/environ`` shows, and
+depending on the lengths of its arguments the node id can be among what is lost. ``DIR`` is the
+session directory of a local Ray this driver started alone, so no other node writes there; processes
+of other Ray nodes on the machine carry other ids and other sessions and are never touched, nor is a
+reader of the logs (``tail -f``). Linux only (it reads ``/proc``).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -29,12 +37,14 @@ ROUNDS_S = 60.0
 QUIET_S = 1.0
 
 
-def node_processes(node_id: str, raylet_pid: str | None = None) -> list[int]:
+def node_processes(node_id: str, raylet_pid: str | None = None, session_dir: str | None = None) -> list[int]:
     """Pids of the live processes (this one excepted) started for the Ray node ``node_id`` (hex): its
-    agents (``RAY_NODE_ID``) and, given the node's raylet pid, its workers (``RAY_RAYLET_PID``)."""
+    agents (``RAY_NODE_ID``), given the node's raylet pid its workers (``RAY_RAYLET_PID``), and given
+    its session directory every process writing to a file under ``session_dir/logs``."""
     needles = {f"RAY_NODE_ID={node_id}".encode()}
     if raylet_pid:
         needles.add(f"RAY_RAYLET_PID={raylet_pid}".encode())
+    logs = os.path.join(os.path.realpath(session_dir), "logs") + os.sep if session_dir else None
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -44,9 +54,29 @@ def node_processes(node_id: str, raylet_pid: str | None = None) -> list[int]:
                 environ = f.read().split(b"\0")
         except OSError:  # gone meanwhile, or not ours to read
             continue
-        if needles.intersection(environ):
+        if needles.intersection(environ) or (logs and _writes_under(int(entry), logs)):
             pids.append(int(entry))
     return pids
+
+
+def _writes_under(pid: int, directory: str) -> bool:
+    """True when process ``pid`` holds a file under ``directory`` (ending in a separator) open for
+    writing (the access mode in ``/proc/PID/fdinfo/FD``: ``O_WRONLY`` or ``O_RDWR``)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith(directory):
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                flags = next(int(line.split()[1], 8) for line in f if line.startswith("flags:"))
+        except (OSError, StopIteration, ValueError):  # closed meanwhile
+            continue
+        if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+            return True
+    return False
 
 
 def stop(pids: list[int], grace_s: float = GRACE_S) -> None:
@@ -75,7 +105,12 @@ def _alive(pid: int) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    node_id, raylet_pid = argv[0], (argv[1] if len(argv) > 1 else None)
+    parser = argparse.ArgumentParser(prog="python -m pseudolabel.engine.reaper")
+    parser.add_argument("node_id", help="the Ray node's id (hex)")
+    parser.add_argument("--raylet", default=None, help="the node's raylet pid")
+    parser.add_argument("--session", default=None, help="the node's session directory (a local Ray's own)")
+    args = parser.parse_args(argv)
+    node_id, raylet_pid = args.node_id, args.raylet
     # 1. Outlive the driver's terminal: Ctrl-C and hang-ups go to the driver, not here.
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
@@ -91,7 +126,7 @@ def main(argv: list[str]) -> int:
     deadline = time.monotonic() + ROUNDS_S
     quiet = 0
     while quiet < 2 and time.monotonic() < deadline:
-        pids = node_processes(node_id, raylet_pid)
+        pids = node_processes(node_id, raylet_pid, args.session)
         if pids:
             quiet = 0
             stop(pids)
