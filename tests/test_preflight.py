@@ -204,19 +204,43 @@ def test_reaper_finds_the_writers_of_its_session_logs(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_reaper_acts_when_the_pipe_from_its_driver_closes():
+def test_reaper_acts_when_its_driver_is_gone(tmp_path):
+    """A driver process starts the reaper and closes its end of the pipe early (as the interpreter's
+    clean-up at exit may) while it still writes the session's logs: nothing is stopped, the driver
+    least of all, until the driver is gone (kill -9); then the node's processes are."""
+    from pseudolabel.engine.reaper import _alive
+
     node = uuid.uuid4().hex
+    session = tmp_path / "session_x"
+    (session / "logs").mkdir(parents=True)
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
                               env={**os.environ, "RAY_NODE_ID": node})
-    reaper = subprocess.Popen([sys.executable, "-m", "pseudolabel.engine.reaper", node], stdin=subprocess.PIPE)
+    driver_code = (
+        "import subprocess, sys, time\n"
+        f"log = open({str(session / 'logs' / 'driver.log')!r}, 'a')\n"
+        "reaper = subprocess.Popen([sys.executable, '-m', 'pseudolabel.engine.reaper', sys.argv[1],"
+        " '--session', sys.argv[2]], stdin=subprocess.PIPE)\n"
+        "print(reaper.pid, flush=True)\n"
+        "time.sleep(1.0)\n"
+        "reaper.stdin.close()\n"
+        "print('closed', flush=True)\n"
+        "time.sleep(60)\n")
+    driver = subprocess.Popen([sys.executable, "-c", driver_code, node, str(session)], stdout=subprocess.PIPE,
+                              text=True)
     try:
-        time.sleep(1.0)
-        assert victim.poll() is None and reaper.poll() is None  # waits while the driver's end is open
-        reaper.stdin.close()  # what the kernel does when the driver dies
-        assert reaper.wait(timeout=30) == 0
-        assert victim.wait(timeout=10) is not None
+        assert driver.stdout is not None
+        reaper_pid = int(driver.stdout.readline())
+        assert driver.stdout.readline().strip() == "closed"
+        time.sleep(2.0)
+        assert driver.poll() is None and victim.poll() is None and _alive(reaper_pid)  # the driver lives
+        driver.kill()
+        driver.wait()
+        assert victim.wait(timeout=30) is not None
+        deadline = time.time() + 30
+        while _alive(reaper_pid) and time.time() < deadline:  # not a child of this process: poll
+            time.sleep(0.1)
+        assert not _alive(reaper_pid)
     finally:
-        victim.kill()
-        reaper.kill()
-        victim.wait()
-        reaper.wait()
+        for p in (victim, driver):
+            p.kill()
+            p.wait()

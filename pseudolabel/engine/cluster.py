@@ -24,7 +24,8 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 #: ports Ray listens on when an address names none: the GCS, and Ray Client (``ray://``)
 GCS_PORT, CLIENT_PORT = 6379, 10001
 
-_reaper: subprocess.Popen | None = None  # holds the write end of the reaper's stdin while this process lives
+#: node id -> its reaper; holds the write end of each reaper's stdin while this process lives
+_reapers: dict[str, subprocess.Popen] = {}
 
 
 def connect_timeout() -> float:
@@ -193,13 +194,15 @@ def _stderr_held_back(show_on_error: bool = False) -> Iterator[None]:
 def start_reaper() -> None:
     """Start ``pseudolabel.engine.reaper`` for the local Ray node of this process (Linux; elsewhere Ray's
     own clean-up is all there is). Its stdin is a pipe only this process writes to, so it learns of
-    this process's end, however it ends, and then stops the node's remaining processes."""
-    global _reaper
+    this process's end, however it ends, and then stops the node's remaining processes. One reaper
+    per local node: a process that shuts its Ray down and starts another gets a second one."""
     import ray
 
-    if not sys.platform.startswith("linux") or (_reaper is not None and _reaper.poll() is None):
+    if not sys.platform.startswith("linux"):
         return
     node_id = ray.get_runtime_context().get_node_id()
+    if node_id in _reapers and _reapers[node_id].poll() is None:
+        return
     argv = [sys.executable, "-m", "pseudolabel.engine.reaper", node_id]
     try:  # the raylet's pid (its workers carry RAY_RAYLET_PID, not RAY_NODE_ID) and the session directory
         node = ray._private.worker._global_node
@@ -208,6 +211,6 @@ def start_reaper() -> None:
             argv += ["--session", node.get_session_dir_path()]
     except Exception:  # a private structure: without it, only the node id tells its processes apart
         pass
-    _reaper = subprocess.Popen(argv,
-                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True, close_fds=True)
+    _reapers[node_id] = subprocess.Popen(argv,
+                                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)

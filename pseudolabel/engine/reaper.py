@@ -8,9 +8,9 @@ process of its own::
     python -m pseudolabel.engine.reaper NODE_ID [--raylet PID] [--session DIR]
 
 and keeps the write end of its stdin open. When the driver exits, however it exits, the kernel closes
-that pipe; the reaper then reads end-of-file, kills the node's raylet (so nothing restarts an agent or
-starts a worker meanwhile) and stops every process of the node (SIGTERM, then SIGKILL after a grace
-period), in rounds until two looks a second apart find none.
+that pipe; the reaper then reads end-of-file, waits for the driver to be gone, kills the node's raylet
+(so nothing restarts an agent or starts a worker meanwhile) and stops every process of the node
+(SIGTERM, then SIGKILL after a grace period), in rounds until two looks a second apart find none.
 
 A process is the node's when its environment carries ``RAY_NODE_ID=NODE_ID`` (the agents) or
 ``RAY_RAYLET_PID=PID`` (the workers), or when it holds a file under ``DIR/logs`` open for writing
@@ -111,12 +111,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--session", default=None, help="the node's session directory (a local Ray's own)")
     args = parser.parse_args(argv)
     node_id, raylet_pid = args.node_id, args.raylet
+    driver = os.getppid()
     # 1. Outlive the driver's terminal: Ctrl-C and hang-ups go to the driver, not here.
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    # 2. Wait for the driver to go: its end of the pipe closes when it exits, however it exits.
+    # 2. Wait for the driver to go: its end of the pipe closes when it exits, however it exits, but
+    #    may close a little earlier (the interpreter's clean-up at exit), so wait for the driver itself
+    #    to be gone too (this process then has another parent): it writes the session's logs as well.
     while sys.stdin.buffer.read(4096):
         pass
+    while os.getppid() == driver:
+        time.sleep(0.1)
     # 3. The node's raylet first (it dies with the driver, but slowly): while it lives it restarts the
     #    agents and starts workers, so a round could find none and a new agent appear just after.
     if raylet_pid and _is_raylet(int(raylet_pid)):
