@@ -302,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     from pseudolabel.engine.errors import UserError, environment_problem, one_line
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    # our own progress notes at INFO; other libraries' (botocore: "Found credentials in environment
+    # variables.") only from WARNING up, or INFO with --verbose
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("pseudolabel").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         if args.command == "run":
             _bound_cluster_wait(args)
