@@ -173,6 +173,65 @@ def test_inpainting_loop_q_samples_the_kept_region_with_fresh_noise_each_step(la
         blended_inpaint(sd.unet, abar, z0, keep, emb, x_T, step_noise[:2], 4)
 
 
+def test_inpainting_loop_with_classifier_free_guidance(labeler):
+    """guidance_scale > 1: each step's noise is eps_u + g (eps_c - eps_u), the UNet run once on the
+    batch of both embeddings; the same loop written by hand agrees, and an unconditional embedding
+    equal to the prompt's gives the unguided result."""
+    sd = labeler.sd
+    abar = sd.scheduler.alphas_cumprod.double()
+    g = torch.Generator().manual_seed(5)
+    z0, x_T = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    step_noise = [torch.randn(2, 4, 8, 8, generator=g) for _ in range(3)]
+    keep = torch.ones(2, 1, 8, 8)
+    keep[:, :, 1:5, 2:7] = 0.0
+    cond, uncond = labeler._embed("a photo of a background"), labeler._embed("a photo of a cat")
+    scale = 7.5
+    with torch.inference_mode():
+        out = blended_inpaint(sd.unet, abar, z0, keep, cond, x_T, step_noise, 3, guidance_scale=scale,
+                              uncond_embeddings=uncond)
+        ts, a_t, a_prev = ddim_schedule(abar, 3)
+        img = x_T.clone()
+        for i, t in enumerate(ts):
+            img = keep * q_sample(z0, step_noise[i], float(abar[t])) + (1 - keep) * img
+            tt = torch.full((2,), t)
+            eps_c = sd.unet(img, tt, encoder_hidden_states=cond.expand(2, -1, -1)).sample
+            eps_u = sd.unet(img, tt, encoder_hidden_states=uncond.expand(2, -1, -1)).sample
+            eps = eps_u + scale * (eps_c - eps_u)
+            x0 = (img - (1 - a_t[i]).sqrt().float() * eps) / a_t[i].sqrt().float()
+            img = a_prev[i].sqrt().float() * x0 + (1 - a_prev[i]).sqrt().float() * eps
+        plain = blended_inpaint(sd.unet, abar, z0, keep, cond, x_T, step_noise, 3)
+        same = blended_inpaint(sd.unet, abar, z0, keep, cond, x_T, step_noise, 3, guidance_scale=scale,
+                               uncond_embeddings=cond)
+    assert torch.allclose(out, img, atol=1e-4)
+    assert not torch.allclose(out, plain, atol=1e-3)  # the guidance changes the result
+    assert torch.allclose(same, plain, atol=1e-4)
+    with pytest.raises(ValueError, match="uncond_embeddings"):
+        blended_inpaint(sd.unet, abar, z0, keep, cond, x_T, step_noise, 3, guidance_scale=scale)
+
+
+def test_labeler_with_guidance_runs_twice_the_unet_batch(tiny_sd, monkeypatch):
+    """``guidance_scale`` in the labeler's params: the inpainting passes carry the doubled batch (the
+    class prompt as the unconditional side) and the labels differ from the unguided labeler's."""
+    import pseudolabel.models.foba as foba_module
+
+    spec = {"name": "foba", "weights": tiny_sd, "ontology": [{"category": "cat"}]}
+    plain = labeler_class("foba")(LabelerSpec(**spec, params=FAST))
+    guided = labeler_class("foba")(LabelerSpec(**spec, params={**FAST, "guidance_scale": 5.0}))
+    seen: list[tuple[float, bool]] = []
+    real = foba_module.blended_inpaint
+
+    def watch(*args, **kwargs):
+        seen.append((kwargs["guidance_scale"], kwargs["uncond_embeddings"] is not None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(foba_module, "blended_inpaint", watch)
+    images = _images()
+    a, b = plain(images), guided(images)
+    assert seen == [(1.0, False), (5.0, True)]
+    assert len(a) == len(b) == 2
+    assert any(not np.array_equal(x.layers["background"], y.layers["background"]) for x, y in zip(a, b))
+
+
 # -- the labeler ----------------------------------------------------------------------------------
 
 def _check_outputs(outs, images, category="cat", category_id=1, layers=("background", "foreground_mask")):
