@@ -748,7 +748,9 @@ def test_split_halves_give_the_labels_of_one_call(ckpt, variant, multitask, para
         assert {k: (type(v), v.dtype, v.shape) for k, v in payload.items()} == {
             "masks": (np.ndarray, np.uint8, (n_p, h, (w + 7) // 8)),
             "width": (np.ndarray, np.int64, ()),
-            "scores": (np.ndarray, np.float32, (n_p,))}
+            "scores": (np.ndarray, np.float32, (n_p,)),
+            "pairs": (np.ndarray, np.int32, (n_p,))}
+        assert payload["pairs"].tolist() == list(range(n_p))  # no row categories: every prompt
         shipped = unpack_payload(pack_payload(payload))
         out = host.postprocess(img, None, shipped)
         assert _instances(out) == _instances(one)
@@ -1108,3 +1110,50 @@ def test_s3_copies_are_decided_by_their_files(s3_bucket, tmp_path, monkeypatch):
     fs.put(str(tmp_path / "plain") + "/", f"{bucket[5:]}/evf-sam2-multitask/", recursive=True)
     assert _labeler(f"{bucket}/evf-sam2-copy", storage=storage).multitask
     assert not _labeler(f"{bucket}/evf-sam2-multitask", storage=storage).multitask
+
+
+# -- per-row categories ---------------------------------------------------------------------------
+
+def test_row_categories_name_the_ontology_entries_to_prompt():
+    from pseudolabel.models.base import entry_index, row_entries
+
+    onto = LabelerSpec(name="evf_sam", weights="/x", ontology=ONTOLOGY).ontology  # ids 1, 2, 7
+    assert [entry_index(onto, v) for v in ("square", "circle", 7, 2, "zebra", 3, True)] == [0, 1, 2, 1, None, None,
+                                                                                            None]
+    assert row_entries(onto, None) is None and row_entries(onto, {"boxes_xyxy": [[0, 0, 1, 1]]}) is None
+    assert row_entries(onto, {"categories": []}) is None
+    assert row_entries(onto, {"categories": ["sky", "zebra", 7, "square"]}) == [2, 0]  # once each, row order
+    assert row_entries(onto, {"categories": ["zebra"]}) == []
+
+
+def test_rows_naming_categories_are_prompted_with_those_entries_only(ckpt):
+    """Four rows of one image: no categories (every prompt), two entries by name, one by id, and a
+    name outside the ontology (no prompt, no instance). Each row's instances are the full row's
+    instances of its prompts; the split halves agree with the one call; ``row_categories: false``
+    prompts every row with everything."""
+    lab = _labeler(ckpt["sam2"])
+    image = _image(90, 120, 3)
+    images = [image] * 4
+    prompts = [None, {"categories": ["sky", "square"]}, {"categories": [7]}, {"categories": ["zebra"]}]
+    assert [lab.row_pairs(p) for p in prompts] == [[0, 1, 2, 3], [0, 1, 3], [3], []]
+    outs = lab(images, prompts)
+    full = {i.prompt: i for i in outs[0].instances}
+    assert {i.category for i in outs[0].instances} == {"square", "circle", "sky"}  # random weights: all there
+    for out, wanted in zip(outs[1:], [{"square", "a box", "[semantic] sky", "sky"}, {"sky", "[semantic] sky"}, set()]):
+        got = {i.prompt: i for i in out.instances}
+        assert set(got) == {p for p in full if p in wanted}
+        for p, inst in got.items():
+            assert inst.category_id == full[p].category_id and inst.score == pytest.approx(full[p].score, abs=1e-5)
+            assert (inst.mask != full[p].mask).mean() < 0.01
+    assert outs[3].instances == []
+    # the split halves: payloads carry each row's prompt indices; an empty row ships empty arrays
+    payloads = lab.forward(images, prompts)
+    assert [p["pairs"].tolist() for p in payloads] == [[0, 1, 2, 3], [0, 1, 3], [3], []]
+    assert payloads[3]["masks"].shape == (0, 90, 15) and payloads[3]["scores"].shape == (0,)
+    host = type(lab).host_half(lab.spec)
+    for img, prm, payload, one in zip(images, prompts, payloads, outs):
+        assert _instances(host.postprocess(img, prm, unpack_payload(pack_payload(payload)))) == _instances(one)
+    # off: every row gets every prompt
+    every = _labeler(ckpt["sam2"], row_categories=False)
+    assert [every.row_pairs(p) for p in prompts] == [[0, 1, 2, 3]] * 4
+    assert [len(o.instances) for o in every(images, prompts)] == [len(outs[0].instances)] * 4

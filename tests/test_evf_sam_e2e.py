@@ -72,3 +72,38 @@ def test_evf_sam_through_ray_on_demo_data(ray_cluster, tmp_path):
     assert len(loaded.getAnnIds()) == n_ann
     assert {a["category_id"] for a in loaded.loadAnns(loaded.getAnnIds())} <= set(cats)
     assert np.isfinite([a["score"] for a in results]).all()
+
+
+def test_evf_sam_on_a_coco_input_prompts_each_image_with_its_own_categories(ray_cluster, tmp_path):
+    """A COCO input gives every row its ground-truth categories: each image is prompted with the ontology
+    entries it holds only, so no annotation names a category its image does not have."""
+    import pseudolabel
+    from pseudolabel.jobs.demo.data import generate
+    from pseudolabel.jobs.outputs.labels_io import read_labels
+    from pseudolabel.models.evf_sam.random_checkpoint import write_random_checkpoint
+
+    weights = tmp_path / "evf-sam2"
+    write_random_checkpoint(weights, "sam2", seed=3)
+    data = tmp_path / "demo"
+    generate(str(data), images=6, shards=1, size=96, seed=2, progress=False)
+    gt = json.loads((data / "annotations" / "instances.json").read_text())
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    present = {im["file_name"]: set() for im in gt["images"]}
+    by_id = {im["id"]: im["file_name"] for im in gt["images"]}
+    for ann in gt["annotations"]:
+        present[by_id[ann["image_id"]]].add(names[ann["category_id"]])
+    out = tmp_path / "out"
+    job = {"input": {"uri": str(data / "images"), "format": "coco",
+                     "coco_json": str(data / "annotations" / "instances.json")},
+           "output": {"uri": str(out)},
+           "labelers": [{"name": "evf_sam", "weights": str(weights), "dtype": "float32", "ontology": ONTOLOGY}],
+           "resources": {"actors": 1, "batch_size": 3}}
+    assert pseudolabel.run(job, progress=False)["labelled"] == 6
+    rows = read_labels(str(out)).to_pylist()
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    n_ann = 0
+    for row in rows:
+        got = {a["category"] for a in row["annotations"]}
+        assert got <= present[row["file_name"]] & {e["category"] for e in ONTOLOGY}, (row["file_name"], got)
+        n_ann += len(row["annotations"])
+    assert n_ann >= 1

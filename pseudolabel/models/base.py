@@ -109,6 +109,31 @@ def entry_id(entry: OntologyEntry) -> int:
     return int(entry.id)
 
 
+def entry_index(ontology: list[OntologyEntry], value: Any) -> int | None:
+    """Index of the ontology entry ``value`` names: its category name (str) or its category id (int);
+    None when no entry matches."""
+    for k, entry in enumerate(ontology):
+        if value == entry.category or (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+                                       and int(value) == entry_id(entry)):
+            return k
+    return None
+
+
+def row_entries(ontology: list[OntologyEntry], prompt: Any) -> list[int] | None:
+    """Indices of the ontology entries a row's ``categories`` (image-level tags: names or ids) name, each
+    once, in the row's order; names outside the ontology are skipped (so the list may be empty). None
+    when the row gives no ``categories``."""
+    wanted = prompt.get("categories") if isinstance(prompt, dict) else None
+    if not wanted:
+        return None
+    out: list[int] = []
+    for value in wanted:
+        k = entry_index(ontology, value)
+        if k is not None and k not in out:
+            out.append(k)
+    return out
+
+
 #: what the device half hands the host half for one image: named host arrays, or None
 Payload = dict[str, np.ndarray] | None
 

@@ -47,7 +47,15 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from pseudolabel.models.attention import AttentionStore, CapturedAttention, head_mean
-from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput, entry_id
+from pseudolabel.models.base import (
+    Instance,
+    Labeler,
+    LabelerParams,
+    LabelOutput,
+    entry_id,
+    entry_index,
+    row_entries,
+)
 from pseudolabel.models.iseg_tags import TagParams
 from pseudolabel.models.iseg_tokens import class_words, n_tokens, word_token_offsets
 
@@ -693,21 +701,10 @@ class ISeg(Labeler[dict[str, np.ndarray]]):
     # -- per-row planning ---------------------------------------------------------------------------
     def _row_classes(self, prompts: dict | None) -> list[int] | None:
         """Indices into ``self.classes`` of the row's ``categories`` (image-level tags); None without them."""
-        wanted = (prompts or {}).get("categories")
-        if not wanted:
-            return None
-        out = []
-        for c in wanted:
-            k = self._class_index(c)
-            if k is not None and k not in out:
-                out.append(k)
-        return out
+        return row_entries(self.ontology, prompts)
 
     def _class_index(self, value) -> int | None:
-        for k, (name, cid, _) in enumerate(self.classes):
-            if value == name or (isinstance(value, (int, np.integer)) and int(value) == cid):
-                return k
-        return None
+        return entry_index(self.ontology, value)
 
     def _seed_category(self, value) -> tuple[int, str]:
         k = self._class_index(value) if value is not None else (0 if self.classes else None)

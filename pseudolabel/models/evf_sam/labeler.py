@@ -13,7 +13,9 @@ Follows hustvl/EVF-SAM at 9935dc5 (inference.py, model/evf_sam.py, model/evf_sam
 9d00853, which added the multitask checkpoints); SAM-2 without ``multitask`` follows the revision before
 it, 781bee0, which the original EVF-SAM2 checkpoints were released with. Departures: multitask or not is
 read from the checkpoint's files (model.checkpoint_multitask) rather than implied by the code revision;
-images and prompts are batched (every prompt of the ontology against one SAM encoding per image).
+images and prompts are batched (the image's prompts against one SAM encoding per image). A row whose
+prompt gives ``categories`` (image-level tags) is prompted with those ontology entries' prompts only
+(``row_categories``, on by default).
 
 A host half (``host_half``: no weights) reads what ``prepare`` needs (the SAM variant and input sizes from
 config.json; multitask or not from config.json and the tokenizer's metadata files, unless the params
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput, entry_id
+from pseudolabel.models.base import Instance, Labeler, LabelerParams, LabelOutput, entry_id, row_entries
 from pseudolabel.models.device import compiled, to_device, to_host
 from pseudolabel.models.evf_sam.model import (
     MULTITASK_TOKEN,
@@ -68,6 +70,9 @@ class EvfSamParams(LabelerParams):
                                    "(the multitask checkpoints' added_tokens.json); an error if neither says")
     prompt_chunk: int = Field(64, ge=1, description="image-prompt pairs per BEiT-3 fusion pass")
     max_text_tokens: int = Field(512, ge=4, description="truncate tokenised prompts to this many tokens")
+    row_categories: bool = Field(True, description="a row's 'categories' (image-level tags, e.g. from a COCO "
+                                 "input) limit its prompts to those ontology entries' (none of them in the "
+                                 "ontology: no prompt); false: every prompt on every image")
 
 
 def _local_checkpoint(weights: str, storage, revision: str | None) -> str:
@@ -188,19 +193,31 @@ class EvfSamLabeler(Labeler[dict[str, np.ndarray]]):
         pixels = torch.stack([device_sam_pixels(r, size, self.device) for r in ready]).to(self.dtype)
         return self._encode(pixels), [(int(r["hw"][0]), int(r["hw"][1])) for r in ready]
 
-    def prompt_embeddings(self, images: list[np.ndarray], prepared: list[Any] | None = None) -> torch.Tensor:
-        """(B, P, out_dim): every image fused with every prompt, in chunks of ``prompt_chunk`` pairs.
-        ``prepared``: ``prepare``'s arrays per image (made here when None)."""
+    def row_pairs(self, prompt: Any) -> list[int]:
+        """Indices into ``self.pairs`` of the prompts one row is labelled with: every pair, or with
+        ``row_categories`` and a row naming ``categories``, those of the named entries (in pair order)."""
+        named = row_entries(self.ontology, prompt) if self.params.row_categories else None
+        if named is None:
+            return list(range(len(self.pairs)))
+        wanted = {id(self.ontology[k]) for k in named}
+        return [k for k, (entry, _) in enumerate(self.pairs) if id(entry) in wanted]
+
+    def prompt_embeddings(self, images: list[np.ndarray], prepared: list[Any] | None = None,
+                          pairs: list[list[int]] | None = None) -> list[torch.Tensor]:
+        """Per image, (P_i, out_dim): the image fused with each of its prompts (``pairs[i]``, indices into
+        ``self.pairs``; default every pair), in chunks of ``prompt_chunk`` image-prompt pairs across the
+        batch. ``prepared``: ``prepare``'s arrays per image (made here when None)."""
         ready = self._ready(images, prepared)
+        pairs = [list(range(len(self.pairs)))] * len(images) if pairs is None else pairs
         beit = torch.stack([to_device(r["beit"], self.device) for r in ready]).to(self.dtype)
-        n_img, n_p = len(images), len(self.pairs)
-        img_idx = torch.arange(n_img, device=self.device).repeat_interleave(n_p)
-        txt_idx = torch.arange(n_p, device=self.device).repeat(n_img)
+        img_idx = torch.as_tensor([i for i, ks in enumerate(pairs) for _ in ks], dtype=torch.long, device=self.device)
+        txt_idx = torch.as_tensor([k for ks in pairs for k in ks], dtype=torch.long, device=self.device)
         out = []
-        for s in range(0, n_img * n_p, self.params.prompt_chunk):
+        for s in range(0, len(txt_idx), self.params.prompt_chunk):
             ii, tt = img_idx[s:s + self.params.prompt_chunk], txt_idx[s:s + self.params.prompt_chunk]
             out.append(self.model.fuse(beit[ii], self.input_ids[tt], self.attention_mask[tt]))
-        return torch.cat(out).view(n_img, n_p, -1)
+        fused = torch.cat(out) if out else beit.new_zeros((0, self.model.config.out_dim))
+        return list(fused.split([len(ks) for ks in pairs]))
 
     # ------------------------------------------------------------------ the two halves
 
@@ -222,38 +239,45 @@ class EvfSamLabeler(Labeler[dict[str, np.ndarray]]):
         """Device half. ``prepared``: ``prepare``'s arrays per image (made here when None). Per image:
         ``masks`` (P, H, ceil(W/8)) uint8, the (P, H, W) masks (logit > 0 at the image's size) bit-packed
         along W as ``np.packbits`` does; ``width`` () int64, W; ``scores`` (P,) float32, the IoU head's
-        score clamped to [0, 1]. P = len(self.pairs), in their order."""
+        score clamped to [0, 1]; ``pairs`` (P,) int32, the prompts' indices into ``self.pairs``
+        (``row_pairs``: all of them unless the row names ``categories``)."""
         if not images:
             return []
         ready = self._ready(images, prepared)
+        pairs = [self.row_pairs(p) for p in prompts]
         # 1. image embeddings: the SAM encoder runs once per image
         embeddings, resized = self.encode_images(images, ready)
-        # 2. all prompts fused with each image
-        fused = self.prompt_embeddings(images, ready)
+        # 2. each image fused with each of its prompts
+        fused = self.prompt_embeddings(images, ready, pairs)
         tensors = []
         for i, image in enumerate(images):
+            h, w = image.shape[:2]
+            if not pairs[i]:  # a row whose categories name no ontology entry: nothing to decode
+                tensors += [torch.zeros((0, h, (w + 7) // 8), dtype=torch.uint8), torch.zeros(0)]
+                continue
             # 3. decode this image's prompts against its shared embedding, masks at the image's size
             emb_i = ([e[i:i + 1] for e in embeddings] if isinstance(embeddings, (list, tuple))
                      else embeddings[i:i + 1])
-            low_res, iou = self.model.decode(emb_i, fused[i:i + 1], multimask=self.multitask)
-            logits = masks_to_original(low_res[0], self.variant, self.sam_size, resized[i], image.shape[:2])
+            low_res, iou = self.model.decode(emb_i, fused[i][None], multimask=self.multitask)
+            logits = masks_to_original(low_res[0], self.variant, self.sam_size, resized[i], (h, w))
             tensors += [pack_bits(logits > 0), iou[0].clamp(0.0, 1.0)]
         host = to_host(tensors)
-        return [{"masks": host[2 * i], "width": np.asarray(image.shape[1], np.int64), "scores": host[2 * i + 1]}
+        return [{"masks": host[2 * i], "width": np.asarray(image.shape[1], np.int64),
+                 "scores": host[2 * i + 1].astype(np.float32), "pairs": np.asarray(pairs[i], np.int32)}
                 for i, image in enumerate(images)]
 
     def postprocess(self, image: np.ndarray, prompt: Any, payload: dict[str, np.ndarray]) -> LabelOutput:
         """Host half: unpack the masks, filter and de-duplicate, attach each prompt's ontology category."""
         masks = np.unpackbits(payload["masks"], axis=-1, count=int(payload["width"])).astype(bool)
-        scores = payload["scores"]
-        if len(masks) != len(self.pairs) or len(scores) != len(self.pairs):
-            raise ValueError(f"evf_sam payload has {len(masks)} masks / {len(scores)} scores "
-                             f"for {len(self.pairs)} prompts")
+        scores, pairs = payload["scores"], [int(k) for k in payload["pairs"]]
+        if len(masks) != len(pairs) or len(scores) != len(pairs) or not all(0 <= k < len(self.pairs) for k in pairs):
+            raise ValueError(f"evf_sam payload has {len(masks)} masks / {len(scores)} scores for prompts {pairs} "
+                             f"of {len(self.pairs)}")
         keep = select_instances(masks, scores, score_threshold=self.params.score_threshold,
                                 min_area=self.params.min_area, dedup_iou=self.params.dedup_iou)
         instances = []
         for k in keep:
-            entry, text = self.pairs[k]
+            entry, text = self.pairs[pairs[k]]
             instances.append(Instance(mask=masks[k], category_id=entry_id(entry), category=entry.category,
                                       score=float(scores[k]), prompt=text))
         return LabelOutput(instances=instances)

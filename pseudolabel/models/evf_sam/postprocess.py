@@ -22,6 +22,8 @@ def select_instances(masks: np.ndarray, scores: np.ndarray, *, score_threshold: 
     2. if ``dedup_iou`` is set, walk by descending score and drop any mask whose IoU with an already
        kept mask exceeds it (cross-prompt de-duplication).
     """
+    if len(masks) == 0:
+        return []
     areas = masks.reshape(len(masks), -1).sum(1)
     order = [int(i) for i in np.argsort(-scores, kind="stable")
              if scores[i] >= score_threshold and areas[i] >= max(1, min_area)]
