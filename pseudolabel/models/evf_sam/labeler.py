@@ -137,6 +137,8 @@ class EvfSamLabeler(Labeler[dict[str, np.ndarray]]):
         if not self.ontology:
             raise ValueError("evf_sam needs an ontology (prompt -> category) in the labeler spec")
         self.pairs = [(entry, p) for entry in self.ontology for p in entry.prompts]
+        #: per pair, the index of its ontology entry
+        self.pair_entries = [k for k, entry in enumerate(self.ontology) for _ in entry.prompts]
         self._input_shape: InputShape | None = None
 
     def __init__(self, spec, *, device: str = "cpu", storage=None):
@@ -199,8 +201,7 @@ class EvfSamLabeler(Labeler[dict[str, np.ndarray]]):
         named = row_entries(self.ontology, prompt) if self.params.row_categories else None
         if named is None:
             return list(range(len(self.pairs)))
-        wanted = {id(self.ontology[k]) for k in named}
-        return [k for k, (entry, _) in enumerate(self.pairs) if id(entry) in wanted]
+        return [k for k, entry in enumerate(self.pair_entries) if entry in named]
 
     def prompt_embeddings(self, images: list[np.ndarray], prepared: list[Any] | None = None,
                           pairs: list[list[int]] | None = None) -> list[torch.Tensor]:
