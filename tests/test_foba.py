@@ -261,6 +261,20 @@ def test_labeler_from_directory_outputs_at_image_size(labeler):
     _check_outputs(outs2, images[:1], category="zebra", category_id=2)
 
 
+def test_row_class_from_the_row_prompt(labeler):
+    """A row's explicit ``category`` wins; else the first of its ``categories`` (names or ids) that the
+    ontology holds (a COCO input lists every ground-truth category of the image); else the default."""
+    cat, zebra = labeler.ontology
+    assert labeler._row_entry(None) is cat and labeler._row_entry({"boxes_xyxy": [[0, 0, 4, 4]]}) is cat
+    assert labeler._row_entry({"category": "zebra"}) is zebra
+    assert labeler._row_entry({"categories": ["person", "zebra", "cat"]}) is zebra
+    assert labeler._row_entry({"categories": ["person", 2]}) is zebra
+    with pytest.raises(ValueError, match=r"none of the row's categories \['person', 'dog'\] is in the job's ontology"):
+        labeler._row_entry({"categories": ["person", "dog"]})
+    with pytest.raises(ValueError, match="'horse' is not in the job's ontology"):
+        labeler._row_entry({"category": "horse"})
+
+
 def test_two_checkpoints_attention_from_weights_inpainting_from_inpaint_weights(pair):
     from diffusers import UNet2DConditionModel
 

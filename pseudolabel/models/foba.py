@@ -75,6 +75,7 @@ from pseudolabel.models.base import (
     LabelerParams,
     LabelOutput,
     entry_id,
+    row_entries,
 )
 from pseudolabel.models.device import compiled, to_device, to_host
 from pseudolabel.models.foba_segnet import CONFIG_NAME as SEGNET_CONFIG
@@ -97,7 +98,8 @@ from pseudolabel.schemas.spec import LabelerSpec, OntologyEntry, StorageSpec
 
 class FoBaParams(LabelerParams):
     category: str | None = Field(None, description="ontology category to separate (default: the first; a row's "
-                                                    "prompt {'category': ...} overrides)")
+                                                    "prompt {'category': ...} overrides, else the first of its "
+                                                    "'categories' in the ontology)")
     prompt_template: str = Field("a photo of a {}", description="foreground prompt; {} is the class text")
     background_prompt: str = Field("a photo of a background", description="prompt of the inpainting step")
     resolution: int = Field(512, ge=64, multiple_of=64,
@@ -337,12 +339,18 @@ class FoBa(Labeler[dict[str, np.ndarray]]):
         raise ValueError(f"category {category!r} is not in the job's ontology")
 
     def _row_entry(self, prompt: Any) -> OntologyEntry:
+        """The row's class: its ``category`` (must be in the ontology), else the first of its
+        ``categories`` (image-level tags) that is, else ``params.category`` / the first entry. A row whose
+        ``categories`` name no ontology entry is refused (an error row: nothing of the job's to separate)."""
         if isinstance(prompt, dict):
-            name = prompt.get("category")
-            if name is None and prompt.get("categories"):
-                name = prompt["categories"][0]
-            if name is not None:
-                return self._entry(str(name))
+            if prompt.get("category") is not None:
+                return self._entry(str(prompt["category"]))
+            named = row_entries(self.ontology, prompt)
+            if named == []:
+                raise ValueError(f"none of the row's categories {list(prompt['categories'])} is in the job's "
+                                 f"ontology ({', '.join(e.category for e in self.ontology)})")
+            if named:
+                return self.ontology[named[0]]
         return self._default_entry
 
     @staticmethod
