@@ -91,6 +91,28 @@ def test_asa_known_value():
     assert M.token_count(fine, unassigned=None) == 64 * 64
 
 
+def _asa_by_loops(pred: np.ndarray, gt: np.ndarray) -> int:
+    """Correct pixels of ASA the slow way: for each predicted segment, its largest overlap with a GT segment."""
+    return sum(max(int(((pred == t) & (gt == g)).sum()) for g in np.unique(gt)) for t in np.unique(pred))
+
+
+@pytest.mark.parametrize("kind", ["small ints", "negative", "sparse large", "uint8"])
+def test_asa_counts_equal_the_definition(kind):
+    """Each way the counts are taken (one joint histogram for small non-negative labels, sorting
+    otherwise) gives the definition's answer."""
+    rng = np.random.default_rng(len(kind))
+    for _ in range(5):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        pred, gt = rng.integers(0, 12, (h, w)), rng.integers(0, 5, (h, w))
+        if kind == "negative":
+            pred, gt = pred - 3, gt - 2
+        elif kind == "sparse large":
+            pred = pred * 1_000_003
+        elif kind == "uint8":
+            pred, gt = pred.astype(np.uint8), gt.astype(np.uint8)
+        assert M.asa_counts(pred, gt) == (_asa_by_loops(pred, gt), h * w)
+
+
 def test_miou_known_values():
     gt = np.zeros((4, 4), np.int64)
     gt[:, 2:] = 1

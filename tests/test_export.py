@@ -238,6 +238,31 @@ def test_read_and_export_on_s3(s3_bucket):
     assert len(read_panoptic(pan["path"], storage)) == 3
 
 
+def test_rle_counts_equal_pycocotools_runs():
+    """The string decoder gives the run lengths pycocotools encoded: random masks (short and long runs,
+    so values of one to several characters, and differences of both signs), full, empty, one pixel."""
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(1)
+    masks = [np.ones((7, 5), bool), np.zeros((3, 300), bool), np.eye(1, dtype=bool)]
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(1, 400, 2))
+        m = rng.random((h, w)) < rng.random()
+        y, x = (int(v) for v in rng.integers(0, (h, w)))
+        m[y:, x:] = rng.random() < 0.5  # a long run
+        masks.append(m)
+    short = []
+    for m in masks:
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        counts = labels_io.rle_counts(rle)
+        dense = np.repeat(np.arange(len(counts)) % 2, counts).astype(bool)  # runs of 0, 1, 0, ... column-major
+        assert counts.sum() == m.size and np.array_equal(dense, m.ravel(order="F"))
+        assert np.array_equal(labels_io.rle_counts({**rle, "counts": rle["counts"].decode()}), counts)
+        short.append(len(rle["counts"]) <= labels_io.SHORT_RLE)
+    assert any(short) and not all(short)  # both decoders ran
+    assert labels_io.rle_counts({"counts": [0, 3, 2]}).tolist() == [0, 3, 2]
+
+
 def test_rles_to_label_map_matches_dense_painting():
     from pseudolabel.jobs.evaluation.metrics import masks_to_label_map
 

@@ -157,11 +157,45 @@ def rle_counts(rle: dict) -> np.ndarray:
     """Uncompressed run lengths of a COCO RLE (``counts`` str, bytes or already a list), int64.
 
     Runs alternate 0/1 starting with 0, in column-major (Fortran) pixel order, as pycocotools defines them.
+    The string form (pycocotools' ``rleToString``): each value in 5-bit groups, least significant first,
+    as characters ``48 + group`` with bit 0x20 set on every group but the last and bit 0x10 of the last
+    the sign; from the fourth value on, each is stored as its difference from the value two before.
+    Strings up to ``SHORT_RLE`` characters are decoded one character at a time (cheaper than array set-up
+    for the typical small token), longer ones for all values at once.
     """
     counts = rle["counts"]
     if isinstance(counts, list):
         return np.asarray(counts, dtype=np.int64)
     data = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+    if len(data) <= SHORT_RLE:
+        return _rle_counts_short(data)
+    # 1. characters -> 5-bit groups; a value ends at each group without the continuation bit
+    c = np.frombuffer(data, dtype=np.uint8).astype(np.int64) - 48
+    last = (c & 0x20) == 0
+    value_of = np.concatenate([[0], np.cumsum(last)[:-1]])  # the value each group belongs to
+    starts = np.flatnonzero(np.concatenate([[True], last[:-1]]))
+    k = np.arange(len(c)) - starts[value_of]  # the group's position inside its value
+    x = np.zeros(int(last.sum()), dtype=np.int64)
+    np.add.at(x, value_of, (c & 0x1F) << (5 * k))
+    # 2. sign: bit 0x10 of a value's last group extends ones above its groups
+    ends = np.flatnonzero(last)
+    negative = (c[ends] & 0x10) != 0
+    x[negative] |= -1 << (5 * (k[ends[negative]] + 1))
+    # 3. differences: value i > 2 is stored as value i - value i - 2 (two chains, by parity)
+    out = x.copy()
+    if len(out) > 3:
+        out[3::2] = x[1] + np.cumsum(x[3::2])
+    if len(out) > 4:
+        out[4::2] = x[2] + np.cumsum(x[4::2])
+    return out
+
+
+#: RLE strings up to this many characters are decoded in a Python loop (measured crossover ~150-230)
+SHORT_RLE = 160
+
+
+def _rle_counts_short(data: bytes) -> np.ndarray:
+    """``rle_counts`` of a short string, one character at a time."""
     out: list[int] = []
     p, n = 0, len(data)
     while p < n:
