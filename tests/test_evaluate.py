@@ -588,3 +588,54 @@ def test_curve_settings_come_from_the_runs_job_record(tmp_path):
         {"name": "directsam", "params": {"mode": "simple", "max_tokens": 7}}]}}))
     assert curve_settings(str(tmp_path), None, "directsam") == {"mode": "simple", "max_tokens": 7, "min_area": 0}
     assert curve_settings(str(tmp_path / "none"), None, "directsam")["mode"] == "partition"
+
+
+# ---------------------------------------------------------------- progress at the command line
+
+def _cli_with_stderr(argv: list[str], terminal: bool) -> tuple[int, str, str]:
+    """Run the command line with stdout piped and stderr a pseudo-terminal (``terminal``) or a pipe;
+    returns (exit status, stdout, stderr)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    cmd = [sys.executable, "-m", "pseudolabel.cli", *argv]
+    if not terminal:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        return proc.returncode, proc.stdout, proc.stderr
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # rows, columns, as a terminal has
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    out, _ = proc.communicate(timeout=120)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the terminal's other end is closed and drained
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.returncode, out, b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "openpty"), reason="needs a pseudo-terminal (POSIX)")
+def test_long_jobs_show_progress_on_a_terminal_only(tmp_path, gt_path):
+    """``evaluate`` and ``export`` move a per-image bar on stderr when it is a terminal; piped, stderr
+    stays free of it; stdout carries the result either way."""
+    out = write_run(tmp_path / "run", mode="perfect")
+    code, stdout, stderr = _cli_with_stderr(["evaluate", out, "--gt", gt_path, "--task", "tokens"], terminal=True)
+    assert code == 0 and json.loads(stdout)["images_evaluated"] == 3
+    assert "evaluate tokens" in stderr and "3/3" in stderr and "100%" in stderr
+    code, stdout, stderr = _cli_with_stderr(["evaluate", out, "--gt", gt_path, "--task", "tokens"], terminal=False)
+    assert code == 0 and json.loads(stdout)["images_evaluated"] == 3 and "evaluate tokens" not in stderr
+    pan = str(tmp_path / "pan.json")
+    code, stdout, stderr = _cli_with_stderr(["export", out, "--format", "panoptic", "--out", pan], terminal=True)
+    assert code == 0 and "export panoptic" in stderr and "3/3" in stderr
+    assert len(json.loads(open(pan).read())["annotations"]) == 3

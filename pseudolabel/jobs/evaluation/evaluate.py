@@ -58,6 +58,7 @@ from pseudolabel.jobs.outputs.export import (
     select_tokens,
 )
 from pseudolabel.jobs.outputs.labels_io import read_job, read_labels, rles_to_label_map
+from pseudolabel.jobs.progress import image_progress
 from pseudolabel.schemas.spec import StorageSpec
 from pseudolabel.schemas.tables import STATUS_OK
 
@@ -344,7 +345,7 @@ def evaluate_tokens(output_uri: str, gt: dict, storage: StorageSpec | None = Non
     layer_labelers: set[str | None] = set()
     other_layers: set[str] = set()
     skipped = 0
-    for r, gid in pairs:
+    for r, gid in image_progress(pairs, len(pairs), "evaluate tokens"):
         img = coco_gt.imgs[gid]
         h, w = int(img["height"]), int(img["width"])
         if (int(r["height"]), int(r["width"])) != (h, w):
@@ -450,7 +451,7 @@ def evaluate_semantic(output_uri: str, gt: dict, storage: StorageSpec | None = N
         raise EvaluationError(f"category id {num_classes - 1} collides with ignore_index {ignore_index}")
     conf = np.zeros((num_classes, num_classes + 1), np.int64)
     missing = 0
-    for gid in matched:
+    for gid in image_progress(matched, len(matched), "evaluate semantic"):
         img = coco_gt.imgs[gid]
         h, w = int(img["height"]), int(img["width"])
         # 1. GT class map

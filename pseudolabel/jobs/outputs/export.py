@@ -54,6 +54,7 @@ from pseudolabel.engine.formats import format_of_row
 from pseudolabel.errors import UsageError
 from pseudolabel.imageio import decode_png, encode_png
 from pseudolabel.jobs.outputs.labels_io import read_job, read_labels, read_summary, rles_to_label_map
+from pseudolabel.jobs.progress import image_progress
 from pseudolabel.schemas.coco import category_ids, category_table, rle_area, rle_bbox_xywh
 from pseudolabel.schemas.spec import StorageSpec
 from pseudolabel.schemas.tables import STATUS_OK
@@ -370,7 +371,7 @@ def panoptic(output_uri: str, out_path: str, storage: StorageSpec | None = None,
     ids = integer_image_ids([r["image_id"] for r in ok])
     folder = _panoptic_folder(out_path)
     images, annotations, n_segments, dropped = [], [], 0, 0
-    for r in ok:
+    for r in image_progress(ok, len(ok), "export panoptic"):
         h, w = int(r["height"]), int(r["width"])
         img_id = ids[r["image_id"]]
         img = {"id": img_id, "file_name": row_file_name(r), "width": w, "height": h}

@@ -84,6 +84,7 @@ import yaml
 from pseudolabel import storage as st
 from pseudolabel.imageio import encode_png
 from pseudolabel.jobs.outputs.labels_io import load_image, load_image_bytes, rles_to_label_map
+from pseudolabel.jobs.progress import image_progress
 from pseudolabel.schemas.coco import rle_to_mask
 from pseudolabel.schemas.spec import StorageSpec
 
@@ -240,7 +241,7 @@ def yolo(output_uri: str, out_path: str, storage: StorageSpec | None = None, *,
     per_split: Counter = Counter()
     n_ann = n_poly = 0
     image_counts: Counter = Counter()
-    for r in ok:
+    for r in image_progress(ok, len(ok), "export yolo"):
         h, w = int(r["height"]), int(r["width"])
         part = split_of(r["image_id"], fractions) if fractions else None
         sub = (part,) if part else ()
@@ -310,7 +311,7 @@ def masks(output_uri: str, out_path: str, storage: StorageSpec | None = None, *,
     sem_dtype = np.uint16 if max(name_of, default=0) > 255 else np.uint8
     root = out_path
     index, n_inst, hidden = {}, 0, 0
-    for r in ok:
+    for r in image_progress(ok, len(ok), "export masks"):
         h, w = int(r["height"]), int(r["width"])
         anns = r["annotations"] or []
         rles = [ex._rle(a["segmentation"]) for a in anns]
@@ -417,7 +418,7 @@ def label_studio(output_uri: str, out_path: str, storage: StorageSpec | None = N
     kind = "brushlabels" if shape == "brush" else "polygonlabels"
     tasks: list[dict[str, Any]] = []
     n_results = 0
-    for r in ok:
+    for r in image_progress(ok, len(ok), "export label-studio"):
         h, w = int(r["height"]), int(r["width"])
         anns = r["annotations"] or []
         result = []
