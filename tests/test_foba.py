@@ -137,6 +137,19 @@ def test_canvas_pads_the_long_edge_resized_image(labeler):
 
 # -- the DDIM inpainting loop -----------------------------------------------------------------------
 
+def _inpaint_by_hand(abar, z0, keep, x_T, step_noise, num_steps, eps_of):
+    """The blended inpainting loop written out: per step, blend (kept region q-sampled to t), then one
+    eta-0 DDIM step with ``eps_of(latents, t)``; returns the latents and the schedule."""
+    ts, a_t, a_prev = ddim_schedule(abar, num_steps)
+    img = x_T.clone()
+    for i, t in enumerate(ts):
+        img = keep * q_sample(z0, step_noise[i], float(abar[t])) + (1 - keep) * img
+        eps = eps_of(img, t)
+        x0 = (img - (1 - a_t[i]).sqrt().float() * eps) / a_t[i].sqrt().float()
+        img = a_prev[i].sqrt().float() * x0 + (1 - a_prev[i]).sqrt().float() * eps
+    return img, ts
+
+
 def test_inpainting_loop_q_samples_the_kept_region_with_fresh_noise_each_step(labeler):
     sd = labeler.sd
     abar = sd.scheduler.alphas_cumprod.double()
@@ -160,13 +173,8 @@ def test_inpainting_loop_q_samples_the_kept_region_with_fresh_noise_each_step(la
     with torch.inference_mode():
         out = blended_inpaint(sd.unet, abar, z0, keep, emb, x_T, step_noise, 4, callback=check)
         # the same loop by hand: blend, one eta-0 DDIM step (schedule 751, 501, 251, 1)
-        ts, a_t, a_prev = ddim_schedule(abar, 4)
-        img = x_T.clone()
-        for i, t in enumerate(ts):
-            img = keep * q_sample(z0, step_noise[i], float(abar[t])) + (1 - keep) * img
-            eps = sd.unet(img, torch.tensor([t]), encoder_hidden_states=emb).sample
-            x0 = (img - (1 - a_t[i]).sqrt().float() * eps) / a_t[i].sqrt().float()
-            img = a_prev[i].sqrt().float() * x0 + (1 - a_prev[i]).sqrt().float() * eps
+        img, ts = _inpaint_by_hand(abar, z0, keep, x_T, step_noise, 4,
+                                   lambda x, t: sd.unet(x, torch.tensor([t]), encoder_hidden_states=emb).sample)
     assert seen == ts == [751, 501, 251, 1]
     assert torch.allclose(out, img, atol=1e-5)
     with pytest.raises(ValueError):
@@ -189,16 +197,14 @@ def test_inpainting_loop_with_classifier_free_guidance(labeler):
     with torch.inference_mode():
         out = blended_inpaint(sd.unet, abar, z0, keep, cond, x_T, step_noise, 3, guidance_scale=scale,
                               uncond_embeddings=uncond)
-        ts, a_t, a_prev = ddim_schedule(abar, 3)
-        img = x_T.clone()
-        for i, t in enumerate(ts):
-            img = keep * q_sample(z0, step_noise[i], float(abar[t])) + (1 - keep) * img
+
+        def guided(x, t):
             tt = torch.full((2,), t)
-            eps_c = sd.unet(img, tt, encoder_hidden_states=cond.expand(2, -1, -1)).sample
-            eps_u = sd.unet(img, tt, encoder_hidden_states=uncond.expand(2, -1, -1)).sample
-            eps = eps_u + scale * (eps_c - eps_u)
-            x0 = (img - (1 - a_t[i]).sqrt().float() * eps) / a_t[i].sqrt().float()
-            img = a_prev[i].sqrt().float() * x0 + (1 - a_prev[i]).sqrt().float() * eps
+            eps_c = sd.unet(x, tt, encoder_hidden_states=cond.expand(2, -1, -1)).sample
+            eps_u = sd.unet(x, tt, encoder_hidden_states=uncond.expand(2, -1, -1)).sample
+            return eps_u + scale * (eps_c - eps_u)
+
+        img, _ = _inpaint_by_hand(abar, z0, keep, x_T, step_noise, 3, guided)
         plain = blended_inpaint(sd.unet, abar, z0, keep, cond, x_T, step_noise, 3)
         same = blended_inpaint(sd.unet, abar, z0, keep, cond, x_T, step_noise, 3, guidance_scale=scale,
                                uncond_embeddings=cond)

@@ -75,6 +75,7 @@ from pseudolabel.models.base import (
     LabelerParams,
     LabelOutput,
     entry_id,
+    entry_index,
     row_entries,
 )
 from pseudolabel.models.device import compiled, to_device, to_host
@@ -333,10 +334,10 @@ class FoBa(Labeler[dict[str, np.ndarray]]):
 
     # -- helpers ----------------------------------------------------------------------------------
     def _entry(self, category: str) -> OntologyEntry:
-        for entry in self.ontology:
-            if entry.category == category:
-                return entry
-        raise ValueError(f"category {category!r} is not in the job's ontology")
+        k = entry_index(self.ontology, category)
+        if k is None:
+            raise ValueError(f"category {category!r} is not in the job's ontology")
+        return self.ontology[k]
 
     def _row_entry(self, prompt: Any) -> OntologyEntry:
         """The row's class: its ``category`` (must be in the ontology), else the first of its
